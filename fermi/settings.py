@@ -1,0 +1,119 @@
+"""One typed settings object, read once: environment variables override `fermi.toml`
+(FERMI_CONFIG, default ./fermi.toml when present), which overrides the defaults here."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fermi.errors import InvalidRequest
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "Qwen/Qwen3-1.7B"
+    device: str = "auto"  # auto | cpu | cuda | coreml
+    offline: bool = False
+    artifacts: str = "artifacts"
+    default_thinking: str | None = None  # on | off | auto; None = off
+    supports_thinking: bool | None = None  # None = inferred from the model id
+    disable_think: bool = False
+    engine_pool: int = 1
+    max_queue: int = 64  # requests waiting for an engine beyond those running
+    session_ttl_s: float = 1800.0
+    session_max: int = 256
+    kv_cache_mb: int = 4096  # total KV memory held by idle sessions
+    timeout_ms: int = 0  # per-generation wall clock limit; 0 = none
+    max_new_tokens: int = 1024  # default when a request sets none
+    openai_addr: str = "0.0.0.0:8000"
+    grpc_addr: str = "0.0.0.0:50051"
+    api_key: str | None = None
+    cors_origins: str = ""  # comma-separated; "*" allows any
+    max_body_bytes: int = 4 * 1024 * 1024
+    threads: int = 0  # onnxruntime intra-op threads; 0 = one per physical core
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Environment variable -> field; FERMI_OFFLINE and HF_HUB_OFFLINE both mean offline.
+ENV = {
+    "FERMI_MODEL": "model",
+    "FERMI_DEVICE": "device",
+    "FERMI_OFFLINE": "offline",
+    "HF_HUB_OFFLINE": "offline",
+    "FERMI_ARTIFACTS": "artifacts",
+    "FERMI_DEFAULT_THINKING": "default_thinking",
+    "FERMI_SUPPORTS_THINKING": "supports_thinking",
+    "FERMI_DISABLE_THINK": "disable_think",
+    "FERMI_ENGINE_POOL": "engine_pool",
+    "FERMI_MAX_QUEUE": "max_queue",
+    "FERMI_SESSION_TTL_S": "session_ttl_s",
+    "FERMI_SESSION_MAX": "session_max",
+    "FERMI_KV_CACHE_MB": "kv_cache_mb",
+    "FERMI_TIMEOUT_MS": "timeout_ms",
+    "FERMI_MAX_NEW_TOKENS": "max_new_tokens",
+    "FERMI_OPENAI_ADDR": "openai_addr",
+    "FERMI_GRPC_ADDR": "grpc_addr",
+    "FERMI_API_KEY": "api_key",
+    "FERMI_CORS_ORIGINS": "cors_origins",
+    "FERMI_MAX_BODY_BYTES": "max_body_bytes",
+    "FERMI_THREADS": "threads",
+}
+
+
+def _convert(name: str, raw: object) -> object:
+    field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    kind = str(field.type)
+    if isinstance(raw, str):
+        raw = raw.strip()
+    try:
+        if "bool" in kind:
+            if isinstance(raw, bool):
+                return raw
+            value = str(raw).lower()
+            if value in TRUE:
+                return True
+            if value in FALSE:
+                return False
+            raise ValueError(f"expected one of {sorted(TRUE | FALSE)}")
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError as e:
+        raise InvalidRequest(f"setting {name}={raw!r} is invalid: {e}", param=name) from None
+    return raw if raw != "" or "None" not in kind else None
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, object] = {}
+    config = environ.get("FERMI_CONFIG") or ("fermi.toml" if Path("fermi.toml").is_file() else "")
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise InvalidRequest(f"FERMI_CONFIG points at {path}, which does not exist")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidRequest(f"{path} is not valid TOML: {e}") from None
+        known = {f.name for f in dataclasses.fields(Settings)}
+        for key, raw in table.items():
+            if key not in known:
+                raise InvalidRequest(f"{path}: unknown setting {key!r}", param=key)
+            values[key] = _convert(key, raw)
+    for var, name in ENV.items():
+        if var in environ and environ[var] != "":
+            values[name] = _convert(name, environ[var])
+    if values.get("default_thinking") not in (None, "on", "off", "auto"):
+        raise InvalidRequest("FERMI_DEFAULT_THINKING must be on, off or auto")
+    if values.get("device") not in (None, "auto", "cpu", "cuda", "coreml"):
+        raise InvalidRequest("FERMI_DEVICE must be auto, cpu, cuda or coreml", param="device")
+    return Settings(**values)

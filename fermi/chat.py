@@ -1,0 +1,204 @@
+"""`fermi chat`: an interactive REPL over the runtime, or a line-per-prompt filter when stdin is
+not a terminal. Reasoning is shown dimmed, apart from the answer."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from fermi.chat_template import parse_thinking
+from fermi.errors import FermiError
+from fermi.requests import Finished, GenerationRequest, Message, SamplingParams, TextDelta, Thinking
+from fermi.runtime import Runtime
+
+HELP = """commands:
+  /help                 show this help
+  /reset                forget the conversation (and its KV cache)
+  /thinking on|off|auto switch thinking mode
+  /system TEXT          set the system prompt (empty TEXT clears it) and start over
+  /exit                 quit (Ctrl-D works too; Ctrl-C stops an answer)"""
+
+
+@dataclass
+class ChatOptions:
+    max_new_tokens: int = 1024
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    thinking: Thinking | None = None
+    system: str | None = None
+
+
+class ChatSession:
+    """One conversation: a runtime session id plus the pending system prompt."""
+
+    def __init__(self, runtime: Runtime, options: ChatOptions):
+        self.runtime = runtime
+        self.options = options
+        self.session_id = uuid.uuid4().hex
+        self.send_system = bool(options.system)
+
+    def reset(self) -> None:
+        try:
+            self.runtime.reset_session(self.session_id)
+        except FermiError:
+            pass  # nothing said yet, nothing to forget
+        self.session_id = uuid.uuid4().hex
+        self.send_system = bool(self.options.system)
+
+    def request(self, prompt: str) -> GenerationRequest:
+        messages = [Message("user", prompt)]
+        if self.send_system:
+            messages.insert(0, Message("system", self.options.system or ""))
+        return GenerationRequest(
+            messages=messages,
+            max_new_tokens=self.options.max_new_tokens,
+            sampling=self.options.sampling,
+            thinking=self.options.thinking,
+            session_id=self.session_id,
+            append=True,
+        )
+
+    def ask(self, prompt: str, on_delta) -> Finished:
+        """Stream one answer through `on_delta`; Ctrl-C cancels it and keeps what was said.
+        Generation runs in a worker thread so the main thread stays free for the interrupt."""
+        generation = self.runtime.submit(self.request(prompt))
+        self.send_system = False
+        events: queue.Queue = queue.Queue()
+
+        def pump() -> None:
+            try:
+                for event in generation:
+                    events.put(event)
+            except BaseException as e:
+                events.put(e)
+
+        threading.Thread(target=pump, daemon=True).start()
+        while True:
+            try:
+                event = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                generation.cancel()
+                continue
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, Finished):
+                return event
+            on_delta(event)
+
+
+def run_interactive(chat: ChatSession, console: Console) -> None:
+    console.print(f"[bold]fermi chat[/bold] · {chat.runtime.model_id} · /help for commands")
+    while True:
+        try:
+            line = console.input("[bold green]>>> [/bold green]")
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            console.print()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not handle_command(line, chat, console):
+                return
+            continue
+        show = Printer(console)
+        try:
+            finished = chat.ask(line, show)
+        except FermiError as e:
+            console.print(f"[red]error:[/red] {e}")
+            continue
+        show.end(finished)
+
+
+class Printer:
+    """Writes deltas as they come: reasoning dimmed, answer plain."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.kind: str | None = None
+
+    def __call__(self, delta: TextDelta) -> None:
+        if delta.kind != self.kind and self.kind == "reasoning":
+            self.console.print()
+        self.kind = delta.kind
+        style = "dim italic" if delta.kind == "reasoning" else None
+        self.console.print(delta.text, style=style, end="", markup=False, highlight=False)
+
+    def end(self, finished: Finished) -> None:
+        self.console.print()
+        if finished.finish_reason == "cancelled":
+            self.console.print("[yellow](stopped)[/yellow]")
+        elif finished.finish_reason == "length":
+            self.console.print("[yellow](max tokens reached)[/yellow]")
+        if finished.dropped_turns:
+            self.console.print(
+                f"[yellow](dropped {finished.dropped_turns} oldest messages to fit the "
+                "context)[/yellow]"
+            )
+
+
+def handle_command(line: str, chat: ChatSession, console: Console) -> bool:
+    """Run a slash command; False means quit."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        console.print(HELP, markup=False)
+    elif name == "/reset":
+        chat.reset()
+        console.print("(conversation cleared)")
+    elif name == "/thinking":
+        try:
+            chat.options.thinking = parse_thinking(arg)
+            console.print(f"(thinking {chat.options.thinking})")
+        except FermiError as e:
+            console.print(f"[red]error:[/red] {e}")
+    elif name == "/system":
+        chat.options.system = arg or None
+        chat.reset()
+        console.print(
+            "(system prompt set; conversation cleared)" if arg else "(system prompt cleared)"
+        )
+    else:
+        console.print(f"[red]unknown command {name}[/red]; /help lists them")
+    return True
+
+
+class AnswerCollector:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def __call__(self, delta: TextDelta) -> None:
+        if delta.kind == "answer":
+            self.parts.append(delta.text)
+
+
+def run_pipe(chat: ChatSession, lines, out) -> int:
+    """Scripts: one prompt per input line, one answer per output line (reasoning left out)."""
+    for line in lines:
+        prompt = line.strip()
+        if not prompt:
+            continue
+        answer = AnswerCollector()
+        chat.ask(prompt, answer)
+        out.write("".join(answer.parts).strip() + "\n")
+        out.flush()
+    return 0
+
+
+def main(runtime: Runtime, options: ChatOptions) -> int:
+    chat = ChatSession(runtime, options)
+    if sys.stdin.isatty():
+        run_interactive(chat, Console(highlight=False))
+        return 0
+    return run_pipe(chat, sys.stdin, sys.stdout)

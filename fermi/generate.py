@@ -1,0 +1,54 @@
+"""The token loop, gpt-fast style: `prefill` the prompt, then `decode_one_token` until a stop.
+Below text: it knows token ids, logits and the cache, nothing about chat or transports."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from fermi.engine import Engine
+from fermi.kv_cache import KVCache
+from fermi.sampling import Sampler
+
+PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer of a long prompt
+
+
+def prefill(engine: Engine, cache: KVCache, token_ids: list[int]) -> np.ndarray:
+    """Run the prompt through the model in chunks; returns the last position's logits."""
+    logits = None
+    for start in range(0, len(token_ids), PREFILL_CHUNK):
+        logits = engine.forward(token_ids[start : start + PREFILL_CHUNK], cache)
+    assert logits is not None, "prefill needs at least one token"
+    return logits
+
+
+def decode_one_token(engine: Engine, cache: KVCache, token_id: int) -> np.ndarray:
+    return engine.forward([token_id], cache)
+
+
+def generate_tokens(
+    engine: Engine,
+    cache: KVCache,
+    new_prompt_ids: list[int],
+    prompt_ids: list[int],
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    cancel: threading.Event,
+) -> Iterator[int]:
+    """Yield sampled tokens one by one. `new_prompt_ids` are the prompt tokens not yet in the
+    cache. The consumer stops early by closing the generator; the loop itself ends at eos, at
+    max_new_tokens (pass no eos ids to decode a fixed count), or when `cancel` is set (checked
+    once per decode step)."""
+    sampler.reset(prompt_ids)
+    logits = prefill(engine, cache, new_prompt_ids)
+    count = 0
+    while not cancel.is_set():
+        token = sampler.sample(logits)
+        count += 1
+        yield token
+        if token in eos_ids or count >= max_new_tokens:
+            return
+        logits = decode_one_token(engine, cache, token)

@@ -1,0 +1,23 @@
+"""Turn `--model` into an artifact directory: an artifact is used as is; anything else (a hub id,
+a local HF checkpoint, `tiny-qwen3`) is exported first at the device's precision, or reused
+from an earlier export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fermi.artifact import MANIFEST
+from fermi.settings import Settings
+
+
+def is_artifact(model: str) -> bool:
+    return (Path(model) / MANIFEST).is_file()
+
+
+def resolve_artifact(model: str, precision: str, settings: Settings) -> Path:
+    if is_artifact(model):
+        return Path(model)
+    # Export lives in its own package and needs no torch; import it only when needed.
+    from export.exporter import export_model
+
+    return export_model(model, precision=precision, settings=settings)

@@ -1,0 +1,143 @@
+"""`fermi chat` as a user meets it: through a pseudo-terminal and through a pipe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+PROMPT = ">>> "
+
+
+@pytest.fixture()
+def chat(tiny_artifact):
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "fermi.cli",
+            "chat",
+            "--model",
+            str(tiny_artifact),
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "3000",
+            "--thinking",
+            "off",
+        ],
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )
+    child.expect_exact(PROMPT)
+    yield child
+    child.close(force=True)
+
+
+def test_repl_commands_and_an_answer(chat):
+    chat.sendline("/help")
+    chat.expect_exact("/reset")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/thinking sideways")
+    chat.expect("thinking")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/thinking off")
+    chat.expect_exact("(thinking off)")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/system You are terse.")
+    chat.expect_exact("system prompt set")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/bogus")
+    chat.expect_exact("unknown command")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/reset")
+    chat.expect_exact("conversation cleared")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_and_ctrl_d_quits(chat):
+    chat.sendline("Write a very long story about the sea.")
+    chat.expect(r"\S")  # the first streamed text
+    chat.sendintr()
+    chat.expect_exact(PROMPT)
+    chat.sendline("/help")  # still alive and responsive
+    chat.expect_exact("/exit")
+    chat.expect_exact(PROMPT)
+    chat.sendeof()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_pipe_answers_one_prompt_per_line(tiny_artifact):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fermi.cli",
+            "chat",
+            "--model",
+            str(tiny_artifact),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+            "--thinking",
+            "off",
+        ],
+        input="Hello\n\nHow are you?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ready" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_value_is_one_line_exit_2(tiny_artifact):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fermi.cli",
+            "chat",
+            "--model",
+            str(tiny_artifact),
+            "--thinking",
+            "sideways",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "thinking" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_model_offline_is_one_line_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fermi.cli", "chat", "--model", "nobody/NoSuchModel"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HF_HOME": str(tmp_path),
+            "FERMI_OFFLINE": "1",
+            "FERMI_ARTIFACTS": str(tmp_path / "art"),
+        },
+    )
+    assert result.returncode == 2, result.stderr
+    assert "NoSuchModel" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,343 @@
+"""Every response body, SSE chunk and event the OpenAI server sends is built here, from the
+runtime's events (TextDelta, Finished) and the parsed call. Nothing here does I/O."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fermi.openai_server.errors import ApiError
+from fermi.openai_server.schemas import ResponsesCall
+from fermi.requests import Finished, TextDelta, Usage
+
+FINGERPRINT = "fermi"
+DONE = "data: [DONE]\n\n"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse(data: dict[str, Any], event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {dumps(data)}\n\n"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def error_body(err: ApiError) -> dict[str, Any]:
+    return {
+        "error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+    }
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What every body of one request repeats."""
+
+    id: str
+    model: str
+    session_id: str | None  # echoed when the request named a session
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _session(meta: Meta) -> dict[str, str]:
+    return {"session_id": meta.session_id} if meta.session_id else {}
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def model_card(model_id: str, created: int, context_length: int) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "fermi",
+        "context_length": context_length,
+    }
+
+
+def model_list(card: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "list", "data": [card]}
+
+
+# -- chat completions ----------------------------------------------------------------------------
+
+
+def chat_finish_reason(finished: Finished) -> str:
+    return finished.finish_reason  # stop | length; cancelled only reaches a client that is gone
+
+
+def chat_usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+def chat_completion(meta: Meta, reasoning: str, answer: str, finished: Finished) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": answer}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return {
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": chat_finish_reason(finished),
+            }
+        ],
+        "usage": chat_usage(finished.usage),
+        **_session(meta),
+    }
+
+
+class ChatStream:
+    """The frames of one chat.completion.chunk stream: a role chunk, text deltas, a finish
+    chunk, an optional usage chunk (empty choices), then [DONE]."""
+
+    def __init__(self, meta: Meta, include_usage: bool):
+        self.meta = meta
+        self.include_usage = include_usage
+
+    def chunk(
+        self,
+        delta: dict[str, Any] | None,
+        finish_reason: str | None = None,
+        usage: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> str:
+        """The one chunk builder; delta None makes the usage chunk (choices empty)."""
+        choices = [] if delta is None else [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        ]  # fmt: skip
+        body = {
+            "id": self.meta.id,
+            "object": "chat.completion.chunk",
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            **extra,
+        }
+        if self.include_usage:
+            body["usage"] = usage  # null on every chunk but the last, as OpenAI does
+        return sse(body)
+
+    def start(self) -> str:
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def text(self, delta: TextDelta) -> str:
+        key = "reasoning_content" if delta.kind == "reasoning" else "content"
+        return self.chunk({key: delta.text})
+
+    def finish(self, finished: Finished) -> str:
+        frames = [self.chunk({}, chat_finish_reason(finished), **_session(self.meta))]
+        if self.include_usage:
+            frames.append(self.chunk(None, usage=chat_usage(finished.usage)))
+        return "".join(frames) + DONE
+
+    def error(self, err: ApiError) -> str:
+        return sse(error_body(err)) + DONE
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def output_text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def reasoning_text_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+def output_item(kind: str, item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """A reasoning or message output item; text None means no content part yet."""
+    if kind == "reasoning":
+        content = [] if text is None else [reasoning_text_part(text)]
+        return {"id": item_id, "type": "reasoning", "summary": [], "content": content,
+                "status": status}  # fmt: skip
+    content = [] if text is None else [output_text_part(text)]
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": content}  # fmt: skip
+
+
+def responses_usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def response_status(finished: Finished) -> tuple[str, dict[str, str] | None]:
+    if finished.finish_reason == "stop":
+        return "completed", None
+    if finished.finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "incomplete", None
+
+
+def response_object(
+    meta: Meta,
+    call: ResponsesCall,
+    status: str,
+    output: list[dict[str, Any]],
+    finished: Finished | None = None,
+    error: ApiError | None = None,
+) -> dict[str, Any]:
+    sampling = call.generation.sampling
+    incomplete = response_status(finished)[1] if finished else None
+    return {
+        "id": meta.id,
+        "object": "response",
+        "created_at": meta.created,
+        "status": status,
+        "model": meta.model,
+        "output": output,
+        "instructions": call.instructions,
+        "max_output_tokens": call.max_output_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "parallel_tool_calls": False,
+        "tool_choice": "auto",
+        "tools": [],
+        "text": {"format": {"type": "text"}},
+        "truncation": "disabled",
+        "store": False,
+        "background": False,
+        "metadata": {},
+        "reasoning": {"effort": None, "summary": None},
+        "incomplete_details": incomplete,
+        "error": {"code": err_code(error), "message": error.message} if error else None,
+        "usage": responses_usage(finished.usage) if finished else None,
+        **_session(meta),
+    }
+
+
+def err_code(err: ApiError) -> str:
+    return err.code or ("server_error" if err.status >= 500 else "invalid_request")
+
+
+def response_final(
+    meta: Meta, call: ResponsesCall, reasoning: str, answer: str, finished: Finished
+) -> dict[str, Any]:
+    """The non-streaming /v1/responses body."""
+    status, _ = response_status(finished)
+    output = []
+    if reasoning:
+        output.append(output_item("reasoning", new_id("rs_"), reasoning, "completed"))
+    output.append(output_item("message", new_id("msg_"), answer, status))
+    return response_object(meta, call, status, output, finished)
+
+
+@dataclass
+class _OpenItem:
+    kind: str  # reasoning | message
+    id: str
+    index: int
+    texts: list[str] = field(default_factory=list)
+
+
+class ResponseStream:
+    """The `event:`-named frames of one /v1/responses stream, numbered by sequence_number:
+    created, in_progress, per output item (reasoning, then message): output_item.added,
+    content_part.added, *_text.delta..., *_text.done, content_part.done, output_item.done;
+    then completed or incomplete (or error + failed)."""
+
+    def __init__(self, meta: Meta, call: ResponsesCall):
+        self.meta = meta
+        self.call = call
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []  # finished items
+        self.item: _OpenItem | None = None
+        self.has_message = False
+
+    def event(self, kind: str, **fields: Any) -> str:
+        """The one event builder."""
+        body = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return sse(body, event=kind)
+
+    def start(self) -> str:
+        response = response_object(self.meta, self.call, "in_progress", [])
+        return self.event("response.created", response=response) + self.event(
+            "response.in_progress", response=response
+        )
+
+    def text(self, delta: TextDelta) -> str:
+        kind = "reasoning" if delta.kind == "reasoning" else "message"
+        frames = ""
+        if self.item is None or self.item.kind != kind:
+            frames = self._close("completed") + self._open(kind)
+        item = self.item
+        item.texts.append(delta.text)
+        where = {"item_id": item.id, "output_index": item.index, "content_index": 0}
+        if kind == "reasoning":
+            return frames + self.event("response.reasoning_text.delta", **where, delta=delta.text)
+        return frames + self.event(
+            "response.output_text.delta", **where, delta=delta.text, logprobs=[]
+        )
+
+    def finish(self, finished: Finished) -> str:
+        status, _ = response_status(finished)
+        frames = "" if self.has_message else self._close("completed") + self._open("message")
+        frames += self._close(status)
+        response = response_object(self.meta, self.call, status, self.output, finished)
+        return frames + self.event(f"response.{status}", response=response)
+
+    def error(self, err: ApiError) -> str:
+        response = response_object(self.meta, self.call, "failed", self.output, error=err)
+        return self.event(
+            "error", code=err_code(err), message=err.message, param=err.param
+        ) + self.event("response.failed", response=response)
+
+    def _open(self, kind: str) -> str:
+        prefix = "rs_" if kind == "reasoning" else "msg_"
+        self.item = item = _OpenItem(kind, new_id(prefix), len(self.output))
+        self.has_message |= kind == "message"
+        part = reasoning_text_part("") if kind == "reasoning" else output_text_part("")
+        where = {"item_id": item.id, "output_index": item.index, "content_index": 0}
+        return self.event(
+            "response.output_item.added",
+            output_index=item.index,
+            item=output_item(kind, item.id, None, "in_progress"),
+        ) + self.event("response.content_part.added", **where, part=part)
+
+    def _close(self, status: str) -> str:
+        item, self.item = self.item, None
+        if item is None:
+            return ""
+        text = "".join(item.texts)
+        where = {"item_id": item.id, "output_index": item.index, "content_index": 0}
+        if item.kind == "reasoning":
+            frames = self.event("response.reasoning_text.done", **where, text=text)
+            part = reasoning_text_part(text)
+        else:
+            frames = self.event("response.output_text.done", **where, text=text, logprobs=[])
+            part = output_text_part(text)
+        done = output_item(item.kind, item.id, text, status)
+        self.output.append(done)
+        return (
+            frames
+            + self.event("response.content_part.done", **where, part=part)
+            + self.event("response.output_item.done", output_index=item.index, item=done)
+        )

@@ -1,0 +1,332 @@
+"""Request bodies -> validated calls. The JSON is parsed once here; every type or range problem
+becomes an InvalidRequest naming its parameter, and what goes inward is the runtime's
+GenerationRequest. Unknown fields are ignored, as OpenAI's own SDKs expect of servers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fermi.errors import InvalidRequest, ModelNotFound
+from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
+from fermi.sampling import validate_sampling
+
+CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+RESPONSES_ROLES = {k: v for k, v in CHAT_ROLES.items() if k != "tool"}
+TEXT_PART_TYPES = {"text", "input_text", "output_text"}
+REASONING_PART_TYPES = {"reasoning_text", "summary_text"}
+THINKING_WORDS = {
+    "on": "on", "true": "on", "yes": "on", "1": "on",
+    "off": "off", "false": "off", "no": "off", "0": "off",
+    "auto": "auto",
+}  # fmt: skip
+# OpenAI's reasoning_effort values; Qwen3 has no budget, only on or off.
+EFFORT_THINKING = {
+    "none": "off",
+    "minimal": "off",
+    "low": "on",
+    "medium": "on",
+    "high": "on",
+    "xhigh": "on",
+}
+MAX_SESSION_ID = 256
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """A parsed POST /v1/chat/completions."""
+
+    model: str | None
+    stream: bool
+    include_usage: bool
+    generation: GenerationRequest
+
+
+@dataclass(frozen=True)
+class ResponsesCall:
+    """A parsed POST /v1/responses."""
+
+    model: str | None
+    stream: bool
+    instructions: str | None
+    max_output_tokens: int | None
+    generation: GenerationRequest
+
+
+def parse_json(raw: bytes | None) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("the request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return data
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_model(requested: str | None, model_id: str) -> None:
+    """The loaded model answers to its id and to its last path part (Qwen3-1.7B)."""
+    if requested is None or requested in (model_id, model_id.rsplit("/", 1)[-1]):
+        return
+    raise ModelNotFound(f"The model {requested!r} does not exist; this server serves {model_id!r}")
+
+
+class Fields:
+    """Typed reads of one JSON object. null counts as absent; a wrong type names the param."""
+
+    def __init__(self, data: object, where: str = ""):
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"{where or 'the body'} must be an object", param=where or None)
+        self.data = data
+        self.where = where
+
+    def param(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def _get(self, name: str, kinds: tuple[type, ...], what: str, required: bool) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise InvalidRequest(f"{self.param(name)} is required", param=self.param(name))
+            return None
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise InvalidRequest(
+                f"{self.param(name)} must be {what}, got {type(value).__name__}",
+                param=self.param(name),
+            )
+        return value
+
+    def string(self, name: str, required: bool = False, choices: set[str] | None = None) -> Any:
+        value = self._get(name, (str,), "a string", required)
+        if choices is not None and value is not None and value not in choices:
+            raise InvalidRequest(
+                f"{self.param(name)} must be one of {sorted(choices)}, got {value!r}",
+                param=self.param(name),
+            )
+        return value
+
+    def boolean(self, name: str) -> bool | None:
+        return self._get(name, (bool,), "a boolean", False)
+
+    def integer(self, name: str, minimum: int | None = None) -> int | None:
+        value = self._get(name, (int,), "an integer", False)
+        if value is not None and minimum is not None and value < minimum:
+            raise InvalidRequest(
+                f"{self.param(name)} must be at least {minimum}, got {value}",
+                param=self.param(name),
+            )
+        return value
+
+    def number(self, name: str) -> float | None:
+        return self._get(name, (int, float), "a number", False)
+
+    def object(self, name: str) -> Fields | None:
+        value = self._get(name, (dict,), "an object", False)
+        return None if value is None else Fields(value, self.param(name))
+
+    def array(self, name: str, required: bool = False) -> list | None:
+        return self._get(name, (list,), "an array", required)
+
+
+# -- shared pieces -------------------------------------------------------------------------------
+
+
+def _sampling(f: Fields) -> SamplingParams:
+    top_k = f.integer("top_k")
+    params = SamplingParams(
+        temperature=f.number("temperature"),
+        top_p=f.number("top_p"),
+        top_k=0 if top_k == -1 else top_k,  # vLLM spells "off" as -1
+        min_p=f.number("min_p"),
+        repetition_penalty=f.number("repetition_penalty"),
+        presence_penalty=f.number("presence_penalty") or 0.0,
+        frequency_penalty=f.number("frequency_penalty") or 0.0,
+        seed=f.integer("seed"),
+    )
+    validate_sampling(params)  # the runtime's ranges, one table for every transport
+    return params
+
+
+def _stop(f: Fields) -> list[str]:
+    value = f.data.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidRequest("stop must be a non-empty string or an array of them", param="stop")
+    return stops
+
+
+def _thinking(f: Fields, effort: str | None) -> Thinking | None:
+    """`thinking` wins over vLLM's chat_template_kwargs.enable_thinking, which wins over
+    OpenAI's reasoning effort; none of them means the server's default."""
+    raw = f.data.get("thinking")
+    if raw is not None:
+        word = str(raw).lower() if isinstance(raw, bool | str) else None
+        if word not in THINKING_WORDS:
+            raise InvalidRequest(
+                f"thinking must be on, off, auto, true or false, got {raw!r}", param="thinking"
+            )
+        return THINKING_WORDS[word]
+    kwargs = f.object("chat_template_kwargs")
+    enable = kwargs.boolean("enable_thinking") if kwargs else None
+    if enable is not None:
+        return "on" if enable else "off"
+    return EFFORT_THINKING[effort] if effort is not None else None
+
+
+def _session_id(f: Fields) -> str | None:
+    value = f.string("session_id") or None
+    if value is not None and len(value) > MAX_SESSION_ID:
+        raise InvalidRequest(
+            f"session_id must be at most {MAX_SESSION_ID} characters", param="session_id"
+        )
+    return value
+
+
+def _content(f: Fields, name: str, required: bool, part_types: set[str] = TEXT_PART_TYPES) -> str:
+    """A string, or an array of text parts (joined); other part types are refused."""
+    value = f.data.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"{f.param(name)} is required", param=f.param(name))
+        return ""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise InvalidRequest(
+            f"{f.param(name)} must be a string or an array of text parts", param=f.param(name)
+        )
+    texts = []
+    for j, raw in enumerate(value):
+        part = Fields(raw, f"{f.param(name)}[{j}]")
+        kind = part.string("type") or "text"
+        if kind not in part_types:
+            raise InvalidRequest(
+                f"{part.param('type')}: only text content is supported, got {kind!r}",
+                param=part.param("type"),
+            )
+        texts.append(part.string("text", required=True))
+    return "".join(texts)
+
+
+def _message(f: Fields, roles: dict[str, str]) -> Message:
+    role = f.string("role", required=True)
+    if role not in roles:
+        raise InvalidRequest(
+            f"{f.param('role')}: unknown role {role!r}; expected one of {', '.join(roles)}",
+            param=f.param("role"),
+        )
+    content = _content(f, "content", required=role not in ("assistant", "tool"))
+    return Message(roles[role], content, reasoning_content=f.string("reasoning_content"))
+
+
+# -- endpoints -----------------------------------------------------------------------------------
+
+
+def parse_chat(body: dict[str, Any]) -> ChatCall:
+    f = Fields(body)
+    items = f.array("messages", required=True)
+    if not items:
+        raise InvalidRequest("messages must not be empty", param="messages")
+    messages = [_message(Fields(m, f"messages[{i}]"), CHAT_ROLES) for i, m in enumerate(items)]
+    n = f.integer("n")
+    if n is not None and n != 1:
+        raise InvalidRequest(f"n must be 1: fermi returns one choice per request, got {n}", "n")
+    f.string("user")  # accepted for compatibility; only its type is checked
+    legacy_max = f.integer("max_tokens", minimum=1)
+    max_tokens = f.integer("max_completion_tokens", minimum=1) or legacy_max
+    options = f.object("stream_options")
+    effort = f.string("reasoning_effort", choices=set(EFFORT_THINKING))
+    return ChatCall(
+        model=f.string("model"),
+        stream=bool(f.boolean("stream")),
+        include_usage=bool(options and options.boolean("include_usage")),
+        generation=GenerationRequest(
+            messages=messages,
+            max_new_tokens=max_tokens,
+            sampling=_sampling(f),
+            stop=_stop(f),
+            thinking=_thinking(f, effort),
+            session_id=_session_id(f),
+            append=False,  # OpenAI clients resend the whole conversation
+            ignore_eos=bool(f.boolean("ignore_eos")),
+        ),
+    )
+
+
+def parse_responses(body: dict[str, Any]) -> ResponsesCall:
+    f = Fields(body)
+    if f.data.get("previous_response_id") is not None:
+        raise InvalidRequest(
+            "previous_response_id is not supported (responses are not stored); resend the "
+            "conversation in input, with a session_id to reuse its KV cache",
+            param="previous_response_id",
+        )
+    messages = _responses_input(f)
+    instructions = f.string("instructions")
+    if instructions:
+        messages.insert(0, Message("system", instructions))
+    reasoning = f.object("reasoning")
+    effort = reasoning.string("effort", choices=set(EFFORT_THINKING)) if reasoning else None
+    max_output_tokens = f.integer("max_output_tokens", minimum=1)
+    return ResponsesCall(
+        model=f.string("model"),
+        stream=bool(f.boolean("stream")),
+        instructions=instructions,
+        max_output_tokens=max_output_tokens,
+        generation=GenerationRequest(
+            messages=messages,
+            max_new_tokens=max_output_tokens,
+            sampling=_sampling(f),
+            stop=_stop(f),
+            thinking=_thinking(f, effort),
+            session_id=_session_id(f),
+            append=False,
+            ignore_eos=bool(f.boolean("ignore_eos")),
+        ),
+    )
+
+
+def _responses_input(f: Fields) -> list[Message]:
+    """`input` is a string (one user turn) or an array of message items; a reasoning item is
+    attached to the assistant message that follows it."""
+    value = f.data.get("input")
+    if isinstance(value, str):
+        return [Message("user", value)]
+    items = f.array("input", required=True)
+    if not items:
+        raise InvalidRequest("input must not be empty", param="input")
+    messages: list[Message] = []
+    reasoning: str | None = None
+    for i, raw in enumerate(items):
+        item = Fields(raw, f"input[{i}]")
+        kind = item.string("type") or "message"
+        if kind == "reasoning":
+            reasoning = _content(item, "content", False, REASONING_PART_TYPES) or None
+            continue
+        if kind != "message":
+            raise InvalidRequest(
+                f"input[{i}].type {kind!r} is not supported; only message and reasoning items",
+                param=item.param("type"),
+            )
+        message = _message(item, RESPONSES_ROLES)
+        if message.role == "assistant" and reasoning and not message.reasoning_content:
+            message.reasoning_content = reasoning
+        reasoning = None
+        messages.append(message)
+    if not messages:
+        raise InvalidRequest("input holds no message", param="input")
+    return messages

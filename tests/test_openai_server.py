@@ -1,0 +1,665 @@
+"""The OpenAI server, live: `fermi serve openai` on 127.0.0.1 over the tiny-qwen3 export, driven
+with the official `openai` client and with raw HTTP (httpx) for exact framing and bad input.
+
+The tiny model has random weights, so its text is gibberish: these tests check the plumbing
+(shapes, counts, ids, statuses, sessions, cancellation), never the words, and never timings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import TypeAdapter
+
+from fermi.openai_server.loadtest import free_port, serve
+
+MODEL = "tiny-qwen3"
+USER = [{"role": "user", "content": "Hello there, how are you?"}]
+BASE_ENV = {
+    "FERMI_API_KEY": "",
+    "FERMI_DEFAULT_THINKING": "",
+    "FERMI_ENGINE_POOL": "1",
+    "FERMI_MAX_QUEUE": "64",
+    "FERMI_MAX_BODY_BYTES": "65536",
+    "FERMI_CORS_ORIGINS": "http://allowed.example",
+    "HF_HUB_OFFLINE": "1",  # nothing here may leave 127.0.0.1
+}
+LONG = 3000  # max_tokens of a generation meant to be cut short (ignore_eos; context is 4096)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_artifact):
+    with serve(str(tiny_artifact), env=BASE_ENV) as running:
+        yield running
+    assert running.process.returncode is not None
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat_body(**fields):
+    return {"model": MODEL, "messages": USER, "max_tokens": 8, **fields}
+
+
+def sse_frames(text: str) -> list[str]:
+    """Split an SSE body into frames; every frame must end with a blank line."""
+    assert text.endswith("\n\n"), text[-200:]
+    return text[:-2].split("\n\n")
+
+
+def chat_chunks(text: str) -> list[dict]:
+    """The exact chat framing: `data: {json}` frames, then `data: [DONE]`, nothing else."""
+    frames = sse_frames(text)
+    assert frames[-1] == "data: [DONE]"
+    assert all(f.startswith("data: {") and "\n" not in f for f in frames[:-1])
+    return [json.loads(f.removeprefix("data: ")) for f in frames[:-1]]
+
+
+def check_chat_stream(chunks: list[dict], include_usage: bool) -> dict | None:
+    """A well-formed stream: one id, role first, one finish chunk last, then usage if asked."""
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    usage = chunks.pop()["usage"] if include_usage else None
+    if include_usage:
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
+    return usage
+
+
+def metric(http: httpx.Client, name: str, **labels: str) -> float:
+    text = http.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_for(predicate, what: str, limit: float = 60.0) -> None:
+    """Poll a condition (bounded, so a broken server fails the test instead of hanging it)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def idle(http: httpx.Client) -> bool:
+    """No generation running or waiting (a slot is freed just after the last event is sent)."""
+    return metric(http, "fermi_running") == 0 and metric(http, "fermi_queue_depth") == 0
+
+
+def assert_healthy(http: httpx.Client) -> None:
+    assert http.get("/health").json()["status"] == "ok"
+
+
+# -- the official client ---------------------------------------------------------------------
+
+
+def test_health_and_models(http, client):
+    assert http.get("/health").json() == {"status": "ok", "model": MODEL}
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).owned_by == "fermi"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found"
+
+
+def test_chat_non_streaming(client):
+    completion = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8)
+    assert completion.object == "chat.completion"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert 0 < usage.completion_tokens <= 8 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == 0
+    assert usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_chat_streaming(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=USER, max_completion_tokens=6, stream=True,
+        stream_options={"include_usage": True}, temperature=0.7, top_p=0.9, seed=3,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and 0 < chunks[-1].usage.completion_tokens <= 6
+
+
+# Each control is checked where it lands: Qwen3's template appends an empty think block to
+# the prompt when thinking is off, so the prompt is longer by exactly those tokens.
+THINKING_CONTROLS = [
+    ({"thinking": "on"}, {"thinking": "off"}),
+    ({"thinking": True}, {"thinking": False}),
+    ({"chat_template_kwargs": {"enable_thinking": True}},
+     {"chat_template_kwargs": {"enable_thinking": False}}),
+    ({"reasoning_effort": "high"}, {"reasoning_effort": "none"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("on, off", THINKING_CONTROLS)
+def test_thinking_controls_reach_the_template(client, on, off):
+    def run(extra):
+        return client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=4, extra_body=extra
+        )
+
+    enabled, disabled, default = run(on), run(off), run({})
+    assert disabled.usage.prompt_tokens > enabled.usage.prompt_tokens
+    assert default.usage.prompt_tokens == disabled.usage.prompt_tokens  # the default is off
+    assert not hasattr(disabled.choices[0].message, "reasoning_content")
+    assert disabled.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_thinking_on_shape(client, mode):
+    """Reasoning, when the model opens a think block, is in reasoning_content, not in content.
+    (The tiny model's random weights seldom emit <think>; the reasoning deltas' own plumbing
+    is covered in test_openai_schemas with hand-made events.)"""
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=24, extra_body={"thinking": mode}
+    )
+    message = completion.choices[0].message
+    reasoning = getattr(message, "reasoning_content", None)
+    assert reasoning is None or (isinstance(reasoning, str) and reasoning)
+    assert not message.content.lstrip().startswith("<think>")
+    if reasoning:
+        assert completion.usage.completion_tokens_details.reasoning_tokens > 0
+    stream = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=24, stream=True, extra_body={"thinking": mode}
+    )
+    for chunk in stream:
+        for choice in chunk.choices:
+            assert not (choice.delta.content and getattr(choice.delta, "reasoning_content", None))
+
+
+def test_reasoning_content_in_history_is_accepted_and_dropped(client):
+    """As Qwen3's template does, reasoning of turns before the last user query is dropped."""
+
+    def prompt_tokens(assistant: dict) -> int:
+        messages = [*USER, {"role": "assistant", **assistant}, {"role": "user", "content": "ok"}]
+        return client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=1
+        ).usage.prompt_tokens
+
+    plain = prompt_tokens({"content": "Fine."})
+    assert prompt_tokens({"content": "Fine.", "reasoning_content": "Be polite."}) == plain
+
+
+def test_responses_non_streaming(client):
+    response = client.responses.create(
+        model=MODEL, input="Say hi", instructions="Be brief.", max_output_tokens=8,
+        temperature=0.6, top_p=0.95, reasoning={"effort": "low"},
+    )  # fmt: skip
+    Response.model_validate(response.model_dump())
+    assert response.object == "response" and response.status in ("completed", "incomplete")
+    assert response.output[-1].type == "message"
+    assert [o.type for o in response.output[:-1]] in ([], ["reasoning"])
+    assert isinstance(response.output_text, str)
+    assert 0 < response.usage.output_tokens <= 8
+    if response.status == "incomplete":
+        assert response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_streaming_official_client(client):
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}],
+            max_output_tokens=8,
+            stream=True,
+        )
+    )
+    types = [e.type for e in events]
+    assert types[:4] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+    ]  # fmt: skip
+    assert types[-4:-1] == [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+    ]  # fmt: skip
+    assert types[-1] in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].response.output_text == deltas
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_sessions_reuse_kv(client):
+    session = {"session_id": "kv-reuse-test"}
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=USER, max_tokens=6, extra_body=session
+    )
+    assert first.headers["x-session-id"] == "kv-reuse-test"
+    reply = first.parse()
+    assert reply.model_extra["session_id"] == "kv-reuse-test"
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    conversation = [
+        *USER,
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=conversation, max_tokens=6, extra_body=session
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens
+
+
+def test_delete_session(http):
+    assert http.post("/v1/chat/completions", json=chat_body(session_id="to-delete")).is_success
+    deleted = http.delete("/v1/sessions/to-delete")
+    assert deleted.json() == {"id": "to-delete", "object": "session", "deleted": True}
+    again = http.delete("/v1/sessions/to-delete")
+    assert again.status_code == 404 and again.json()["error"]["code"] == "session_not_found"
+
+
+# -- raw HTTP: framing -------------------------------------------------------------------------
+
+
+def test_chat_sse_framing(http):
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    chunks = chat_chunks(response.text)
+    usage = check_chat_stream(chunks, include_usage=True)
+    assert 0 < usage["completion_tokens"] <= 8
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    no_usage = chat_chunks(http.post("/v1/chat/completions", json=chat_body(stream=True)).text)
+    check_chat_stream(no_usage, include_usage=False)
+    assert all("usage" not in c for c in no_usage)
+
+
+EVENTS = TypeAdapter(ResponseStreamEvent)
+
+
+def test_responses_sse_framing(http):
+    response = http.post(
+        "/v1/responses",
+        json={"model": MODEL, "input": "hi", "max_output_tokens": 4, "stream": True},
+    )
+    assert response.headers["content-type"].startswith("text/event-stream")
+    frames = sse_frames(response.text)
+    assert "[DONE]" not in response.text
+    for number, frame in enumerate(frames):
+        head, data = frame.split("\n")
+        event = EVENTS.validate_python(json.loads(data.removeprefix("data: ")))
+        assert head == f"event: {event.type}" and event.sequence_number == number
+    assert event.type == "response.incomplete"  # ignore_eos: it runs into the token limit
+    assert event.response.incomplete_details.reason == "max_output_tokens"
+
+
+# -- raw HTTP: errors --------------------------------------------------------------------------
+
+BAD_CHAT = [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"model": MODEL}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"messages": USER, "temperature": "hot"}, "temperature"),
+    ({"messages": USER, "temperature": 2.5}, "temperature"),
+    ({"messages": USER, "top_p": 0}, "top_p"),
+    ({"messages": USER, "top_p": 1.5}, "top_p"),
+    ({"messages": USER, "presence_penalty": 2.5}, "presence_penalty"),
+    ({"messages": USER, "frequency_penalty": -3}, "frequency_penalty"),
+    ({"messages": USER, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"messages": USER, "max_tokens": -5}, "max_tokens"),
+    ({"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"messages": USER, "n": 2}, "n"),
+    ({"messages": USER, "stream": "yes"}, "stream"),
+    ({"messages": USER, "thinking": "sometimes"}, "thinking"),
+    ({"messages": USER, "stop": 7}, "stop"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_CHAT)
+def test_bad_chat_requests(http, body, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = http.post("/v1/chat/completions", **kwargs)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert error["message"]
+    assert_healthy(http)
+
+
+def test_n_must_be_one_says_so(http):
+    error = http.post("/v1/chat/completions", json=chat_body(n=3)).json()["error"]
+    assert "n must be 1" in error["message"]
+
+
+def test_unknown_fields_are_ignored(http):
+    body = chat_body(frobnicate=True, logit_bias={}, user="me", tools=[])
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL}, "input"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "hi", "temperature": 9}, "temperature"),
+    ],
+)
+def test_bad_responses_requests(http, body, param):
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_context_length_exceeded(http):
+    response = http.post("/v1/chat/completions", json=chat_body(max_tokens=5000))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "4096" in error["message"] and "5000" in error["message"]
+
+
+def test_unknown_model(http):
+    response = http.post("/v1/chat/completions", json=chat_body(model="gpt-4o"))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert http.get("/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
+
+
+def test_body_too_large(http):
+    huge = chat_body(messages=[{"role": "user", "content": "x" * 100_000}])  # limit is 64 KiB
+    response = http.post("/v1/chat/completions", json=huge)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert_healthy(http)
+
+
+def test_unknown_route_and_method(http):
+    assert http.get("/v1/nothing").json()["error"]["code"] == "not_found"
+    response = http.get("/v1/chat/completions")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+def first_line(response: httpx.Response):
+    """Read the first line of a stream and keep the stream open (dropping a fresh line iterator
+    would close the connection, which the server rightly takes for a disconnect)."""
+    lines = response.iter_lines()
+    assert next(lines).startswith("data: ")
+    return lines
+
+
+def test_busy_session(http):
+    body = chat_body(stream=True, max_tokens=LONG, ignore_eos=True, session_id="busy-test")
+    with http.stream("POST", "/v1/chat/completions", json=body) as running:
+        _lines = first_line(running)  # the session is reserved now
+        response = http.post("/v1/chat/completions", json=chat_body(session_id="busy-test"))
+        assert response.status_code == 409
+        error = response.json()["error"]
+        assert error["code"] == "session_busy" and "busy" in error["message"]
+    wait_for(lambda: metric(http, "fermi_running") == 0, "the generation to stop")
+    assert http.post("/v1/chat/completions", json=chat_body(session_id="busy-test")).is_success
+
+
+def test_cors(http):
+    preflight = http.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "http://allowed.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "http://allowed.example"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"]
+    allowed = http.get("/v1/models", headers={"Origin": "http://allowed.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://allowed.example"
+    other = http.get("/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_metrics(http):
+    http.post("/v1/chat/completions", json=chat_body())
+    text = http.get("/metrics").text
+    for name in (
+        "fermi_http_requests_total", "fermi_prompt_tokens_total", "fermi_completion_tokens_total",
+        "fermi_time_to_first_token_seconds_bucket", "fermi_inter_token_latency_seconds_bucket",
+        "fermi_queue_depth", "fermi_running", "fermi_active_sessions",
+    ):  # fmt: skip
+        assert name in text
+    assert metric(http, "fermi_http_requests_total", route="/v1/chat/completions", status="200") > 0
+    assert metric(http, "fermi_http_requests_total", route="/v1/chat/completions", status="400") > 0
+    assert metric(http, "fermi_completion_tokens_total") > 0
+    assert metric(http, "fermi_model_loaded") == 1
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def test_32_concurrent_streams(server, http):
+    async def one(client: httpx.AsyncClient, i: int) -> dict:
+        body = chat_body(
+            stream=True, max_tokens=6, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": f"Client {i} says hello"}],
+        )  # fmt: skip
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        return check_chat_stream(chat_chunks(response.text), include_usage=True)
+
+    async def run() -> list[dict]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    usages = asyncio.run(run())
+    assert len(usages) == 32 and all(0 < u["completion_tokens"] <= 6 for u in usages)
+    wait_for(lambda: idle(http), "the engine to be idle")
+    assert_healthy(http)
+
+
+def test_disconnect_stops_generation(http):
+    cancelled = metric(http, "fermi_generations_total", outcome="cancelled")
+    disconnected = metric(http, "fermi_generations_total", outcome="disconnected")
+    tokens = metric(http, "fermi_completion_tokens_total")
+    body = chat_body(stream=True, max_tokens=LONG, ignore_eos=True, session_id="disconnect-test")
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        data = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(data), next(data)  # the role chunk and the first text: it is generating
+        assert metric(http, "fermi_running") == 1
+    # The client has gone: the generation ends as cancelled, long before its token limit.
+    wait_for(
+        lambda: metric(http, "fermi_generations_total", outcome="cancelled") == cancelled + 1,
+        "the generation to be cancelled",
+    )
+    assert metric(http, "fermi_generations_total", outcome="disconnected") == disconnected + 1
+    assert metric(http, "fermi_completion_tokens_total") - tokens < LONG
+    wait_for(lambda: idle(http), "the engine to be idle")
+    follow_up = http.post("/v1/chat/completions", json=chat_body(session_id="disconnect-test"))
+    assert follow_up.status_code == 200  # the session is free again
+
+
+def test_disconnect_non_streaming(server, http):
+    """A non-streaming client that hangs up mid-generation also cancels it."""
+    cancelled = metric(http, "fermi_generations_total", outcome="cancelled")
+    tokens = metric(http, "fermi_completion_tokens_total")
+    body = json.dumps(chat_body(max_tokens=LONG, ignore_eos=True)).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(head + body)
+        wait_for(lambda: metric(http, "fermi_running") == 1, "the generation to start")
+    wait_for(
+        lambda: metric(http, "fermi_generations_total", outcome="cancelled") == cancelled + 1,
+        "the generation to be cancelled",
+    )
+    assert metric(http, "fermi_completion_tokens_total") - tokens < LONG
+    wait_for(lambda: idle(http), "the engine to be idle")
+
+
+def test_disconnect_while_queued_frees_the_place(server, http):
+    """A client that leaves while waiting for the engine gives its queue place back."""
+    long = chat_body(stream=True, max_tokens=LONG, ignore_eos=True)
+    with http.stream("POST", "/v1/chat/completions", json=long) as running:
+        _lines = first_line(running)
+        with httpx.Client(base_url=server.url, timeout=60) as other:
+            with other.stream("POST", "/v1/chat/completions", json=long) as queued:
+                _queued_lines = first_line(queued)
+                wait_for(lambda: metric(http, "fermi_queue_depth") == 1, "a queued request")
+        wait_for(lambda: metric(http, "fermi_queue_depth") == 0, "the queue place to be freed")
+    wait_for(lambda: metric(http, "fermi_running") == 0, "the running generation to stop")
+
+
+# -- separate servers: auth and limits; failures inside generation -----------------------------
+
+
+def test_api_key_and_queue_full(tiny_artifact):
+    env = {**BASE_ENV, "FERMI_API_KEY": "sekrit", "FERMI_MAX_QUEUE": "0"}
+    with serve(str(tiny_artifact), env=env) as locked, httpx.Client(base_url=locked.url) as http:
+        assert http.get("/health").status_code == 200  # open without a key
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
+            response = http.get("/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        denied = http.post("/v1/chat/completions", json=chat_body())
+        assert denied.status_code == 401
+        key = {"Authorization": "Bearer sekrit"}
+        assert http.get("/v1/models", headers=key).status_code == 200
+        client = openai.OpenAI(base_url=locked.url + "/v1", api_key="sekrit", max_retries=0)
+        assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=locked.url + "/v1", api_key="nope", max_retries=0).models.list()
+        # FERMI_MAX_QUEUE=0: while one generation runs, the next request is refused at once.
+        long = chat_body(stream=True, max_tokens=LONG, ignore_eos=True)
+        with http.stream("POST", "/v1/chat/completions", json=long, headers=key) as running:
+            _lines = first_line(running)
+            full = http.post("/v1/chat/completions", json=chat_body(), headers=key)
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+            assert full.headers["retry-after"]
+
+
+def test_health_503_while_loading_then_failure_inside_generation(tiny_artifact, tmp_path):
+    """On a server whose runtime loads only once a gate file exists, and then fails inside
+    generation on demand: /health is 503 while loading; a failure after the stream started
+    ends it with an error event; the server keeps serving."""
+    gate, port = tmp_path / "gate", free_port()
+    while_loading: list[httpx.Response] = []
+
+    def open_gate_once_loading_is_seen() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not while_loading:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health")
+                while_loading.extend([health, httpx.get(f"http://127.0.0.1:{port}/v1/models")])
+            except httpx.TransportError:
+                time.sleep(0.05)
+        gate.touch()
+
+    opener = threading.Thread(target=open_gate_once_loading_is_seen, daemon=True)
+    opener.start()
+    env = {**BASE_ENV, "FERMI_TEST_LOAD_GATE": str(gate)}
+    with serve(str(tiny_artifact), env=env, program=(sys.executable, __file__), port=port) as s:
+        opener.join()
+        health, models = while_loading
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        assert models.status_code == 503 and models.json()["error"]["code"] == "model_loading"
+        with httpx.Client(base_url=s.url, timeout=60) as http:
+            boom = chat_body(stream=True, messages=[{"role": "user", "content": FAIL}])
+            frames = sse_frames(http.post("/v1/chat/completions", json=boom).text)
+            assert frames[-1] == "data: [DONE]"
+            error = json.loads(frames[-2].removeprefix("data: "))["error"]
+            assert error["type"] == "server_error" and "injected" in error["message"]
+            responses = http.post("/v1/responses", json={"input": FAIL, "stream": True}).text
+            last = [json.loads(f.split("\n")[1][6:]) for f in sse_frames(responses)][-2:]
+            assert [e["type"] for e in last] == ["error", "response.failed"]
+            plain = http.post("/v1/chat/completions", json=chat_body(messages=boom["messages"]))
+            assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+            # and the server keeps serving
+            assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
+            wait_for(lambda: metric(http, "fermi_running") == 0, "the failed generations to end")
+
+
+def test_load_failure_exits_with_an_error(tmp_path):
+    command = [sys.executable, "-m", "fermi.cli", "serve", "openai", "--model", str(tmp_path),
+               "--host", "127.0.0.1", "--port", str(free_port())]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, **BASE_ENV}
+    )
+    assert done.returncode == 2  # the CLI's "bad input or missing model" status
+    assert f"error: {tmp_path}" in done.stderr
+
+
+FAIL = "please fail now"
+
+
+def serve_with_injected_failure(argv: list[str]) -> None:
+    """A server whose runtime raises after the first event of any request whose last message is
+    FAIL, as an engine failure would (run as `python tests/test_openai_server.py serve ...`)."""
+    from fermi.openai_server.server import create_app
+    from fermi.runtime import Runtime
+    from fermi.settings import load_settings
+
+    options = dict(zip(argv[2::2], argv[3::2], strict=True))
+
+    def load(settings):
+        gate = Path(os.environ["FERMI_TEST_LOAD_GATE"])
+        while not gate.exists():
+            time.sleep(0.05)
+        runtime = Runtime.load(settings)
+        submit = runtime.submit
+
+        def submit_failing(request):
+            generation = submit(request)
+            if request.messages[-1].content == FAIL:
+                events = generation.aiter
+
+                async def aiter():
+                    async for event in events():
+                        yield event
+                        raise RuntimeError("injected engine failure")
+
+                generation.aiter = aiter
+            return generation
+
+        runtime.submit = submit_failing
+        return runtime
+
+    app = create_app(load_settings().replace(model=options["--model"]), load)
+    app.run(host=options["--host"], port=int(options["--port"]), single_process=True, motd=False)
+
+
+if __name__ == "__main__":
+    serve_with_injected_failure(sys.argv[1:])

@@ -1,0 +1,95 @@
+"""Supported architecture families and the config fields the graph needs.
+
+A family is a small spec, not a branch in the builder: the decoder blocks read the spec's flags.
+Biases need no flag: a linear layer gets one wherever the checkpoint has `<name>.bias` (Qwen2's
+q/k/v projections, Qwen3 with attention_bias)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fermi.errors import UnsupportedArchitecture
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the `architectures` entry in config.json
+    model_type: str
+    qk_norm: bool  # RMSNorm over each head of q and k before RoPE (Qwen3)
+
+
+REGISTRY = {
+    arch.name: arch
+    for arch in (
+        Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True),
+        Architecture("Qwen2ForCausalLM", "qwen2", qk_norm=False),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The config.json fields that shape the graph, checked once."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    context_length: int
+    tie_word_embeddings: bool
+
+
+def find_architecture(config: dict) -> Architecture:
+    names = config.get("architectures") or []
+    by_type = [a for a in REGISTRY.values() if a.model_type == config.get("model_type")]
+    for name in names:
+        if name in REGISTRY:
+            return REGISTRY[name]
+    # save_pretrained of a bare config writes no `architectures`; model_type still identifies it.
+    if not names and by_type:
+        return by_type[0]
+    found = ", ".join(names) or config.get("model_type") or "unknown"
+    raise UnsupportedArchitecture(
+        f"architecture {found} is not supported; fermi exports {', '.join(REGISTRY)}"
+    )
+
+
+def _rope_theta(config: dict) -> float:
+    """Only plain RoPE is built. Older configs say `rope_theta` + `rope_scaling: null`; newer
+    transformers write `rope_parameters: {rope_type, rope_theta}`."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    rope_type = (scaling.get("rope_type") or scaling.get("type")
+                 or params.get("rope_type", "default"))
+    if rope_type != "default":
+        raise UnsupportedArchitecture(
+            f"rope type {rope_type!r} is not supported; only default RoPE (rope_scaling null) is"
+        )
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def model_config(config: dict) -> ModelConfig:
+    if config.get("hidden_act", "silu") != "silu":
+        raise UnsupportedArchitecture(
+            f"hidden_act {config['hidden_act']!r} is not supported; only silu is")
+    if config.get("use_sliding_window"):
+        raise UnsupportedArchitecture("sliding-window attention is not supported")
+    heads = config["num_attention_heads"]
+    return ModelConfig(
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab_size=config["vocab_size"],
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(config),
+        context_length=config.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )

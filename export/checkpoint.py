@@ -1,0 +1,101 @@
+"""A local Hugging Face checkpoint directory: config.json plus safetensors weights, read one tensor
+at a time so that export never holds more than a tensor or two in memory."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from fermi.errors import ModelNotFound
+
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype tags -> numpy dtypes, for the raw reader below.
+RAW_DTYPES = {
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelNotFound(
+            f"{path.parent} is not a Hugging Face checkpoint: {path.name} is missing") from None
+    except ValueError as e:
+        raise ModelNotFound(f"{path} is not valid JSON: {e}") from None
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header (tensor name -> dtype, shape, data_offsets) and where data starts."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_raw_tensor(path: Path, name: str) -> np.ndarray:
+    """One tensor read from its header entry and bytes: the fallback for safetensors/numpy
+    versions whose numpy path cannot build bfloat16 arrays (Qwen checkpoints are bf16)."""
+    header, data_start = read_header(path)
+    entry = header[name]
+    start, end = entry["data_offsets"]
+    with path.open("rb") as f:
+        f.seek(data_start + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, dtype=RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _shard_map(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index)["weight_map"]
+        return {name: directory / shard for name, shard in weight_map.items()}
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise ModelNotFound(
+            f"{directory} has no *.safetensors weights (fermi reads safetensors only)")
+    return {name: shard for shard in shards for name in read_header(shard)[0]}
+
+
+class Checkpoint:
+    """Config and weights of one checkpoint directory; use as a context manager."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.config = read_json(self.directory / "config.json")
+        self._shard_of = _shard_map(self.directory)
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shard_of
+
+    def tensor(self, name: str) -> np.ndarray:
+        path = self._shard_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="np")
+        try:
+            return self._handles[path].get_tensor(name)
+        except (TypeError, ValueError, SafetensorError):
+            return read_raw_tensor(path, name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -180,7 +180,6 @@ class Runtime:
         cache = session.cache if session.cache is not None else engine.new_cache()
         reused = _common_prefix(session.tokens, job.prompt_ids, len(job.prompt_ids) - 1)
         cache.trim(reused)
-        session.cache, session.tokens = None, []  # until the cache is consistent again
         text = TextPipeline(StreamingDetokenizer(self.tokenizer), job.request.stop, job.opens_think)
         sampler = Sampler(job.sampling, job.request.sampling.seed)
         eos = set() if job.request.ignore_eos else self.eos_ids
@@ -215,8 +214,10 @@ class Runtime:
             yield from text.finish()
         finally:
             steps.close()
-        in_cache = (job.prompt_ids + generated)[: cache.offset]
-        session.cache, session.tokens = cache, in_cache
+            # The engine advances the cache only after a step succeeds, so whatever happened
+            # (done, cancelled, abandoned, failed) it holds exactly these tokens.
+            session.cache = cache
+            session.tokens = (job.prompt_ids + generated)[: cache.offset]
         if session.persistent:
             session.history = job.conversation + [text.as_message()]
         yield self._finished(job, finish, len(generated), reasoning_tokens, reused)
@@ -287,9 +288,6 @@ class Generation:
             self._started = True
         try:
             yield from self._runtime._run(self._job, self._cancel)
-        except BaseException:
-            self._job.session.cache, self._job.session.tokens = None, []
-            raise
         finally:
             self._release()
 

@@ -1,0 +1,473 @@
+"""`fermi serve grpc`: the token-streaming gRPC server, a thin adapter over the shared runtime.
+
+Why the synchronous grpc server (one worker thread per in-flight stream) rather than grpc.aio:
+the runtime's generation is a blocking iterator that decodes in the thread that pulls it, with a
+thread-safe `cancel()`, so a handler can simply iterate it. grpc runs `context.add_callback`
+callbacks when an RPC ends -- a client cancel, an expired deadline, a dropped connection -- on
+its own thread; ours calls `gen.cancel()`, the runtime stops within one decode step and ends
+with `Finished(cancelled)`, which the handler still consumes (it drains the generation when grpc
+drops the stream at a yield), so the session is released with its KV cache and every stream is
+counted. With grpc.aio the cancel arrives as `CancelledError` inside the handler task and would
+abandon `gen.aiter()` midway, skipping that orderly end. The thread cost is bounded: the runtime
+refuses requests beyond `engine_pool + max_queue` at once (QueueFull), and the pool has room
+beyond that for unary RPCs (health, ResetSession, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, fields
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fermi.errors import (
+    FermiError,
+    InvalidRequest,
+    QueueFull,
+    SessionBusy,
+    SessionNotFound,
+)
+from fermi.grpc_server import fermi_pb2 as pb
+from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
+from fermi.requests import Finished, GenerationRequest, Message, SamplingParams, TextDelta
+from fermi.settings import Settings
+
+log = logging.getLogger("fermi.grpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fermi"].full_name  # "fermi.Fermi"
+
+
+class ModelLoading(FermiError):
+    def __init__(self) -> None:
+        super().__init__("the model is still loading; retry when health reports SERVING")
+
+
+class GenerationTimeout(FermiError):
+    def __init__(self, timeout_ms: int) -> None:
+        super().__init__(f"generation exceeded the server's time limit of {timeout_ms} ms")
+
+
+class GenerationCancelled(FermiError):
+    def __init__(self) -> None:
+        super().__init__("generation was cancelled by the server")
+
+
+# ---------------------------------------------------------------------------------------------
+# The one error mapping of this transport: exception type -> status code. The most specific
+# class in an exception's MRO wins (ContextLengthExceeded is an InvalidRequest). Anything else
+# is INTERNAL, logged with its traceback; the server keeps serving.
+STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    SessionBusy: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelLoading: grpc.StatusCode.UNAVAILABLE,
+    GenerationTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    GenerationCancelled: grpc.StatusCode.CANCELLED,
+}
+
+# Runtime parameter names -> the request fields a gRPC client sets.
+FIELD_FOR_PARAM = {
+    "messages": "prompt",
+    "max_tokens": "max_new_tokens",
+    "repetition_penalty": "repeat_penalty",
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_FOR:
+            details = str(exc) or cls.__name__
+            if isinstance(exc, InvalidRequest) and exc.param:
+                field = FIELD_FOR_PARAM.get(exc.param, exc.param)
+                if field not in details:
+                    details = f"{field}: {details}"
+            return STATUS_FOR[cls], details
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def error_status(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turn any exception raised in the block into the mapped status on `context`."""
+    try:
+        yield
+    except GeneratorExit:  # the stream's consumer went away; nothing to report
+        raise
+    except Exception as e:
+        code, details = status_for(e)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("request failed")
+        context.abort(code, details)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire <-> runtime objects.
+
+THINKING = {
+    pb.THINKING_UNSPECIFIED: None,
+    pb.THINKING_AUTO: "auto",
+    pb.THINKING_ON: "on",
+    pb.THINKING_OFF: "off",
+}
+KIND = {"answer": pb.TEXT_KIND_ANSWER, "reasoning": pb.TEXT_KIND_REASONING}
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+def _f32(value: float) -> float:
+    """The decimal a client most likely meant (proto floats are 32-bit: 0.7 -> 0.699999988)."""
+    return float(f"{value:.7g}")
+
+
+def _sampled(request: pb.GenerateRequest, name: str, legacy: str | None = None) -> float | None:
+    """`sampling.<name>` when set (0 included), else the legacy field when non-zero, else None."""
+    if request.sampling.HasField(name):
+        return _f32(getattr(request.sampling, name))
+    value = getattr(request, legacy) if legacy else 0.0
+    return _f32(value) if value else None
+
+
+def to_generation_request(request: pb.GenerateRequest, session_id: str) -> GenerationRequest:
+    if not request.prompt.strip():
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if request.thinking not in THINKING:
+        raise InvalidRequest(f"thinking: unknown value {request.thinking}", param="thinking")
+    messages = [Message("system", request.system_prompt)] if request.system_prompt else []
+    messages.append(Message("user", request.prompt))
+    s = request.sampling
+    sampling = SamplingParams(
+        temperature=_sampled(request, "temperature", "temperature"),
+        top_p=_sampled(request, "top_p", "top_p"),
+        top_k=s.top_k if s.HasField("top_k") else None,
+        min_p=_sampled(request, "min_p"),
+        repetition_penalty=_sampled(request, "repeat_penalty", "repeat_penalty"),
+        presence_penalty=_sampled(request, "presence_penalty") or 0.0,
+        frequency_penalty=_sampled(request, "frequency_penalty") or 0.0,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+    return GenerationRequest(
+        messages=messages,
+        max_new_tokens=request.max_new_tokens or None,
+        sampling=sampling,
+        stop=list(request.stop),
+        thinking=THINKING[request.thinking],
+        session_id=session_id,
+        append=True,  # the server keeps the history: the prompt is a new turn
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def delta_message(session_id: str, delta: TextDelta) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        token=delta.text,
+        token_id=delta.token_ids[-1] if delta.token_ids else 0,
+        session_id=session_id,
+        kind=KIND[delta.kind],
+        token_ids=delta.token_ids,
+    )
+
+
+def final_message(session_id: str, done: Finished) -> pb.GenerateResponse:
+    u = done.usage
+    return pb.GenerateResponse(
+        session_id=session_id,
+        finish_reason=FINISH[done.finish_reason],
+        usage=pb.Usage(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            cached_tokens=u.cached_tokens,
+        ),
+        thinking=done.thinking,
+        dropped_turns=done.dropped_turns,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerStats:
+    """Generate streams since start, by how they ended (thread-safe counters)."""
+
+    stop: int = 0
+    length: int = 0
+    cancelled: int = 0
+    deadline_exceeded: int = 0
+    failed: int = 0
+    completion_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def count(self, outcome: str, completion_tokens: int = 0) -> None:
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+            self.completion_tokens += completion_tokens
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class _Stopper:
+    """Cancels one generation on client cancel / deadline (grpc callback) or on the server's
+    FERMI_TIMEOUT_MS timer, and remembers which of them fired first."""
+
+    def __init__(self, gen, context: grpc.ServicerContext, timeout_ms: int) -> None:
+        self.gen = gen
+        self.reason: str | None = None  # "client" | "deadline" | "timeout"
+        self._lock = threading.Lock()
+        self._timer = None
+        if timeout_ms > 0:
+            self._timer = threading.Timer(timeout_ms / 1000, self._stop, ("timeout",))
+            self._timer.daemon = True
+            self._timer.start()
+        if not context.add_callback(lambda: self._on_rpc_end(context)):
+            self._on_rpc_end(context)  # the RPC already ended
+
+    def _on_rpc_end(self, context: grpc.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        self._stop("deadline" if remaining is not None and remaining <= 0 else "client")
+
+    def _stop(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+        self.gen.cancel()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class FermiServicer(pb_grpc.FermiServicer):
+    def __init__(self, settings: Settings, stats: ServerStats) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.runtime = None  # set by GrpcServer once Runtime.load returns
+
+    def _runtime(self):
+        if self.runtime is None:
+            raise ModelLoading()
+        return self.runtime
+
+    def Generate(self, request, context):
+        session_id = request.session_id or uuid.uuid4().hex
+        with error_status(context):
+            try:
+                gen = self._runtime().submit(to_generation_request(request, session_id))
+            except Exception:
+                self.stats.count("failed")
+                raise
+            yield from self._stream(gen, session_id, context)
+
+    def _stream(self, gen, session_id: str, context) -> Iterator[pb.GenerateResponse]:
+        started = time.perf_counter()
+        stopper = _Stopper(gen, context, self.settings.timeout_ms)
+        events = iter(gen)  # the runtime decodes in this thread, as we pull
+        done: Finished | None = None
+        try:
+            for event in events:  # to exhaustion: the runtime saves the session's KV last
+                if isinstance(event, Finished):
+                    done = event
+                elif event.text:
+                    yield delta_message(session_id, event)
+        finally:
+            stopper.disarm()
+            if done is None:
+                # grpc dropped the stream while we sat at a yield (the client went away), or
+                # something failed: stop within a decode step and let the runtime end cleanly,
+                # so the session keeps its KV cache and the partial turn.
+                gen.cancel()
+                done = _drain(events)
+            events.close()
+            gen.close()
+            outcome = _outcome(done, stopper.reason)
+            self.stats.count(outcome, done.usage.completion_tokens if done else 0)
+            _log_end(session_id, outcome, done, started)
+        if done.finish_reason != "cancelled":
+            yield final_message(session_id, done)
+        elif stopper.reason == "timeout":
+            raise GenerationTimeout(self.settings.timeout_ms)
+        elif stopper.reason is None:
+            raise GenerationCancelled()
+        # else the client cancelled or its deadline passed: there is nobody left to tell
+
+    def ResetSession(self, request, context):
+        with error_status(context):
+            if not request.session_id:
+                raise InvalidRequest("session_id must not be empty", param="session_id")
+            self._runtime().reset_session(request.session_id)
+            return pb.ResetSessionResponse()
+
+    def ListModels(self, request, context):
+        with error_status(context):
+            runtime = self._runtime()
+            manifest = runtime.manifest
+            model = pb.Model(
+                id=runtime.model_id,
+                context_length=runtime.context_length,
+                architecture=getattr(manifest, "architecture", ""),
+                precision=getattr(manifest, "precision", ""),
+                supports_thinking=bool(getattr(manifest, "supports_thinking", False)),
+            )
+            return pb.ListModelsResponse(models=[model])
+
+    def GetStats(self, request, context):
+        with error_status(context):
+            rt = self._runtime().stats()
+            counts = self.stats.snapshot()
+            return pb.GetStatsResponse(
+                queue_depth=rt.queue_depth,
+                running=rt.running,
+                active_sessions=rt.active_sessions,
+                kv_bytes=rt.kv_bytes,
+                streams_stop=counts["stop"],
+                streams_length=counts["length"],
+                streams_cancelled=counts["cancelled"],
+                streams_deadline_exceeded=counts["deadline_exceeded"],
+                streams_failed=counts["failed"],
+                completion_tokens=counts["completion_tokens"],
+            )
+
+
+# Who stopped a generation -> how its stream is counted.
+STOP_OUTCOME = {
+    "client": "cancelled",
+    "deadline": "deadline_exceeded",
+    "timeout": "deadline_exceeded",
+}
+
+
+def _drain(events: Iterator) -> Finished | None:
+    done = None
+    try:
+        for event in events:
+            if isinstance(event, Finished):
+                done = event
+    except Exception:
+        log.exception("generation failed while stopping")
+    return done
+
+
+def _outcome(done: Finished | None, stop_reason: str | None) -> str:
+    """How a stream ended, for ServerStats."""
+    if done is None:
+        return "failed"  # an exception inside generation
+    if done.finish_reason != "cancelled":
+        return done.finish_reason  # "stop" | "length", even if a stop signal raced the end
+    return STOP_OUTCOME.get(stop_reason, "failed")
+
+
+def _log_end(session_id: str, outcome: str, done: Finished | None, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    if done is None:
+        log.info("session %s: %s after %.2fs", session_id, outcome, elapsed)
+        return
+    u = done.usage
+    log.info(
+        "session %s: %s, %d prompt (%d cached) + %d completion tokens in %.2fs",
+        session_id, outcome, u.prompt_tokens, u.cached_tokens, u.completion_tokens, elapsed,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class GrpcServer:
+    """The grpc server with the Fermi, health and reflection services. The port opens at once
+    (health NOT_SERVING); the runtime loads in a background thread, then health says SERVING."""
+
+    def __init__(self, settings: Settings, load: Callable[[Settings], object] | None = None):
+        self.settings = settings
+        self._load = load or _load_runtime
+        self.stats = ServerStats()
+        self.servicer = FermiServicer(settings, self.stats)
+        self.health = health.HealthServicer()
+        self.load_error: BaseException | None = None
+        self._stopped = threading.Event()
+        # Streams beyond engine_pool + max_queue are refused by the runtime at once, so this
+        # many workers leave room for unary RPCs (health, ResetSession, ...) at full load.
+        workers = settings.engine_pool + settings.max_queue + 8
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fermi-grpc"),
+            options=[("grpc.so_reuseport", 0)],  # a taken port is an error, not a shared one
+        )
+        pb_grpc.add_FermiServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def start(self, host: str, port: int) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0)."""
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = self.server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise FermiError(f"cannot listen on {address}: {e}") from None
+        if not bound:
+            raise FermiError(f"cannot listen on {address}")
+        self.server.start()
+        log.info("fermi gRPC listening on %s:%d; loading %s", host, bound, self.settings.model)
+        threading.Thread(target=self._load_in_background, name="fermi-load", daemon=True).start()
+        return bound
+
+    def _load_in_background(self) -> None:
+        try:
+            runtime = self._load(self.settings)
+        except BaseException as e:  # reported by wait(); the server stops
+            self.load_error = e
+            log.error("loading %s failed: %s", self.settings.model, e)
+            self.stop(grace=0)
+            return
+        self.servicer.runtime = runtime
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("model %s loaded; serving", getattr(runtime, "model_id", self.settings.model))
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """NOT_SERVING at once, then let in-flight streams finish for up to `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self._stopped.set()
+
+    def wait(self) -> None:
+        """Block until stopped; re-raise a model load failure."""
+        self._stopped.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+
+def _load_runtime(settings: Settings):
+    from fermi.runtime import Runtime
+
+    return Runtime.load(settings)
+
+
+def run(settings: Settings, host: str, port: int) -> None:
+    """`fermi serve grpc`: serve until SIGINT/SIGTERM (then drain in-flight streams)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    server = GrpcServer(settings)
+    server.start(host, port)
+
+    def shutdown(signum, frame) -> None:
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=server.stop, name="fermi-stop", daemon=True).start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, shutdown)
+    server.wait()

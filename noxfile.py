@@ -1,6 +1,9 @@
 """Developer tasks. torch is pinned to 2.13.0 and installed before the extras, so the reference
 stack never pulls a multi-GB CUDA build of torch."""
 
+import os
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -34,19 +37,54 @@ def lint(session: nox.Session) -> None:
 # Typical run:  nox -s bench_transformers bench_llamacpp bench_ortgenai bench -- --quick
 BENCH_PEERS = {
     "transformers": [TORCH, "transformers>=5,<6", "safetensors>=0.4", "numpy>=1.26"],
-    # llama-cpp-python ships no CPU wheel on PyPI: pip compiles llama.cpp (~5 minutes here).
+    # llama-cpp-python ships no CPU wheel on PyPI: pip compiles llama.cpp (~5-10 minutes here).
     "llamacpp": ["llama-cpp-python==0.3.36", "gguf==0.19.0", "numpy>=1.26"],
     # The model builder imports torch and transformers 5; torch goes first, pinned.
-    "ortgenai": [TORCH, "transformers>=5,<6", "onnxruntime-genai==0.18.0", "onnx>=1.17", "onnx-ir>=0.1",
-                 "numpy>=1.26"],
+    "ortgenai": [
+        TORCH,
+        "transformers>=5,<6",
+        "onnxruntime-genai==0.18.0",
+        "onnx>=1.17",
+        "onnx-ir>=0.1",
+        "numpy>=1.26",
+    ],
 }
-LLAMA_CPP_CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"
+# x86 SIMD levels llama.cpp can target, and the /proc/cpuinfo flag that allows each.
+LLAMA_CPP_SIMD = {
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "FMA": "fma",
+    "F16C": "f16c",
+    "BMI2": "bmi2",
+    "AVX_VNNI": "avx_vnni",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+}
+
+
+def llama_cpp_cmake_args() -> str:
+    """A CPU build for this machine's SIMD level, but never AMX: GGML_NATIVE would compile the
+    AMX kernels on CPUs that advertise them, and in VMs that do not grant AMX state they crash
+    (general protection fault) on the first quantized matmul. LLAMA_CPP_CMAKE_ARGS overrides."""
+    if os.environ.get("LLAMA_CPP_CMAKE_ARGS"):
+        return os.environ["LLAMA_CPP_CMAKE_ARGS"]
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    args = ["-DGGML_NATIVE=OFF", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_BLAS=OFF"]
+    if not flags:  # not Linux/x86: let llama.cpp detect the machine
+        return "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"
+    args += [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}"
+             for name, flag in LLAMA_CPP_SIMD.items()]  # fmt: skip
+    return " ".join(args)
 
 
 def install_peer(session: nox.Session, peer: str) -> None:
-    env = {"CMAKE_ARGS": LLAMA_CPP_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+    env = {"CMAKE_ARGS": llama_cpp_cmake_args(), "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
     for requirement in BENCH_PEERS[peer]:  # one by one, so torch is in before anything wants it
-        session.install(requirement, env=env)
+        # No wheel cache: a llama-cpp-python wheel built with other CMAKE_ARGS must not be reused.
+        session.install("--no-cache-dir", requirement, env=env)
 
 
 @nox.session
@@ -74,8 +112,9 @@ def bench(session: nox.Session) -> None:
     session.run("fermi", "bench", *session.posargs)
 
 
+# -- Gradio demo ---------------------------------------------------------------------------------
 DEMO_TEST_DEPS = ("selenium>=4.20", "pytest>=8", "pytest-timeout>=2.3")
-BROWSER = ("/usr/bin/chromium", "/usr/bin/chromedriver")
+BROWSER = ("/usr/bin/chromium", "/usr/bin/chromedriver")  # Debian's; nothing is downloaded
 
 
 @nox.session
@@ -87,9 +126,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def demo_test(session: nox.Session) -> None:
-    """The demo's browser test: a tiny-qwen3 server, the app and headless Debian Chromium."""
-    import os
-
+    """The demo's browser tests: a tiny-qwen3 server, the app and headless Chromium."""
     if not all(os.path.exists(p) for p in BROWSER):
         if os.geteuid() != 0:
             session.error("needs Debian's chromium and chromium-driver: apt-get install them")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fermi.errors import FermiError
+from fermi.errors import FermiError, InvalidRequest
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -36,7 +36,6 @@ def export(
 ) -> None:
     """Export a Qwen3/Qwen2 checkpoint to an ONNX artifact with KV-cache inputs."""
     from export.exporter import export_model
-
     from fermi.settings import load_settings
 
     try:
@@ -152,7 +151,23 @@ def chat(
 
 def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
+    if not port.isdigit():
+        raise InvalidRequest(f"address {addr!r} is not HOST:PORT")
     return host or "0.0.0.0", int(port)
+
+
+def _serve(kind: str, model: str | None, device: str | None, host: str | None, port: int | None):
+    from importlib import import_module
+
+    from fermi.settings import load_settings
+
+    try:
+        settings = load_settings().replace(model=model, device=device)
+        default_host, default_port = _split_addr(getattr(settings, f"{kind}_addr"))
+        server = import_module(f"fermi.{kind}_server.server")
+        server.run(settings, host or default_host, port or default_port)
+    except FermiError as e:
+        raise fail(str(e)) from None
 
 
 @serve_app.command("openai")
@@ -160,15 +175,7 @@ def serve_openai(
     model: ModelOpt = None, device: DeviceOpt = None, host: HostOpt = None, port: PortOpt = None
 ) -> None:
     """OpenAI-compatible HTTP server (default 0.0.0.0:8000, FERMI_OPENAI_ADDR)."""
-    from fermi.openai_server.server import run
-    from fermi.settings import load_settings
-
-    try:
-        settings = load_settings().replace(model=model, device=device)
-        default_host, default_port = _split_addr(settings.openai_addr)
-        run(settings, host or default_host, port or default_port)
-    except FermiError as e:
-        raise fail(str(e)) from None
+    _serve("openai", model, device, host, port)
 
 
 @serve_app.command("grpc")
@@ -176,15 +183,7 @@ def serve_grpc(
     model: ModelOpt = None, device: DeviceOpt = None, host: HostOpt = None, port: PortOpt = None
 ) -> None:
     """Token-streaming gRPC server (default 0.0.0.0:50051, FERMI_GRPC_ADDR)."""
-    from fermi.grpc_server.server import run
-    from fermi.settings import load_settings
-
-    try:
-        settings = load_settings().replace(model=model, device=device)
-        default_host, default_port = _split_addr(settings.grpc_addr)
-        run(settings, host or default_host, port or default_port)
-    except FermiError as e:
-        raise fail(str(e)) from None
+    _serve("grpc", model, device, host, port)
 
 
 if __name__ == "__main__":

@@ -78,18 +78,19 @@ class ChatSession:
 
         threading.Thread(target=pump, daemon=True).start()
         while True:
+            # Ctrl-C can land anywhere in this loop, printing included: it always means "stop
+            # the answer", and the loop goes on until the runtime says it has stopped.
             try:
                 event = events.get(timeout=0.1)
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, Finished):
+                    return event
+                on_delta(event)
             except queue.Empty:
                 continue
             except KeyboardInterrupt:
                 generation.cancel()
-                continue
-            if isinstance(event, BaseException):
-                raise event
-            if isinstance(event, Finished):
-                return event
-            on_delta(event)
 
 
 def run_interactive(chat: ChatSession, console: Console) -> None:
@@ -115,6 +116,9 @@ def run_interactive(chat: ChatSession, console: Console) -> None:
             finished = chat.ask(line, show)
         except FermiError as e:
             console.print(f"[red]error:[/red] {e}")
+            continue
+        except KeyboardInterrupt:  # before the answer started: nothing to stop
+            console.print()
             continue
         show.end(finished)
 

@@ -76,7 +76,11 @@ class ChatSession:
             except BaseException as e:
                 events.put(e)
 
-        threading.Thread(target=pump, daemon=True).start()
+        try:
+            threading.Thread(target=pump, daemon=True).start()
+        except BaseException:
+            generation.close()
+            raise
         while True:
             # Ctrl-C can land anywhere in this loop, printing included: it always means "stop
             # the answer", and the loop goes on until the runtime says it has stopped.

@@ -65,6 +65,7 @@ def test_repl_commands_and_an_answer(chat):
 
 def test_ctrl_c_stops_the_answer_and_ctrl_d_quits(chat):
     chat.sendline("Write a very long story about the sea.")
+    chat.expect_exact("about the sea.")  # the echo of the line
     chat.expect(r"\S")  # the first streamed text
     chat.sendintr()
     chat.expect_exact(PROMPT)
@@ -73,7 +74,8 @@ def test_ctrl_c_stops_the_answer_and_ctrl_d_quits(chat):
     chat.expect_exact(PROMPT)
     chat.sendeof()
     chat.expect(pexpect.EOF)
-    assert chat.wait() == 0  # wait, not close: close() would signal a slow-exiting process
+    status = chat.wait()  # wait, not close: close() would signal a slow-exiting process
+    assert status == 0, (status, chat.signalstatus)
 
 
 def test_pipe_answers_one_prompt_per_line(tiny_artifact):

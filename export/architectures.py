@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from fermi.errors import UnsupportedArchitecture
 
 
@@ -64,8 +66,9 @@ def _rope_theta(config: dict) -> float:
     transformers write `rope_parameters: {rope_type, rope_theta}`."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    rope_type = (scaling.get("rope_type") or scaling.get("type")
-                 or params.get("rope_type", "default"))
+    rope_type = (
+        scaling.get("rope_type") or scaling.get("type") or params.get("rope_type", "default")
+    )
     if rope_type != "default":
         raise UnsupportedArchitecture(
             f"rope type {rope_type!r} is not supported; only default RoPE (rope_scaling null) is"
@@ -76,7 +79,8 @@ def _rope_theta(config: dict) -> float:
 def model_config(config: dict) -> ModelConfig:
     if config.get("hidden_act", "silu") != "silu":
         raise UnsupportedArchitecture(
-            f"hidden_act {config['hidden_act']!r} is not supported; only silu is")
+            f"hidden_act {config['hidden_act']!r} is not supported; only silu is"
+        )
     if config.get("use_sliding_window"):
         raise UnsupportedArchitecture("sliding-window attention is not supported")
     heads = config["num_attention_heads"]
@@ -93,3 +97,9 @@ def model_config(config: dict) -> ModelConfig:
         context_length=config.get("max_position_embeddings", 32768),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+
+
+def inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies over pairs of the head dim, as transformers computes them."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
+    return (1.0 / cfg.rope_theta**exponents).astype(np.float32)

@@ -31,7 +31,8 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelNotFound(
-            f"{path.parent} is not a Hugging Face checkpoint: {path.name} is missing") from None
+            f"{path.parent} is not a Hugging Face checkpoint: {path.name} is missing"
+        ) from None
     except ValueError as e:
         raise ModelNotFound(f"{path} is not valid JSON: {e}") from None
 
@@ -66,7 +67,8 @@ def _shard_map(directory: Path) -> dict[str, Path]:
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise ModelNotFound(
-            f"{directory} has no *.safetensors weights (fermi reads safetensors only)")
+            f"{directory} has no *.safetensors weights (fermi reads safetensors only)"
+        )
     return {name: shard for shard in shards for name in read_header(shard)[0]}
 
 

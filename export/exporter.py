@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from export.architectures import Architecture, ModelConfig, find_architecture, model_config
 from export.checkpoint import Checkpoint, read_json
-from export.decoder import Decoder, io_names
+from export.decoder import Decoder
 from export.graph import GraphBuilder, WeightsFile
 from export.ops import PortableOps
 from export.source import Source, resolve
 from export.staging import staged_directory
+from export.variants import (
+    GraphOptions,
+    check,
+    compute_dtype,
+    make_ops,
+    recorded_options,
+    resolve_target,
+)
 from fermi.artifact import (
     MANIFEST,
     MODEL_FILE,
@@ -25,55 +32,84 @@ from fermi.artifact import (
     describe_files,
     load_manifest,
 )
-from fermi.errors import ArtifactError, InvalidRequest, ModelNotFound
+from fermi.errors import ArtifactError, ModelNotFound
 from fermi.settings import Settings, load_settings
 
-PRECISIONS = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
-TARGET = "portable"
 # Copied from the checkpoint when present; tokenizer.json and config.json are required.
-CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def export_model(model: str, precision: str = "fp16", output: Path | str | None = None,
-                 revision: str | None = None, force: bool = False,
-                 settings: Settings | None = None) -> Path:
+@dataclass(frozen=True)
+class Variant:
+    precision: str
+    target: str  # resolved: never "auto"
+    options: GraphOptions
+
+    @property
+    def recorded(self) -> dict:
+        return recorded_options(self.precision, self.target, self.options)
+
+
+def export_model(
+    model: str,
+    precision: str = "fp16",
+    output: Path | str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    settings: Settings | None = None,
+    target: str = "portable",
+    options: GraphOptions | None = None,
+) -> Path:
     """Export MODEL (hub id, local checkpoint dir or tiny-qwen3) and return the artifact
-    directory. A valid artifact of the same source, revision and precision is reused unless
-    `force`."""
-    if precision not in PRECISIONS:
-        raise InvalidRequest(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}",
-                             param="precision")
+    directory. `target` is portable, cpu, cuda, coreml or auto (this machine's device); see
+    export/variants.py. A valid artifact of the same source, revision and variant is reused
+    unless `force`."""
+    variant = Variant(precision, resolve_target(target), options or GraphOptions())
+    check(variant.precision, variant.target, variant.options)
     settings = settings or load_settings()
     source = resolve(model, revision, settings)
     if output is None:
-        output = Path(settings.artifacts) / f"{source.model_name}-{precision}"
+        suffix = "" if variant.target == "portable" else f"-{variant.target}"
+        output = Path(settings.artifacts) / f"{source.model_name}-{precision}{suffix}"
     output = Path(output)
-    if not force and reusable(output, source, precision):
+    if not force and reusable(output, source, variant):
         return output
     check_replaceable(output)
     architecture, config = inspect_checkpoint(source)
     with staged_directory(output) as directory:
-        write_artifact(source, architecture, config, precision, directory)
+        write_artifact(source, architecture, config, variant, directory)
     return output
 
 
-def reusable(output: Path, source: Source, precision: str) -> bool:
+def reusable(output: Path, source: Source, variant: Variant) -> bool:
     if not (output / MANIFEST).is_file():
         return False
     try:
         manifest = load_manifest(output)
     except ArtifactError:
         return False
-    return (manifest.source, manifest.revision, manifest.precision, manifest.target) == (
-        source.name, source.revision, precision, TARGET)
+    return (
+        manifest.source,
+        manifest.revision,
+        manifest.precision,
+        manifest.target,
+        manifest.graph_options,
+    ) == (source.name, source.revision, variant.precision, variant.target, variant.recorded)
 
 
 def check_replaceable(output: Path) -> None:
     """Replace only an earlier artifact or an empty directory, never a user's other files."""
-    if output.is_file() or (output.is_dir() and not (output / MANIFEST).is_file()
-                            and any(output.iterdir())):
+    if output.is_file() or (
+        output.is_dir() and not (output / MANIFEST).is_file() and any(output.iterdir())
+    ):
         raise ArtifactError(f"{output} exists and is not a fermi artifact; choose another output")
 
 
@@ -83,44 +119,62 @@ def inspect_checkpoint(source: Source) -> tuple[Architecture, ModelConfig]:
     if missing:
         raise ModelNotFound(
             f"{source.name} is not a complete checkpoint: it lacks {', '.join(missing)} "
-            "(fermi needs the config and fast-tokenizer files)")
+            "(fermi needs the config and fast-tokenizer files)"
+        )
     config = read_json(source.directory / "config.json")
     return find_architecture(config), model_config(config)
 
 
-def write_artifact(source: Source, architecture: Architecture, config: ModelConfig,
-                   precision: str, directory: Path) -> None:
+def write_artifact(
+    source: Source,
+    architecture: Architecture,
+    config: ModelConfig,
+    variant: Variant,
+    directory: Path,
+) -> None:
     with Checkpoint(source.directory) as checkpoint:
-        write_graph(checkpoint, architecture, config, precision, directory)
+        ops = write_graph(checkpoint, architecture, config, variant, directory)
     copy_checkpoint_files(source.directory, directory)
-    inputs, outputs = io_names(config.num_layers)
+    inputs, outputs = ops.io_names()
     manifest = Manifest(
         source=source.name,
         revision=source.revision,
         architecture=architecture.name,
-        precision=precision,
-        target=TARGET,
+        precision=variant.precision,
+        target=variant.target,
         num_layers=config.num_layers,
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
-        context_length=config.context_length,
+        context_length=ops.context_length,
         eos_token_ids=eos_token_ids(directory),
         supports_thinking=supports_thinking(directory),
         inputs=inputs,
         outputs=outputs,
-        kv_dtype=PRECISIONS[precision].name,
+        kv_dtype=compute_dtype(variant.precision, variant.target).name,
         files=describe_files(directory),
+        io_mode=ops.io_mode,
+        graph_options=variant.recorded,
+        session_config=ops.session_config,
     )
     manifest.save(directory)
 
 
-def write_graph(checkpoint: Checkpoint, architecture: Architecture, config: ModelConfig,
-                precision: str, directory: Path) -> None:
+def write_graph(
+    checkpoint: Checkpoint,
+    architecture: Architecture,
+    config: ModelConfig,
+    variant: Variant,
+    directory: Path,
+) -> PortableOps:
     with WeightsFile(directory / WEIGHTS_FILE) as weights:
-        builder = GraphBuilder(checkpoint, weights, PRECISIONS[precision])
-        Decoder(builder, PortableOps(builder), architecture, config).build()
+        builder = GraphBuilder(
+            checkpoint, weights, compute_dtype(variant.precision, variant.target)
+        )
+        ops = make_ops(builder, config, variant.precision, variant.target, variant.options)
+        Decoder(builder, ops, architecture, config).build()
     (directory / MODEL_FILE).write_bytes(builder.model(architecture.name).SerializeToString())
+    return ops
 
 
 def copy_checkpoint_files(checkpoint: Path, directory: Path) -> None:

@@ -86,8 +86,9 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
         return name
 
-    def node(self, op: str, inputs: list[str], name: str, outputs: list[str] | None = None,
-             **attrs) -> str:
+    def node(
+        self, op: str, inputs: list[str], name: str, outputs: list[str] | None = None, **attrs
+    ) -> str:
         """Add one node; returns its (first) output name, `<name>/out` unless given."""
         name = self._unique(name)
         outputs = outputs or [f"{name}/out"]
@@ -111,12 +112,21 @@ class GraphBuilder:
         """A checkpoint tensor, converted to `dtype` (default the graph's) and streamed to the
         external-data file. The initializer keeps the checkpoint's name."""
         array = convert(self.checkpoint.tensor(name), np.dtype(dtype or self.dtype), transpose)
+        return self.external(name, array)
+
+    def external(self, name: str, array: np.ndarray) -> str:
+        """An initializer computed at export time (a quantized weight, a RoPE table), streamed to
+        the external-data file like a checkpoint tensor."""
         offset, length = self.weights.append(array)
-        tensor = TensorProto(name=name, dims=array.shape,
-                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        tensor = TensorProto(
+            name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype)
+        )
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.weights.path.name), ("offset", offset),
-                           ("length", length)):
+        for key, value in (
+            ("location", self.weights.path.name),
+            ("offset", offset),
+            ("length", length),
+        ):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
         self.initializers.append(tensor)
@@ -124,10 +134,13 @@ class GraphBuilder:
         return name
 
     def model(self, graph_name: str) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
-                                  self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="fermi")
+        graph = helper.make_graph(
+            self.nodes, graph_name, self.inputs, self.outputs, self.initializers
+        )
+        # onnxruntime's contrib ops (fused targets) live in the com.microsoft domain, version 1.
+        domains = sorted({n.domain for n in self.nodes} - {"", "ai.onnx"})
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="fermi")
         # onnxruntime 1.20 (our floor) reads IR version 10 models.
         model.ir_version = 10
         return model

@@ -46,8 +46,11 @@ def resolve(model: str, revision: str | None, settings: Settings) -> Source:
 def download(model: str, revision: str | None, offline: bool) -> Source:
     """snapshot_download with every failure turned into one actionable line."""
     try:
-        directory = Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS,
-                                           local_files_only=offline))
+        directory = Path(
+            snapshot_download(
+                model, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline
+            )
+        )
     except LocalEntryNotFoundError:
         if offline:
             raise ModelNotFound(
@@ -61,7 +64,8 @@ def download(model: str, revision: str | None, offline: bool) -> Source:
         ) from None
     except RevisionNotFoundError:
         raise ModelNotFound(
-            f"{model} has no revision {revision!r} on the Hugging Face Hub") from None
+            f"{model} has no revision {revision!r} on the Hugging Face Hub"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelNotFound(
             f"{model} is not a model on the Hugging Face Hub (or it is private or gated: log in "

@@ -13,15 +13,19 @@ import numpy as np
 
 from export.checkpoint import INDEX_FILE
 
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
-          "float32": np.dtype(np.float32)}
+DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+}
 SAFETENSORS_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Real Qwen checkpoints shard at a few GB; the reader handles one file or an index alike.
 MAX_SHARD_BYTES = 4 << 30
 
 
-def qwen3_config(shape: dict, vocab_size: int, bos_token_id: int, eos_token_id: int,
-                 dtype: str = "bfloat16") -> dict:
+def qwen3_config(
+    shape: dict, vocab_size: int, bos_token_id: int, eos_token_id: int, dtype: str = "bfloat16"
+) -> dict:
     """config.json in the form Qwen3 checkpoints ship it (rope_theta + rope_scaling null)."""
     return {
         "architectures": ["Qwen3ForCausalLM"],
@@ -72,8 +76,9 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...],
-                  std: dict[str, float]) -> np.ndarray:
+def random_tensor(
+    rng: np.random.Generator, name: str, shape: tuple[int, ...], std: dict[str, float]
+) -> np.ndarray:
     """Norm weights around 1 (as trained models have them), the rest N(0, std) where `std`
     maps "embed" and "linear" to a standard deviation."""
     if name.endswith("norm.weight"):
@@ -87,16 +92,20 @@ def _header(tensors: list[tuple[str, tuple[int, ...]]], dtype: str) -> bytes:
     header, offset = {}, 0
     for name, shape in tensors:
         size = math.prod(shape) * DTYPES[dtype].itemsize
-        header[name] = {"dtype": SAFETENSORS_TAGS[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_TAGS[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     return blob + b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str,
-                      make) -> None:
+def write_safetensors(
+    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, make
+) -> None:
     """A safetensors file whose header is computed from the shapes first, so each tensor from
     `make(name, shape)` can be written and dropped in turn."""
     blob = _header(tensors, dtype)
@@ -120,18 +129,31 @@ def _shards(tensors: list, dtype: str, max_bytes: int) -> list[list]:
     return shards
 
 
-def write_weights(directory: Path, config: dict, dtype: str, seed: int, std: dict[str, float],
-                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def write_weights(
+    directory: Path,
+    config: dict,
+    dtype: str,
+    seed: int,
+    std: dict[str, float],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
     """Random weights for `config`, deterministic for a seed: model.safetensors, or numbered
     shards plus model.safetensors.index.json when they exceed `max_shard_bytes`."""
     rng = np.random.default_rng(seed)
     shards = _shards(tensor_shapes(config), dtype, max_shard_bytes)
     weight_map = {}
     for n, tensors in enumerate(shards, start=1):
-        file = "model.safetensors" if len(shards) == 1 else (
-            f"model-{n:05d}-of-{len(shards):05d}.safetensors")
-        write_safetensors(directory / file, tensors, dtype,
-                          lambda name, shape: random_tensor(rng, name, shape, std))
+        file = (
+            "model.safetensors"
+            if len(shards) == 1
+            else (f"model-{n:05d}-of-{len(shards):05d}.safetensors")
+        )
+        write_safetensors(
+            directory / file,
+            tensors,
+            dtype,
+            lambda name, shape: random_tensor(rng, name, shape, std),
+        )
         weight_map.update({name: file for name, _ in tensors})
     if len(shards) > 1:
         total = sum(math.prod(s) for _, s in tensor_shapes(config)) * DTYPES[dtype].itemsize

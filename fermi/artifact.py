@@ -23,8 +23,8 @@ class Manifest:
     source: str  # hub id, local path or "tiny-qwen3"
     revision: str | None
     architecture: str  # e.g. "Qwen3ForCausalLM"
-    precision: str  # "fp32" | "fp16"
-    target: str  # graph variant: "portable" for now
+    precision: str  # "fp32" | "fp16" | "int8" | "int4"
+    target: str  # graph variant: "portable" | "cpu" | "cuda" | "coreml"
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -36,6 +36,12 @@ class Manifest:
     outputs: list[str]
     kv_dtype: str  # numpy dtype name of past/present tensors
     files: dict[str, dict] = field(default_factory=dict)  # path -> {sha256, bytes}
+    # How the engine feeds the graph: "concat" (past/present concatenated, all logits),
+    # "shared" (one KV buffer per layer read and written in place, logits_index), "window"
+    # (a fixed KV window with an additive mask). See export/ops*.py.
+    io_mode: str = "concat"
+    graph_options: dict = field(default_factory=dict)  # quantization block size, window ...
+    session_config: dict = field(default_factory=dict)  # onnxruntime config entries to apply
     fermi_version: str = __version__
     format_version: int = FORMAT_VERSION
 

@@ -12,11 +12,13 @@ from fermi.engine import Engine
 from fermi.kv_cache import KVCache
 from fermi.sampling import Sampler
 
-PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer of a long prompt
+PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer and attention scratch
+DECODE_ROOM = 64  # positions reserved past the prompt; the cache grows in steps after that
 
 
 def prefill(engine: Engine, cache: KVCache, token_ids: list[int]) -> np.ndarray:
     """Run the prompt through the model in chunks; returns the last position's logits."""
+    cache.reserve(min(cache.offset + len(token_ids) + DECODE_ROOM, engine.manifest.context_length))
     logits = None
     for start in range(0, len(token_ids), PREFILL_CHUNK):
         logits = engine.forward(token_ids[start : start + PREFILL_CHUNK], cache)

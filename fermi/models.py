@@ -1,6 +1,6 @@
 """Turn `--model` into an artifact directory: an artifact is used as is; anything else (a hub id,
-a local HF checkpoint, `tiny-qwen3`) is exported first at the device's precision, or reused
-from an earlier export."""
+a local HF checkpoint, `tiny-qwen3`) is exported first at the device's precision as the graph
+variant of that device (export/variants.py), or reused from an earlier export."""
 
 from __future__ import annotations
 
@@ -19,5 +19,8 @@ def resolve_artifact(model: str, precision: str, settings: Settings) -> Path:
         return Path(model)
     # Export lives in its own package and needs no torch; import it only when needed.
     from export.exporter import export_model
+    from fermi.engine import pick_device
 
-    return export_model(model, precision=precision, settings=settings)
+    return export_model(
+        model, precision=precision, settings=settings, target=pick_device(settings.device)
+    )

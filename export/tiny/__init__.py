@@ -42,8 +42,14 @@ STD = {"embed": 0.2, "linear": 0.25}
 BPE_VOCAB = 1200
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Not "special": they survive skip_special_tokens decoding, as in Qwen3's tokenizer.
-MARKUP = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>",
-          "</think>"]
+MARKUP = [
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
 # Qwen2/Qwen3's pre-tokenizer split: contractions, letter runs, single digits, punctuation
 # runs, newlines, and whitespace.
 SPLIT = (
@@ -53,11 +59,20 @@ SPLIT = (
 # What the checkpoint is made from; their hash is its revision, so that a changed recipe
 # rebuilds the cached checkpoint and the artifacts exported from it instead of reusing them.
 HERE = Path(__file__).parent
-RECIPE = (HERE / "__init__.py", HERE / "corpus.txt", HERE / "chat_template.jinja",
-          HERE.parent / "synthetic.py")
+RECIPE = (
+    HERE / "__init__.py",
+    HERE / "corpus.txt",
+    HERE / "chat_template.jinja",
+    HERE.parent / "synthetic.py",
+)
 REVISION = "builtin-" + hashlib.sha256(b"".join(p.read_bytes() for p in RECIPE)).hexdigest()[:12]
-FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json")
+FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def _data(name: str) -> str:
@@ -67,14 +82,17 @@ def _data(name: str) -> str:
 def train_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre.Sequence([
-        pre.Split(Regex(SPLIT), behavior="isolated"),
-        pre.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre.Sequence(
+        [
+            pre.Split(Regex(SPLIT), behavior="isolated"),
+            pre.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, show_progress=False,
-                                  initial_alphabet=pre.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, show_progress=False, initial_alphabet=pre.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(_data("corpus.txt").splitlines(keepends=True), trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in MARKUP])
@@ -83,9 +101,14 @@ def train_tokenizer() -> Tokenizer:
 
 def tokenizer_config(tokenizer: Tokenizer) -> dict:
     added = {
-        str(tokenizer.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
-                                        "rstrip": False, "single_word": False,
-                                        "special": t in SPECIAL}
+        str(tokenizer.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": t in SPECIAL,
+        }
         for t in SPECIAL + MARKUP
     }
     return {
@@ -119,8 +142,10 @@ def generation_config(tokenizer: Tokenizer) -> dict:
     return {
         "bos_token_id": tokenizer.token_to_id("<|endoftext|>"),
         "do_sample": True,
-        "eos_token_id": [tokenizer.token_to_id("<|im_end|>"),
-                         tokenizer.token_to_id("<|endoftext|>")],
+        "eos_token_id": [
+            tokenizer.token_to_id("<|im_end|>"),
+            tokenizer.token_to_id("<|endoftext|>"),
+        ],
         "pad_token_id": tokenizer.token_to_id("<|endoftext|>"),
         "temperature": 0.6,
         "top_k": 20,
@@ -133,8 +158,12 @@ def build(directory: Path) -> None:
     tokenizer = write_tokenizer(directory)
     # Rounded up to a multiple of 64, as Qwen pads its embedding beyond the tokenizer.
     vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64
-    config = qwen3_config(SHAPE, vocab_size, tokenizer.token_to_id("<|endoftext|>"),
-                          tokenizer.token_to_id("<|im_end|>"))
+    config = qwen3_config(
+        SHAPE,
+        vocab_size,
+        tokenizer.token_to_id("<|endoftext|>"),
+        tokenizer.token_to_id("<|im_end|>"),
+    )
     write_json(directory / "config.json", config)
     write_json(directory / "generation_config.json", generation_config(tokenizer))
     write_weights(directory, config, "bfloat16", SEED, STD)
@@ -143,8 +172,11 @@ def build(directory: Path) -> None:
 
 def is_built(directory: Path) -> bool:
     stamp = directory / "fermi-tiny.txt"
-    return (stamp.is_file() and stamp.read_text().strip() == REVISION
-            and all((directory / f).is_file() for f in FILES))
+    return (
+        stamp.is_file()
+        and stamp.read_text().strip() == REVISION
+        and all((directory / f).is_file() for f in FILES)
+    )
 
 
 def checkpoint_path(settings: Settings | None = None) -> Path:

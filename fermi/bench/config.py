@@ -1,0 +1,97 @@
+"""What a run measures: sizes, repetitions and engines, shared by the orchestrator and workers
+(it travels to a worker as JSON, so it holds plain values only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+
+# Engine families and the variants `--engines llamacpp` expands to. A variant is the precision
+# or quantization the family runs the checkpoint at.
+FAMILIES: dict[str, list[str]] = {
+    "fermi": ["fp32"],
+    "transformers": ["fp32"],
+    "llamacpp": ["f32", "q8_0", "q4_0"],
+    "ortgenai": ["fp32", "int4"],
+}
+DEFAULT_ENGINES = "fermi,transformers,llamacpp,ortgenai"
+
+
+@dataclass
+class BenchConfig:
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 1024, 4096])
+    new_tokens: int = 256  # decoded per decode run, eos ignored
+    decode_prompt: int = 128  # prompt length of the decode runs
+    reps: int = 3  # repetitions of every timed measurement (the median is reported)
+    cold_reps: int = 3  # fresh processes for the cold start
+    warmup_tokens: int = 8  # one untimed generation after load
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
+    server_tokens: int = 64  # completion tokens per server request
+    server_prompt_words: int = 100
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        """A run that fits in minutes: shorter prompts, fewer tokens and repetitions."""
+        return cls(
+            prompt_lengths=[128, 1024],
+            new_tokens=64,
+            reps=2,
+            cold_reps=1,
+            concurrency=[1, 4],
+            server_tokens=32,
+        )
+
+    def replace(self, **changes) -> BenchConfig:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BenchConfig:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EngineId:
+    family: str
+    variant: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}:{self.variant}"
+
+    @property
+    def venv_name(self) -> str:
+        return f"bench_{self.family}"
+
+
+def parse_engines(text: str) -> list[EngineId]:
+    """`fermi,llamacpp:q4_0,ortgenai` -> engine ids; a bare family means all its variants."""
+    engines: list[EngineId] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        family, _, variant = item.partition(":")
+        if family not in FAMILIES:
+            raise ValueError(f"unknown engine {family!r}: choose from {', '.join(FAMILIES)}")
+        variants = [variant.lower()] if variant else FAMILIES[family]
+        for v in variants:
+            if v not in FAMILIES[family]:
+                raise ValueError(f"{family} has no variant {v!r}: {', '.join(FAMILIES[family])}")
+            if EngineId(family, v) not in engines:
+                engines.append(EngineId(family, v))
+    if not engines:
+        raise ValueError("no engine selected")
+    return engines
+
+
+def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
+    """A deterministic prompt of exactly `length` ordinary token ids (below `vocab`, the size
+    without added/special tokens). Every engine gets the same ids: no tokenizer differences."""
+    rng = random.Random(seed * 1_000_003 + length)
+    return [rng.randrange(vocab) for _ in range(length)]

@@ -29,13 +29,18 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="HF hub id, local checkpoint dir, or tiny-qwen3")],
-    precision: Annotated[str, typer.Option(help="fp16 or fp32")] = "fp16",
+    precision: Annotated[str, typer.Option(help="fp16, fp32, int8 or int4")] = "fp16",
     output: Annotated[Path | None, typer.Option(help="artifact dir")] = None,
     revision: Annotated[str | None, typer.Option(help="hub revision")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if a valid artifact exists")] = False,
+    target: Annotated[
+        str, typer.Option(help="graph variant: portable|cpu|cuda|coreml|auto (this device)")
+    ] = "portable",
+    block_size: Annotated[int, typer.Option(help="int4/int8 quantization block")] = 32,
 ) -> None:
     """Export a Qwen3/Qwen2 checkpoint to an ONNX artifact with KV-cache inputs."""
     from export.exporter import export_model
+    from export.variants import GraphOptions
     from fermi.settings import load_settings
 
     try:
@@ -47,6 +52,8 @@ def export(
             revision=revision,
             force=force,
             settings=settings,
+            target=target,
+            options=GraphOptions(block_size=block_size),
         )
     except FermiError as e:
         raise fail(str(e)) from None

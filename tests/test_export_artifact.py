@@ -26,21 +26,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_manifest_describes_the_artifact(tiny_artifact):
     m = load_manifest(tiny_artifact, verify_hashes=True)
-    assert (m.source, m.revision, m.architecture) == ("tiny-qwen3", tiny.REVISION,
-                                                      "Qwen3ForCausalLM")
+    assert (m.source, m.revision, m.architecture) == (
+        "tiny-qwen3",
+        tiny.REVISION,
+        "Qwen3ForCausalLM",
+    )
     assert (m.precision, m.target, m.kv_dtype) == ("fp32", "portable", "float32")
     assert (m.num_layers, m.num_kv_heads, m.head_dim, m.context_length) == (2, 2, 32, 4096)
     assert m.vocab_size % 64 == 0
     tokenizer = tiny.train_tokenizer()
-    assert m.eos_token_ids == [tokenizer.token_to_id("<|im_end|>"),
-                               tokenizer.token_to_id("<|endoftext|>")]
+    assert m.eos_token_ids == [
+        tokenizer.token_to_id("<|im_end|>"),
+        tokenizer.token_to_id("<|endoftext|>"),
+    ]
     assert m.supports_thinking
     assert m.inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert m.inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert m.outputs[:3] == ["logits", "present.0.key", "present.0.value"]
     assert len(m.outputs) == 1 + 2 * m.num_layers
-    assert set(m.files) == {"model.onnx", "model.onnx.data", "config.json",
-                            "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert set(m.files) == {
+        "model.onnx",
+        "model.onnx.data",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert not [p for p in tiny_artifact.parent.iterdir() if p.name.startswith(".")]
 
 
@@ -96,7 +107,8 @@ def test_other_precision_or_broken_artifact_is_rebuilt(tmp_path):
 def test_default_output_is_under_the_artifacts_root(tmp_path):
     settings = Settings(artifacts=str(tmp_path))
     assert export_model("tiny-qwen3", precision="fp32", settings=settings) == (
-        tmp_path / "tiny-qwen3-fp32")
+        tmp_path / "tiny-qwen3-fp32"
+    )
 
 
 def test_interrupted_export_leaves_the_old_artifact(tmp_path, monkeypatch):
@@ -148,14 +160,16 @@ def test_checkpoint_without_generation_config_or_thinking_template(tmp_path):
     manifest = load_manifest(export_model(str(checkpoint), "fp32", tmp_path / "out"))
     assert manifest.eos_token_ids == [7]
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {
-        "eos_token_id": 7}
+        "eos_token_id": 7
+    }
     assert manifest.supports_thinking is False
     assert manifest.source == str(checkpoint.resolve()) and manifest.revision is None
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    checkpoint = checkpoint_with_config(tmp_path, architectures=["LlamaForCausalLM"],
-                                        model_type="llama")
+    checkpoint = checkpoint_with_config(
+        tmp_path, architectures=["LlamaForCausalLM"], model_type="llama"
+    )
     with pytest.raises(UnsupportedArchitecture) as error:
         export_model(str(checkpoint), precision="fp32", output=tmp_path / "out")
     message = str(error.value)
@@ -166,8 +180,13 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 def test_scaled_rope_is_refused(tmp_path):
     checkpoint = checkpoint_with_config(
-        tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0,
-                                "original_max_position_embeddings": 32768})
+        tmp_path,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32768,
+        },
+    )
     with pytest.raises(UnsupportedArchitecture, match="yarn"):
         export_model(str(checkpoint), precision="fp32", output=tmp_path / "out")
 
@@ -180,12 +199,20 @@ def test_directory_without_a_checkpoint(tmp_path):
 
 def fermi_export(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`python -m fermi.cli export ...` with an empty HF cache and artifacts root."""
-    environ = {k: v for k, v in os.environ.items()
-               if k not in ("HF_HUB_OFFLINE", "FERMI_OFFLINE", "HF_ENDPOINT")}
-    environ.update(HF_HOME=str(tmp_path / "hf"), FERMI_ARTIFACTS=str(tmp_path / "artifacts"),
-                   **env)
-    return subprocess.run([sys.executable, "-m", "fermi.cli", "export", *args], cwd=ROOT,
-                          env=environ, capture_output=True, text=True, timeout=120)
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "FERMI_OFFLINE", "HF_ENDPOINT")
+    }
+    environ.update(HF_HOME=str(tmp_path / "hf"), FERMI_ARTIFACTS=str(tmp_path / "artifacts"), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "fermi.cli", "export", *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -205,8 +232,9 @@ def test_cli_offline_uses_the_hf_cache_and_records_the_commit(tmp_path, fake_hub
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     url, requests = fake_hub
-    result = fermi_export(tmp_path, "someone/Tiny", "--precision", "fp32", HF_ENDPOINT=url,
-                          FERMI_OFFLINE="1")
+    result = fermi_export(
+        tmp_path, "someone/Tiny", "--precision", "fp32", HF_ENDPOINT=url, FERMI_OFFLINE="1"
+    )
     assert result.returncode == 0, result.stderr
     artifact = Path(result.stdout.strip())
     assert artifact == tmp_path / "artifacts" / "Tiny-fp32"
@@ -274,11 +302,18 @@ def test_cli_exports_tiny_without_torch(tmp_path):
     load_manifest(out)
     # The export package (imported here as serving would) pulls in neither torch nor
     # transformers.
-    check = ("import sys, export.exporter, export.random_checkpoint, export.tiny; "
-             "export.exporter.export_model('tiny-qwen3', precision='fp16', output=sys.argv[1]); "
-             "print(sorted(m for m in sys.modules "
-             "if m.split('.')[0] in ('torch', 'transformers')))")
-    result = subprocess.run([sys.executable, "-c", check, str(tmp_path / "tiny16")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    check = (
+        "import sys, export.exporter, export.random_checkpoint, export.tiny; "
+        "export.exporter.export_model('tiny-qwen3', precision='fp16', output=sys.argv[1]); "
+        "print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "tiny16")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

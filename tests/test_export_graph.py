@@ -22,9 +22,15 @@ from export.exporter import export_model
 from export.graph import ALIGN, OPSET
 from fermi.artifact import MODEL_FILE, WEIGHTS_FILE, load_manifest
 
-SMALL_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-               "max_position_embeddings": 512}
+SMALL_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+}
 
 
 @pytest.fixture
@@ -75,8 +81,11 @@ def test_checkpoint_falls_back_to_raw_bf16(mixed_dtype_file, monkeypatch):
 def run_prefill(artifact: Path, ids: list[int]) -> np.ndarray:
     m = load_manifest(artifact)
     session = ort.InferenceSession(str(artifact / MODEL_FILE), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids))[None]}
+    feeds = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids))[None],
+    }
     empty = np.zeros((1, m.num_kv_heads, 0, m.head_dim), m.kv_dtype)
     feeds.update({name: empty for name in m.inputs[3:]})
     return session.run(["logits"], feeds)[0]
@@ -84,8 +93,9 @@ def run_prefill(artifact: Path, ids: list[int]) -> np.ndarray:
 
 def test_sharded_random_checkpoint_exports_like_a_single_file(tmp_path):
     one = random_checkpoint.write_random_checkpoint(tmp_path / "one", SMALL_SHAPE, vocab_size=384)
-    sharded = random_checkpoint.write_random_checkpoint(tmp_path / "sharded", SMALL_SHAPE,
-                                                        vocab_size=384, max_shard_bytes=20_000)
+    sharded = random_checkpoint.write_random_checkpoint(
+        tmp_path / "sharded", SMALL_SHAPE, vocab_size=384, max_shard_bytes=20_000
+    )
     index = json.loads((sharded / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 2
     assert not (sharded / "model.safetensors").exists()
@@ -116,7 +126,10 @@ def test_random_checkpoint_cli(tmp_path, monkeypatch, capsys):
 def test_real_shapes_match_qwen3():
     shape = random_checkpoint.SHAPES["qwen3-0.6b"]
     assert (shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]) == (
-        1024, 3072, 28)
+        1024,
+        3072,
+        28,
+    )
     assert random_checkpoint.SHAPES["qwen3-1.7b"]["hidden_size"] == 2048
 
 
@@ -133,8 +146,9 @@ def test_graph_is_portable_opset_18(tiny_artifact_fp16, tiny_graph):
 
 def test_weights_are_external_in_one_aligned_file(tiny_artifact_fp16, tiny_graph):
     size = (tiny_artifact_fp16 / WEIGHTS_FILE).stat().st_size
-    external = [t for t in tiny_graph.graph.initializer
-                if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [
+        t for t in tiny_graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
     assert len(external) == 1 + 2 * 11 + 1  # embedding, 11 per layer, final norm
     for tensor in external:
         entry = {e.key: e.value for e in tensor.external_data}
@@ -152,9 +166,13 @@ def test_tied_embedding_is_stored_once(tiny_graph):
 
 def test_io_contract(tiny_graph):
     def signature(values):
-        return {v.name: (v.type.tensor_type.elem_type,
-                         [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-                for v in values}
+        return {
+            v.name: (
+                v.type.tensor_type.elem_type,
+                [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            )
+            for v in values
+        }
 
     inputs, outputs = signature(tiny_graph.graph.input), signature(tiny_graph.graph.output)
     int64, fp16, fp32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT

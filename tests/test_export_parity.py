@@ -19,20 +19,54 @@ from fermi.artifact import MODEL_FILE, load_manifest  # noqa: E402
 SMALL = {"num_hidden_layers": 2, "vocab_size": 320, "max_position_embeddings": 256}
 CASES = {
     # head_dim 32 != 64 / 4, GQA 4:2, tied embeddings: the tiny-qwen3 layout.
-    "qwen3-tied": ("Qwen3", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                             "num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True,
-                             "rope_theta": 1e6}),
+    "qwen3-tied": (
+        "Qwen3",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "tie_word_embeddings": True,
+            "rope_theta": 1e6,
+        },
+    ),
     # head_dim 16 != 48 / 6, one kv head for six query heads, separate lm_head.
-    "qwen3-untied": ("Qwen3", {"hidden_size": 48, "intermediate_size": 96,
-                               "num_attention_heads": 6, "num_key_value_heads": 1, "head_dim": 16,
-                               "tie_word_embeddings": False, "rope_theta": 1e4}),
+    "qwen3-untied": (
+        "Qwen3",
+        {
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "tie_word_embeddings": False,
+            "rope_theta": 1e4,
+        },
+    ),
     # q/k/v biases, no q/k norm, head_dim = hidden / heads.
-    "qwen2-untied": ("Qwen2", {"hidden_size": 64, "intermediate_size": 160,
-                               "num_attention_heads": 8, "num_key_value_heads": 2,
-                               "tie_word_embeddings": False, "rope_theta": 1e6}),
-    "qwen2-tied-mha": ("Qwen2", {"hidden_size": 32, "intermediate_size": 64,
-                                 "num_attention_heads": 4, "num_key_value_heads": 4,
-                                 "tie_word_embeddings": True, "rope_theta": 1e4}),
+    "qwen2-untied": (
+        "Qwen2",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 160,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": False,
+            "rope_theta": 1e6,
+        },
+    ),
+    "qwen2-tied-mha": (
+        "Qwen2",
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "tie_word_embeddings": True,
+            "rope_theta": 1e4,
+        },
+    ),
 }
 
 
@@ -59,8 +93,12 @@ def make_checkpoint(directory: Path, family: str, fields: dict, dtype=None) -> P
     fields = dict(fields)
     theta = fields.pop("rope_theta")
     config_cls = getattr(transformers, f"{family}Config")
-    config = config_cls(**SMALL, **fields, eos_token_id=2,
-                        rope_parameters={"rope_type": "default", "rope_theta": theta})
+    config = config_cls(
+        **SMALL,
+        **fields,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
     model = getattr(transformers, f"{family}ForCausalLM")(config)
     randomize(model, seed=len(directory.name))
     if dtype is not None:
@@ -82,8 +120,9 @@ class Graph:
 
     def __init__(self, artifact: Path):
         self.manifest = load_manifest(artifact)
-        self.session = ort.InferenceSession(str(artifact / MODEL_FILE),
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(artifact / MODEL_FILE), providers=["CPUExecutionProvider"]
+        )
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         m = self.manifest
@@ -105,11 +144,12 @@ def positions_of(mask: np.ndarray) -> np.ndarray:
 def cached_logits(graph: Graph, ids: np.ndarray, mask: np.ndarray, prefill: int) -> np.ndarray:
     """Prefill `prefill` tokens from an empty cache, then one token per step: (B, T, V)."""
     positions = positions_of(mask)
-    logits, cache = graph(ids[:, :prefill], mask[:, :prefill], positions[:, :prefill],
-                          graph.empty_cache(len(ids)))
+    logits, cache = graph(
+        ids[:, :prefill], mask[:, :prefill], positions[:, :prefill], graph.empty_cache(len(ids))
+    )
     steps = [logits]
     for t in range(prefill, ids.shape[1]):
-        logits, cache = graph(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], cache)
+        logits, cache = graph(ids[:, t : t + 1], mask[:, : t + 1], positions[:, t : t + 1], cache)
         steps.append(logits)
     return np.concatenate(steps, axis=1)
 
@@ -129,8 +169,11 @@ def greedy(graph: Graph, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> 
 
 def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(positions_of(mask)))
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions_of(mask)),
+        )
     return out.logits.float().numpy()
 
 
@@ -193,9 +236,14 @@ def test_bf16_checkpoint_exports_exactly(tmp_path):
 
 def hf_greedy(model, ids: np.ndarray, mask: np.ndarray, new_tokens: int, pad: int) -> np.ndarray:
     with torch.no_grad():
-        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-    return out[:, ids.shape[1]:].numpy()
+        out = model.generate(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return out[:, ids.shape[1] :].numpy()
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +253,16 @@ def tiny_reference():
 
 def tiny_prompts() -> list[list[int]]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny.checkpoint_path())
-    chats = [[{"role": "user", "content": "Write a haiku about the sea."}],
-             [{"role": "user", "content": "你好! 2+2?"}]]
-    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                          return_dict=False) for c in chats]
+    chats = [
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+        [{"role": "user", "content": "你好! 2+2?"}],
+    ]
+    return [
+        tokenizer.apply_chat_template(
+            c, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for c in chats
+    ]
 
 
 def test_tiny_greedy_generation_matches_transformers(tiny_artifact, tiny_reference):
@@ -227,16 +281,17 @@ def test_tiny_greedy_left_padded_batch_matches_transformers(tiny_artifact, tiny_
     ids = np.full((2, total), pad, dtype=np.int64)
     mask = np.zeros((2, total), dtype=np.int64)
     for row, prompt in enumerate((first, second)):
-        ids[row, total - len(prompt):] = prompt
-        mask[row, total - len(prompt):] = 1
+        ids[row, total - len(prompt) :] = prompt
+        mask[row, total - len(prompt) :] = 1
     assert mask.min() == 0  # one row really is padded
     expected = hf_greedy(tiny_reference, ids, mask, 32, pad=pad)
     np.testing.assert_array_equal(greedy(Graph(tiny_artifact), ids, mask, 32), expected)
     # Each row alone gives the same tokens: padding changes nothing.
     for row, prompt in enumerate((first, second)):
         alone = np.array([prompt], dtype=np.int64)
-        np.testing.assert_array_equal(greedy(Graph(tiny_artifact), alone, np.ones_like(alone), 32),
-                                      expected[row:row + 1])
+        np.testing.assert_array_equal(
+            greedy(Graph(tiny_artifact), alone, np.ones_like(alone), 32), expected[row : row + 1]
+        )
 
 
 def test_qwen2_greedy_generation_matches_transformers(tmp_path):

@@ -11,8 +11,13 @@ import pytest
 from export import tiny
 from fermi.settings import Settings
 
-FILES = ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json",
-         "generation_config.json")
+FILES = (
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.json",
+    "generation_config.json",
+)
 
 
 def test_build_is_deterministic(tmp_path):
@@ -47,8 +52,10 @@ def test_config_has_the_tiny_qwen3_shape():
     assert config["vocab_size"] % 64 == 0 and size <= config["vocab_size"] < size + 64
     generation = json.loads((directory / "generation_config.json").read_text())
     tokenizer = tiny.train_tokenizer()
-    assert generation["eos_token_id"] == [tokenizer.token_to_id("<|im_end|>"),
-                                          tokenizer.token_to_id("<|endoftext|>")]
+    assert generation["eos_token_id"] == [
+        tokenizer.token_to_id("<|im_end|>"),
+        tokenizer.token_to_id("<|endoftext|>"),
+    ]
     assert (generation["temperature"], generation["top_p"], generation["top_k"]) == (0.6, 0.95, 20)
     assert generation["do_sample"] is True
 
@@ -65,9 +72,16 @@ def test_tokenizer_carries_qwen3_tokens():
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
-@pytest.mark.parametrize("text", ["Hello, world!", "今天天气很好，我们去公园散步吧。",
-                                  "emoji 👩‍💻🇫🇷 done ✅", "def f(x):\n    return x ** 2\n",
-                                  "  odd   spacing\t\ttabs\n\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello, world!",
+        "今天天气很好，我们去公园散步吧。",
+        "emoji 👩‍💻🇫🇷 done ✅",
+        "def f(x):\n    return x ** 2\n",
+        "  odd   spacing\t\ttabs\n\n",
+    ],
+)
 def test_tokenizer_round_trips(text):
     tokenizer = tiny.train_tokenizer()
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
@@ -76,23 +90,29 @@ def test_tokenizer_round_trips(text):
 def render(messages, **kwargs) -> str:
     """The template as a plain jinja2 renderer (what serving uses) sees it."""
     config = json.loads((tiny.checkpoint_path() / "tokenizer_config.json").read_text())
-    return jinja2.Environment().from_string(config["chat_template"]).render(
-        messages=messages, **kwargs)
+    return (
+        jinja2.Environment()
+        .from_string(config["chat_template"])
+        .render(messages=messages, **kwargs)
+    )
 
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
 
 def test_generation_prompt_with_thinking_on_or_unset():
-    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                "<|im_start|>assistant\n")
+    expected = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert render(CHAT, add_generation_prompt=True) == expected
     assert render(CHAT, add_generation_prompt=True, enable_thinking=True) == expected
 
 
 def test_generation_prompt_with_thinking_off_prefills_an_empty_think_block():
     assert render(CHAT, add_generation_prompt=True, enable_thinking=False).endswith(
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
 
 
 def test_reasoning_is_dropped_before_the_last_user_turn_and_kept_after():
@@ -109,16 +129,23 @@ def test_reasoning_is_dropped_before_the_last_user_turn_and_kept_after():
 
 def test_tool_turns():
     messages = CHAT + [
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}],
+        },
         {"role": "tool", "content": "4"},
         {"role": "tool", "content": "ok"},
     ]
     text = render(messages, add_generation_prompt=True)
-    assert ('<|im_start|>assistant\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}'
-            "\n</tool_call><|im_end|>\n") in text
-    assert ("<|im_start|>user\n<tool_response>\n4\n</tool_response>\n<tool_response>\nok\n"
-            "</tool_response><|im_end|>\n<|im_start|>assistant\n") in text
+    assert (
+        '<|im_start|>assistant\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}'
+        "\n</tool_call><|im_end|>\n"
+    ) in text
+    assert (
+        "<|im_start|>user\n<tool_response>\n4\n</tool_response>\n<tool_response>\nok\n"
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    ) in text
 
 
 def test_transformers_loads_tokenizer_and_template():
@@ -129,7 +156,7 @@ def test_transformers_loads_tokenizer_and_template():
     text = "Hello 你好 🎉 <think>x</think>"
     assert hf(text)["input_ids"] == tiny.train_tokenizer().encode(text).ids
     for thinking in (True, False):
-        rendered = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True,
-                                          enable_thinking=thinking)
+        rendered = hf.apply_chat_template(
+            CHAT, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
         assert rendered == render(CHAT, add_generation_prompt=True, enable_thinking=thinking)
-

@@ -11,9 +11,10 @@ Engines and their inputs (made beforehand; see docs/benchmarks.md, "Fast graphs"
 Per round and engine: `decode` (prompt 128, then 32 tokens one by one: median step time),
 `ttft` (prompt 1024 to the first token) and `cold` (process spawn to the first token of a
 16-token prompt: imports, load and one step; the page cache is warm). Once per engine: `rss`
-(prompt 4096 and 16 tokens: peak resident memory). Rounds alternate engines so that load from
-other work on the machine spreads over all of them. The decode ceiling is the read bandwidth of
-`--threads` processes (fermi.bench.bandwidth) over the fp32 weight bytes read per token.
+(prompt 4096 and 16 tokens: peak resident memory). Each round first measures the machine's
+read bandwidth (`--threads` processes, fermi.bench.bandwidth) and rotates the engine order, so
+that load from other work on the machine spreads over all engines. An engine's decode ceiling
+is that bandwidth over the weight bytes it reads per token.
 
 Only the standard library is imported at module level: the same file is the worker that runs in
 the peers' virtualenvs (with the repository as the working directory).
@@ -188,27 +189,30 @@ def _median(runs: list[dict], engine: str, scenario: str, key: str) -> float | N
 
 
 def report(results: dict, bytes_per_token: dict[str, int]) -> str:
-    """The markdown table: medians over rounds; the ceiling uses the median bandwidth."""
-    runs = results["runs"]
-    bandwidth = statistics.median(results["bandwidth_gb_s"]) * 1e9
+    """The markdown table: medians over rounds. The share of the ceiling pairs each round's
+    decode with that round's bandwidth (the load on the machine moves); the ceiling shown uses
+    the median bandwidth."""
+    runs, bandwidth = results["runs"], results["bandwidth_gb_s"]
     lines = [
-        "| engine | decode tok/s (prompt 128) | % of ceiling | TTFT 1024 s | cold start s "
-        "(load s) | peak RSS 4096 GB | decode tok/s at 4096 |",
+        "| engine | decode tok/s (prompt 128) | % of ceiling (ceiling tok/s) | TTFT 1024 s "
+        "| cold start s (load s) | peak RSS 4096 GB | decode tok/s at 4096 |",
         "|---" * 7 + "|",
     ]
-    engines = list(dict.fromkeys(r["engine"] for r in runs))
-    for name in engines:
+    for name in dict.fromkeys(r["engine"] for r in runs):
         step = _median(runs, name, "decode", "step_s")
-        ceiling = bandwidth / bytes_per_token[name] if name in bytes_per_token else None
-        cells = [
-            name,
-            f"{1 / step:.2f}" if step else "-",
-            f"{100 / step / ceiling:.0f}% of {ceiling:.1f}" if step and ceiling else "-",
+        shares = [
+            1 / r["step_s"] * bytes_per_token[name] / (bandwidth[r["round"]] * 1e9)
+            for r in runs
+            if r["engine"] == name and r["scenario"] == "decode" and r.get("step_s")
         ]
+        ceiling = statistics.median(bandwidth) * 1e9 / bytes_per_token[name]
         ttft = _median(runs, name, "ttft", "first_token_s")
         cold, load = _median(runs, name, "cold", "cold_s"), _median(runs, name, "cold", "load_s")
         rss, long_step = (_median(runs, name, "rss", k) for k in ("peak_rss_gb", "step_s"))
-        cells += [
+        cells = [
+            name,
+            f"{1 / step:.2f}" if step else "-",
+            f"{100 * statistics.median(shares):.0f}% ({ceiling:.1f})" if shares else "-",
             f"{ttft:.2f}" if ttft else "-",
             f"{cold:.2f} ({load:.2f})" if cold else "-",
             f"{rss:.2f}" if rss else "-",
@@ -240,23 +244,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     scenarios = args.scenarios.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"threads": args.threads, "load_average": os.getloadavg(), "runs": []}
-    results["bandwidth_gb_s"] = [ceiling(args.threads)]
+    results: dict = {"threads": args.threads, "bandwidth_gb_s": [], "runs": []}
+    names = list(engines)
     for round_ in range(args.rounds):
+        results["bandwidth_gb_s"].append(ceiling(args.threads))  # this round's ceiling
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotate the order
         for scenario in [s for s in scenarios if s != "rss" or round_ == 0]:
-            for name, path in engines.items():
+            for name in order:
                 entry = {
                     "engine": name,
                     "scenario": scenario,
                     "round": round_,
-                    **measure(name, path, scenario, args.threads),
+                    "load_average": os.getloadavg()[0],
+                    **measure(name, engines[name], scenario, args.threads),
                 }
                 results["runs"].append(entry)
                 print(json.dumps(entry), flush=True)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    results["bandwidth_gb_s"].append(ceiling(args.threads))
-    results["load_average_end"] = os.getloadavg()
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

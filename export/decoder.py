@@ -61,21 +61,19 @@ class Decoder:
         normed, x = self.add_norm(x, attn, f"{p}.post_attention_layernorm")
         return x, self.mlp(i, normed)
 
-    def split_heads(self, x: str, heads: int, name: str) -> str:
-        """(B, S, heads * D) -> (B, S, heads, D)."""
-        return self.b.node(
-            "Reshape", [x, self.b.const([0, 0, heads, self.cfg.head_dim])], f"{name}/Reshape"
-        )
+    def head_norm(self, x: str, heads: int, name: str) -> str:
+        """Qwen3's RMSNorm over each head's D values; (B, S, heads * D) in and out."""
+        split = self.ops.split_heads(x, heads, f"{name}/split")
+        return self.ops.flatten_heads(self.norm(split, name), heads, f"{name}/flat")
 
     def qkv(self, p: str, x: str) -> tuple[str, str, str]:
-        """Projections split into heads, (B, S, heads, D); q and k normed per head (Qwen3)."""
+        """The projections, (B, S, heads * D); q and k normed per head (Qwen3). Heads are split
+        by the target's attention: GroupQueryAttention takes them flat."""
         cfg = self.cfg
         q, k, v = self.ops.projections(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"])
-        q = self.split_heads(q, cfg.num_heads, f"{p}.q_proj")
-        k = self.split_heads(k, cfg.num_kv_heads, f"{p}.k_proj")
-        v = self.split_heads(v, cfg.num_kv_heads, f"{p}.v_proj")
         if self.arch.qk_norm:
-            q, k = self.norm(q, f"{p}.q_norm"), self.norm(k, f"{p}.k_norm")
+            q = self.head_norm(q, cfg.num_heads, f"{p}.q_norm")
+            k = self.head_norm(k, cfg.num_kv_heads, f"{p}.k_norm")
         return q, k, v
 
     def attention(self, i: int, x: str, ctx: dict) -> str:

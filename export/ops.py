@@ -222,15 +222,33 @@ class PortableOps:
         )
         return b.node("MatMul", [probs, v], f"{name}/MatMul_v")  # (B, H, S, D)
 
-    def heads_first(self, x: str, name: str) -> str:
-        return self.b.node("Transpose", [x], f"{name}/Transpose", perm=[0, 2, 1, 3])  # (B, H, S, D)
+    def split_heads(self, x: str, heads: int, name: str) -> str:
+        """(B, S, heads * D) -> (B, S, heads, D)."""
+        shape = self.b.const([0, 0, heads, self.cfg.head_dim])
+        return self.b.node("Reshape", [x, shape], f"{name}/Reshape")
+
+    def flatten_heads(self, x: str, heads: int, name: str) -> str:
+        """(B, S, heads, D) -> (B, S, heads * D)."""
+        shape = self.b.const([0, 0, heads * self.cfg.head_dim])
+        return self.b.node("Reshape", [x, shape], f"{name}/Reshape")
+
+    def heads_first(self, x: str, heads: int, name: str) -> str:
+        """(B, S, heads * D) -> (B, heads, S, D)."""
+        x = self.split_heads(x, heads, name)
+        return self.b.node("Transpose", [x], f"{name}/Transpose", perm=[0, 2, 1, 3])
 
     def merge_heads(self, x: str, name: str) -> str:
         """(B, H, S, D) -> (B, S, H * D)."""
-        b, cfg = self.b, self.cfg
-        x = b.node("Transpose", [x], f"{name}/Transpose_out", perm=[0, 2, 1, 3])
-        return b.node(
-            "Reshape", [x, b.const([0, 0, cfg.num_heads * cfg.head_dim])], f"{name}/Reshape_out"
+        x = self.b.node("Transpose", [x], f"{name}/Transpose_out", perm=[0, 2, 1, 3])
+        return self.flatten_heads(x, self.cfg.num_heads, f"{name}/out")
+
+    def split_qkv_heads(self, q: str, k: str, v: str, p: str) -> tuple[str, str, str]:
+        """Flat q, k, v -> (B, heads, S, D) each."""
+        cfg = self.cfg
+        return (
+            self.heads_first(q, cfg.num_heads, f"{p}/q"),
+            self.heads_first(k, cfg.num_kv_heads, f"{p}/k"),
+            self.heads_first(v, cfg.num_kv_heads, f"{p}/v"),
         )
 
     def cache(self, i: int, kind: str, new: str) -> str:
@@ -255,10 +273,10 @@ class PortableOps:
         )
 
     def attend(self, i: int, q: str, k: str, v: str, ctx: dict) -> str:
-        """Self-attention of layer i over (B, S, heads, D) q, k, v (q and k not yet rotated),
+        """Self-attention of layer i over (B, S, heads * D) q, k, v (q and k not yet rotated),
         with the KV cache; returns (B, S, H * D) for o_proj."""
         cfg, p = self.cfg, f"model.layers.{i}.self_attn"
-        q, k, v = (self.heads_first(t, f"{p}/{n}") for t, n in zip((q, k, v), "qkv", strict=True))
+        q, k, v = self.split_qkv_heads(q, k, v, p)
         q = self.rotary(q, *ctx["rope"], cfg.head_dim, f"{p}/rotary_q")
         k = self.cache(i, "key", self.rotary(k, *ctx["rope"], cfg.head_dim, f"{p}/rotary_k"))
         v = self.cache(i, "value", v)

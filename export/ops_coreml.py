@@ -113,7 +113,7 @@ class CoreMLOps(PortableOps):
 
     def attend(self, i: int, q: str, k: str, v: str, ctx: dict) -> str:
         cfg, p = self.cfg, f"model.layers.{i}.self_attn"
-        q, k, v = (self.heads_first(t, f"{p}/{n}") for t, n in zip((q, k, v), "qkv", strict=True))
+        q, k, v = self.split_qkv_heads(q, k, v, p)
         q = self.rotary(q, *ctx["rope"], cfg.head_dim, f"{p}/rotary_q")
         k = self.window_write(
             i, "key", self.rotary(k, *ctx["rope"], cfg.head_dim, f"{p}/rotary_k"), ctx

@@ -212,20 +212,19 @@ class FusedOps(PortableOps):
         )
         return normed, total
 
-    def flatten_heads(self, x: str, heads: int, name: str) -> str:
-        """(B, S, heads, D) -> (B, S, heads * D), the layout GQA takes."""
-        return self.b.node(
-            "Reshape", [x, self.b.const([0, 0, heads * self.cfg.head_dim])], f"{name}/Reshape_flat"
-        )
+    def rotate_flat(self, x: str, heads: int, ctx: dict, name: str) -> str:
+        """RoPE from standard ops, for a head_dim that the fused rotary cannot take;
+        (B, S, heads * D) in and out."""
+        split = self.split_heads(x, heads, name)
+        rotated = self.rotary(split, *ctx["rope"], self.cfg.head_dim, f"{name}/rotary")
+        return self.flatten_heads(rotated, heads, f"{name}/flat")
 
     def attend(self, i: int, q: str, k: str, v: str, ctx: dict) -> str:
+        """q, k, v flat, (B, S, heads * D): the layout GroupQueryAttention takes."""
         b, cfg, p = self.b, self.cfg, f"model.layers.{i}.self_attn"
         if not self.rotary_in_attention:
-            q = self.rotary(q, *ctx["rope"], cfg.head_dim, f"{p}/rotary_q")
-            k = self.rotary(k, *ctx["rope"], cfg.head_dim, f"{p}/rotary_k")
-        q = self.flatten_heads(q, cfg.num_heads, f"{p}/q")
-        k = self.flatten_heads(k, cfg.num_kv_heads, f"{p}/k")
-        v = self.flatten_heads(v, cfg.num_kv_heads, f"{p}/v")
+            q = self.rotate_flat(q, cfg.num_heads, ctx, f"{p}/q")
+            k = self.rotate_flat(k, cfg.num_kv_heads, ctx, f"{p}/k")
         cache_shape = ["batch", cfg.num_kv_heads, "capacity", cfg.head_dim]
         past = [
             b.input(f"past_key_values.{i}.{kind}", b.onnx_dtype, cache_shape)

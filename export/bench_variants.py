@@ -38,20 +38,21 @@ PYTHON = {
     "genai": str(ROOT / ".nox/bench_ortgenai/bin/python"),
     "llama": str(ROOT / ".nox/bench_llamacpp/bin/python"),
 }
-# Each engine's own best setting on a shared machine: spinning thread pools collapse when
-# another process holds a core (llama.cpp's OpenMP workers, onnxruntime's intra-op spinning).
-ENV = {"llama": {"OMP_WAIT_POLICY": "PASSIVE"}}
+# Without --spin, each engine's own best setting on a shared machine: spinning thread pools
+# collapse when another process holds a core (llama.cpp's OpenMP workers, onnxruntime's intra-op
+# spinning, which fermi leaves off by default and the genai worker turns off).
+PASSIVE = {"llama": {"OMP_WAIT_POLICY": "PASSIVE"}}
 SCENARIOS = {"decode": (128, 32), "ttft": (1024, 1), "cold": (16, 1), "rss": (4096, 16)}
 
 
 # -- workers: load an engine, run one scenario, print one JSON line ------------------------------
 
 
-def fermi_steps(path: str, threads: int):
+def fermi_steps(path: str, threads: int, spin: bool):
     from fermi.engine import Engine
     from fermi.generate import decode_one_token, prefill
 
-    engine = Engine(Path(path), "cpu", threads)
+    engine = Engine(Path(path), "cpu", threads, spin)
     cache = engine.new_cache()
 
     def run(prompt: list[int], count: int):
@@ -64,12 +65,12 @@ def fermi_steps(path: str, threads: int):
     return run
 
 
-def genai_steps(path: str, threads: int):
+def genai_steps(path: str, threads: int, spin: bool):
     import onnxruntime_genai as og
 
     config = og.Config(path)
     config.clear_providers()
-    options = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": "0"}
+    options = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": str(int(spin))}
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     model = og.Model(config)
 
@@ -88,7 +89,7 @@ def genai_steps(path: str, threads: int):
     return run
 
 
-def llama_steps(path: str, threads: int):
+def llama_steps(path: str, threads: int, spin: bool):
     import llama_cpp
 
     llm = llama_cpp.Llama(
@@ -114,9 +115,8 @@ def llama_steps(path: str, threads: int):
 LOADERS = {"fermi": fermi_steps, "genai": genai_steps, "llama": llama_steps}
 
 
-def worker(family: str, path: str, scenario: str, threads: int, spawned: float) -> dict:
-    loaded_at = None
-    run = LOADERS[family](path, threads)
+def worker(family: str, path: str, scenario: str, threads: int, spin: bool, spawned: float) -> dict:
+    run = LOADERS[family](path, threads, spin)
     loaded_at = time.time()
     prompt_len, count = SCENARIOS[scenario]
     prompt = [10 + (i * 7919) % 990 for i in range(prompt_len)]  # fixed ids, in every vocab
@@ -138,7 +138,7 @@ def worker(family: str, path: str, scenario: str, threads: int, spawned: float) 
 # -- driver --------------------------------------------------------------------------------------
 
 
-def measure(name: str, path: str, scenario: str, threads: int) -> dict:
+def measure(name: str, path: str, scenario: str, threads: int, spin: bool) -> dict:
     family = name.split("-")[0]
     spawned = time.time()
     command = [
@@ -150,9 +150,10 @@ def measure(name: str, path: str, scenario: str, threads: int) -> dict:
         path,
         scenario,
         str(threads),
+        str(int(spin)),
         str(spawned),
     ]
-    env = {**os.environ, **ENV.get(family, {})}
+    env = {**os.environ, **({} if spin else PASSIVE.get(family, {}))}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1:]}
@@ -224,8 +225,8 @@ def report(results: dict, bytes_per_token: dict[str, int]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        family, path, scenario, threads, spawned = sys.argv[2:7]
-        print(json.dumps(worker(family, path, scenario, int(threads), float(spawned))))
+        family, path, scenario, threads, spin, spawned = sys.argv[2:8]
+        print(json.dumps(worker(family, path, scenario, int(threads), spin == "1", float(spawned))))
         return
     parser = argparse.ArgumentParser(
         prog="python -m export.bench_variants", description=__doc__.split("\n")[0]
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--spin", action="store_true", help="let every engine's threads spin (each one's default)"
+    )
     parser.add_argument("--scenarios", default="decode,ttft,cold,rss")
     parser.add_argument("--report", action="store_true", help="only print OUT's table")
     args = parser.parse_args(argv)
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     scenarios = args.scenarios.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"threads": args.threads, "bandwidth_gb_s": [], "runs": []}
+    results: dict = {"threads": args.threads, "spin": args.spin, "bandwidth_gb_s": [], "runs": []}
     names = list(engines)
     for round_ in range(args.rounds):
         results["bandwidth_gb_s"].append(ceiling(args.threads))  # this round's ceiling
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                     "scenario": scenario,
                     "round": round_,
                     "load_average": os.getloadavg()[0],
-                    **measure(name, engines[name], scenario, args.threads),
+                    **measure(name, engines[name], scenario, args.threads, args.spin),
                 }
                 results["runs"].append(entry)
                 print(json.dumps(entry), flush=True)

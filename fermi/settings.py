@@ -37,6 +37,7 @@ class Settings:
     cors_origins: str = ""  # comma-separated; "*" allows any
     max_body_bytes: int = 4 * 1024 * 1024
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per physical core
+    spin: bool = False  # intra-op threads spin between kernels: for a machine fermi has to itself
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -65,6 +66,7 @@ ENV = {
     "FERMI_CORS_ORIGINS": "cors_origins",
     "FERMI_MAX_BODY_BYTES": "max_body_bytes",
     "FERMI_THREADS": "threads",
+    "FERMI_SPIN": "spin",
 }
 
 

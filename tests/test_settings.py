@@ -44,3 +44,13 @@ def test_unknown_key_in_file(tmp_path):
     config.write_text("modle = 'typo'\n")
     with pytest.raises(InvalidRequest, match="modle"):
         load_settings({"FERMI_CONFIG": str(config)})
+
+
+def test_spinning_threads_are_opt_in():
+    from fermi.engine import session_options
+
+    assert load_settings({}).spin is False
+    assert load_settings({"FERMI_SPIN": "on"}).spin is True
+    entry = "session.intra_op.allow_spinning"
+    assert session_options(2).get_session_config_entry(entry) == "0"
+    assert session_options(2, spin=True).get_session_config_entry(entry) == "1"

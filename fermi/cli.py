@@ -29,22 +29,35 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="HF hub id, local checkpoint dir, or tiny-qwen3")],
-    precision: Annotated[str, typer.Option(help="fp16, fp32, int8 or int4")] = "fp16",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32, fp16, int8 or int4 [default: fp32 on CPU, fp16 on CUDA/CoreML]"),
+    ] = None,
     output: Annotated[Path | None, typer.Option(help="artifact dir")] = None,
     revision: Annotated[str | None, typer.Option(help="hub revision")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if a valid artifact exists")] = False,
     target: Annotated[
-        str, typer.Option(help="graph variant: portable|cpu|cuda|coreml|auto (this device)")
-    ] = "portable",
+        str,
+        typer.Option(
+            help="graph variant: auto (this device [env FERMI_DEVICE]), cpu, cuda, "
+            "coreml or portable"
+        ),
+    ] = "auto",
     block_size: Annotated[int, typer.Option(help="int4/int8 quantization block")] = 32,
 ) -> None:
-    """Export a Qwen3/Qwen2 checkpoint to an ONNX artifact with KV-cache inputs."""
+    """Export a Qwen3/Qwen2 checkpoint to an ONNX artifact with KV-cache inputs. The defaults
+    make the artifact that `fermi chat/serve --model MODEL` would load on this machine."""
     from export.exporter import export_model
     from export.variants import GraphOptions
+    from fermi.engine import PRECISION, pick_device
     from fermi.settings import load_settings
 
     try:
         settings = load_settings()
+        if target == "auto":
+            target = pick_device(settings.device)
+        if precision is None:  # the precision of the device that will run it
+            precision = PRECISION.get(target) or PRECISION[pick_device(settings.device)]
         path = export_model(
             model,
             precision=precision,

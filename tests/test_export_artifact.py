@@ -233,14 +233,39 @@ def test_cli_offline_uses_the_hf_cache_and_records_the_commit(tmp_path, fake_hub
     (repo / "refs" / "main").write_text(commit)
     url, requests = fake_hub
     result = fermi_export(
-        tmp_path, "someone/Tiny", "--precision", "fp32", HF_ENDPOINT=url, FERMI_OFFLINE="1"
+        tmp_path,
+        "someone/Tiny",
+        "--precision",
+        "fp32",
+        HF_ENDPOINT=url,
+        FERMI_OFFLINE="1",
+        FERMI_DEVICE="cpu",
     )
     assert result.returncode == 0, result.stderr
     artifact = Path(result.stdout.strip())
-    assert artifact == tmp_path / "artifacts" / "Tiny-fp32"
+    assert artifact == tmp_path / "artifacts" / "Tiny-fp32-cpu"  # this machine's target
     manifest = load_manifest(artifact)
     assert (manifest.source, manifest.revision) == ("someone/Tiny", commit)
     assert requests == []
+
+
+def test_cli_defaults_make_what_the_runtime_loads(tmp_path):
+    """`fermi export MODEL` with no options writes the artifact that `--model MODEL` resolves
+    to on this device (the cpu target at fp32 for cpu), so chat and serve reuse it as is."""
+    from fermi.models import resolve_artifact
+    from fermi.settings import load_settings
+
+    result = fermi_export(tmp_path, "tiny-qwen3", FERMI_DEVICE="cpu")
+    assert result.returncode == 0, result.stderr
+    artifact = Path(result.stdout.strip())
+    manifest = load_manifest(artifact)
+    assert (manifest.precision, manifest.target) == ("fp32", "cpu")
+    written = (artifact / "model.onnx").stat().st_mtime_ns
+    settings = load_settings(
+        {"FERMI_ARTIFACTS": str(tmp_path / "artifacts"), "FERMI_DEVICE": "cpu"}
+    )
+    assert resolve_artifact("tiny-qwen3", "fp32", settings) == artifact
+    assert (artifact / "model.onnx").stat().st_mtime_ns == written
 
 
 def test_cli_hub_unreachable(tmp_path):

@@ -44,6 +44,12 @@ def export(
         ),
     ] = "auto",
     block_size: Annotated[int, typer.Option(help="int4/int8 quantization block")] = 32,
+    head: Annotated[
+        str,
+        typer.Option(
+            help="int4/int8: precision of lm_head and a tied embedding: int8, int4 or fp32"
+        ),
+    ] = "int8",
 ) -> None:
     """Export a Qwen3/Qwen2 checkpoint to an ONNX artifact with KV-cache inputs. The defaults
     make the artifact that `fermi chat/serve --model MODEL` would load on this machine."""
@@ -66,7 +72,7 @@ def export(
             force=force,
             settings=settings,
             target=target,
-            options=GraphOptions(block_size=block_size),
+            options=GraphOptions(block_size=block_size, head=head),
         )
     except FermiError as e:
         raise fail(str(e)) from None

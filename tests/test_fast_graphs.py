@@ -391,6 +391,8 @@ def test_cli_export_target_and_block_size(tmp_path):
             "auto",
             "--block-size",
             "16",
+            "--head",
+            "int4",
             "--output",
             str(out),
         ],
@@ -402,8 +404,6 @@ def test_cli_export_target_and_block_size(tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = load_manifest(out)
     assert (manifest.precision, manifest.target) == ("int4", "cpu")  # auto: this machine
-    assert manifest.graph_options["block_size"] == 16
-    assert (
-        export_model("tiny-qwen3", "int4", out, target="cpu", options=GraphOptions(block_size=16))
-        == out
-    )  # reused as is
+    assert (manifest.graph_options["block_size"], manifest.graph_options["head"]) == (16, "int4")
+    options = GraphOptions(block_size=16, head="int4")
+    assert export_model("tiny-qwen3", "int4", out, target="cpu", options=options) == out  # reused

@@ -14,9 +14,9 @@ Codes are packed along K, low nibble first for int4: B is (N, K / block_size, bl
 
 lm_head (and a tied embedding table, which is the same tensor) has its own precision
 (`GraphOptions.head`, int8 by default: it measurably helps quality over int4, see
-docs/benchmarks.md): fp32 keeps the float matmul; int8/int4 quantize it like the linears, and a
-tied embedding then reads the same quantized rows through GatherBlockQuantized, so the table is
-stored once.
+docs/benchmarks.md): fp32 keeps the float matmul; int8/int4 quantize it like the linears (an int8
+head in blocks of 128, see QuantizedOps.head_block_size), and a tied embedding then reads the
+same quantized rows through GatherBlockQuantized, so the table is stored once.
 
 q/k/v and gate/up are quantized stacked (export/ops_fused.py): rows are quantized independently,
 so stacking changes nothing numerically, and one MatMulNBits replaces two or three.
@@ -29,6 +29,8 @@ import numpy as np
 from export.ops_fused import MS, FusedOps
 
 ROWS_PER_CHUNK = 8192  # bounds export memory for the 151936-row embedding
+HEAD_INT8_BLOCK = 128  # see QuantizedOps.head_block_size
+HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")  # the latter when tied
 
 
 def quantize_blockwise(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +80,22 @@ class QuantizedOps(FusedOps):
         self.options = options
         self.head_bits = {"fp32": None, "int8": 8, "int4": 4}[options.head]
         self._quantized: dict[str, tuple] = {}  # weight -> (codes, scales, bits, (N, K))
+        self.head_block = self.head_block_size()
+
+    def head_block_size(self) -> int:
+        """An int8 head is quantized in blocks of HEAD_INT8_BLOCK rather than the graph's
+        block: int8's 255 levels leave little error for smaller blocks to remove (the same KL
+        against fp32 on the Qwen3-0.6B shape) and MatMulNBits, compute-bound at batch 1, runs the
+        151936-row head faster with fewer scales (2-5% of a decode step). The tied embedding
+        reads whole blocks, so a hidden size that the larger block does not divide keeps the
+        graph's."""
+        block = self.options.block_size
+        if self.head_bits == 8 and self.cfg.hidden_size % HEAD_INT8_BLOCK == 0:
+            return max(block, HEAD_INT8_BLOCK)
+        return block
+
+    def block_of(self, weight: str) -> int:
+        return self.head_block if weight in HEAD_WEIGHTS else self.options.block_size
 
     @property
     def session_config(self) -> dict[str, str]:
@@ -92,7 +110,7 @@ class QuantizedOps(FusedOps):
         initializer names and (N, K)."""
         if weight not in self._quantized:
             w = self.b.checkpoint.tensor(weight) if w is None else w
-            packed, scales = quantize_blockwise(w, bits, self.options.block_size)
+            packed, scales = quantize_blockwise(w, bits, self.block_of(weight))
             codes = self.b.external(f"{weight}.q{bits}", packed)
             scale = self.b.external(f"{weight}.scales", scales.astype(self.b.dtype))
             self._quantized[weight] = (codes, scale, bits, w.shape)
@@ -110,7 +128,7 @@ class QuantizedOps(FusedOps):
             K=k,
             N=n,
             bits=bits,
-            block_size=self.options.block_size,
+            block_size=self.block_of(weight),
             accuracy_level=self.options.accuracy_level,
         )
 
@@ -133,7 +151,7 @@ class QuantizedOps(FusedOps):
         codes. Whole blocks only: the hidden size must divide into them."""
         b, cfg = self.b, self.cfg
         tied = cfg.tie_word_embeddings or not b.has_param("lm_head.weight")
-        if not tied or self.head_bits is None or cfg.hidden_size % self.options.block_size:
+        if not tied or self.head_bits is None or cfg.hidden_size % self.head_block:
             return super().embedding(ids, table, name)
         codes, scales, _ = self.quantized(table, self.head_bits)
         scales = b.node(
@@ -145,7 +163,7 @@ class QuantizedOps(FusedOps):
             f"{name}/Gather",
             domain=MS,
             bits=self.head_bits,
-            block_size=self.options.block_size,
+            block_size=self.head_block,
             gather_axis=0,
             quantize_axis=2,
         )  # (B, S, blocks, block_size)

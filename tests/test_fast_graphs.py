@@ -330,6 +330,45 @@ def test_quantized_agrees_with_fp32(name, precision, tmp_path):
     assert manifest.graph_options == {"block_size": 32, "accuracy_level": 4, "head": "int8"}
 
 
+def head_blocks(artifact: Path) -> dict[str, int]:
+    graph = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
+    return {
+        n.op_type: next(a.i for a in n.attribute if a.name == "block_size")
+        for n in graph.graph.node
+        if "embed_tokens" in n.name and n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_int8_head_uses_blocks_of_128(precision, tmp_path):
+    """A tied int8 head (hidden 128) is quantized in blocks of 128, read that way by both the
+    head and the embedding, and still agrees with fp32; the layers keep the 32-wide blocks."""
+    family, fields = CASES["qwen3-tied"]
+    checkpoint = make_checkpoint(tmp_path / "wide", family, {**fields, "hidden_size": 128})
+    artifact = export(checkpoint, tmp_path, "cpu", precision)
+    assert head_blocks(artifact) == {"MatMulNBits": 128, "GatherBlockQuantized": 128}
+    graph = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
+    layer_blocks = {
+        a.i
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits" and "layers" in n.name
+        for a in n.attribute
+        if a.name == "block_size"
+    }
+    assert layer_blocks == {32}
+    ids = random_ids(48)
+    expected = engine_logits(Engine(export(checkpoint, tmp_path, "cpu"), "cpu"), ids)
+    got = engine_logits(Engine(artifact, "cpu"), ids)
+    p = log_softmax(expected)
+    kl = (np.exp(p) * (p - log_softmax(got))).sum(-1).mean()
+    top1 = (got.argmax(-1) == expected.argmax(-1)).mean()
+    min_top1, max_kl = AGREEMENT[precision]
+    assert top1 >= min_top1 and kl <= max_kl, (top1, kl)
+    # An int4 head keeps the graph's block.
+    int4_head = export(checkpoint, tmp_path, "cpu", "int4", head="int4")
+    assert head_blocks(int4_head) == {"MatMulNBits": 32, "GatherBlockQuantized": 32}
+
+
 def test_quantized_weights_are_smaller(tmp_path):
     family, fields = CASES["qwen3-tied"]
     checkpoint = make_checkpoint(tmp_path / "ckpt", family, fields)

@@ -11,7 +11,6 @@ left out of the TTFT percentiles, which are then marked as not measurable."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,27 +27,9 @@ class Stream:
 
 
 async def _stream(client, url: str, body: dict) -> Stream:
-    start = time.perf_counter()
-    ttft = None
-    tokens = None
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            choice = chunk["choices"][0] if chunk.get("choices") else {}
-            delta = choice.get("delta", {})
-            text = delta.get("content") or delta.get("reasoning_content")
-            if ttft is None and text and not choice.get("finish_reason"):
-                ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    if tokens is None:
-        raise RuntimeError("the stream ended without a usage chunk")
-    return Stream(ttft, tokens)
+    from fermi.openai_server.loadtest import stream_once
+
+    return Stream(*await stream_once(client, url, body))
 
 
 async def _level(url: str, clients: int, body: dict) -> tuple[float, list[Stream], int]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -207,14 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         with serve(args.model, env=env) as server:
             results += http_benchmark(server.url, *work)
 
+    from fermi.openai_server.loadtest import report
+
     rows = [r.row() for r in results]
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    report(rows, {key: key for key in rows[0]}, args.json)
 
 
 if __name__ == "__main__":

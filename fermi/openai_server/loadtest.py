@@ -125,8 +125,11 @@ class LevelResult:
         }
 
 
-async def stream_once(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
-    """One streaming chat request: (time to first text, completion tokens from the usage)."""
+async def stream_once(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float | None, int]:
+    """One streaming chat request: (time to the first chunk with text, completion tokens from
+    the usage). The time is None when no text came before the final chunk: a model whose tokens
+    decode to nothing (random weights past their tokenizer's vocabulary) has no time to first
+    text, and counting the whole stream as one would be wrong."""
     start = time.perf_counter()
     ttft = None
     tokens = None
@@ -138,14 +141,16 @@ async def stream_once(client: httpx.AsyncClient, url: str, body: dict) -> tuple[
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-            if ttft is None and (delta.get("content") or delta.get("reasoning_content")):
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            delta = choice.get("delta", {})
+            text = delta.get("content") or delta.get("reasoning_content")
+            if ttft is None and text and not choice.get("finish_reason"):
                 ttft = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     if tokens is None:
         raise RuntimeError("the stream ended without a usage chunk")
-    return (ttft if ttft is not None else time.perf_counter() - start), tokens
+    return ttft, tokens
 
 
 async def run_level(
@@ -171,7 +176,8 @@ async def run_level(
                 continue
             result.requests += 1
             result.completion_tokens += tokens
-            result.ttft_s.append(ttft)
+            if ttft is not None:
+                result.ttft_s.append(ttft)
 
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
@@ -208,15 +214,21 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with serve(args.model, env={"FERMI_MAX_QUEUE": str(max(64, max(levels)))}) as server:
             results = run(server.url)
-    rows = [r.summary() for r in results]
-    print("| clients | requests | errors | req/s | completion tok/s | TTFT p50 ms | TTFT p95 ms |")
-    print("|---|---|---|---|---|---|---|")
-    keys = ["concurrency", "requests", "errors", "requests_per_s", "completion_tokens_per_s",
-            "ttft_p50_ms", "ttft_p95_ms"]  # fmt: skip
+    headers = {"concurrency": "clients", "requests": "requests", "errors": "errors",
+               "requests_per_s": "req/s", "completion_tokens_per_s": "completion tok/s",
+               "ttft_p50_ms": "TTFT p50 ms", "ttft_p95_ms": "TTFT p95 ms"}  # fmt: skip
+    report([r.summary() for r in results], headers, args.json)
+
+
+def report(rows: list[dict], headers: dict[str, str], json_path: Path | None) -> None:
+    """Print `rows` as a markdown table (columns: `headers`, key -> title) and write them all
+    as JSON to `json_path` when given."""
+    print("| " + " | ".join(headers.values()) + " |")
+    print("|" + "---|" * len(headers))
     for row in rows:
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        print("| " + " | ".join(str(row[k]) for k in headers) + " |")
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -305,14 +305,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-@pytest.mark.parametrize("name", ["qwen3-tied", "qwen3-untied"])
-def test_quantized_agrees_with_fp32(name, precision, tmp_path):
-    """qwen3-tied: the tied table stored once, quantized, read by GatherBlockQuantized and
-    MatMulNBits; qwen3-untied: hidden 48, so K is padded to whole blocks."""
-    family, fields = CASES[name]
-    checkpoint = make_checkpoint(tmp_path / name, family, fields)
-    artifact = export(checkpoint, tmp_path, "cpu", precision)
+def assert_agrees_with_fp32(checkpoint: Path, artifact: Path, precision: str, tmp_path) -> None:
+    """Top-1 agreement and mean KL(fp32 || quantized) over 48 positions, within AGREEMENT."""
     ids = random_ids(48)
     expected = engine_logits(Engine(export(checkpoint, tmp_path, "cpu"), "cpu"), ids)
     got = engine_logits(Engine(artifact, "cpu"), ids)
@@ -321,6 +315,17 @@ def test_quantized_agrees_with_fp32(name, precision, tmp_path):
     top1 = (got.argmax(-1) == expected.argmax(-1)).mean()
     min_top1, max_kl = AGREEMENT[precision]
     assert top1 >= min_top1 and kl <= max_kl, (top1, kl)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["qwen3-tied", "qwen3-untied"])
+def test_quantized_agrees_with_fp32(name, precision, tmp_path):
+    """qwen3-tied: the tied table stored once, quantized, read by GatherBlockQuantized and
+    MatMulNBits; qwen3-untied: hidden 48, so K is padded to whole blocks."""
+    family, fields = CASES[name]
+    checkpoint = make_checkpoint(tmp_path / name, family, fields)
+    artifact = export(checkpoint, tmp_path, "cpu", precision)
+    assert_agrees_with_fp32(checkpoint, artifact, precision, tmp_path)
     graph = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
     # Per layer: q/k/v stacked, o, gate/up stacked, down; then lm_head (int8).
@@ -356,14 +361,7 @@ def test_int8_head_uses_blocks_of_128(precision, tmp_path):
         if a.name == "block_size"
     }
     assert layer_blocks == {32}
-    ids = random_ids(48)
-    expected = engine_logits(Engine(export(checkpoint, tmp_path, "cpu"), "cpu"), ids)
-    got = engine_logits(Engine(artifact, "cpu"), ids)
-    p = log_softmax(expected)
-    kl = (np.exp(p) * (p - log_softmax(got))).sum(-1).mean()
-    top1 = (got.argmax(-1) == expected.argmax(-1)).mean()
-    min_top1, max_kl = AGREEMENT[precision]
-    assert top1 >= min_top1 and kl <= max_kl, (top1, kl)
+    assert_agrees_with_fp32(checkpoint, artifact, precision, tmp_path)
     # An int4 head keeps the graph's block.
     int4_head = export(checkpoint, tmp_path, "cpu", "int4", head="int4")
     assert head_blocks(int4_head) == {"MatMulNBits": 32, "GatherBlockQuantized": 32}

@@ -10,11 +10,12 @@ Engines and their inputs (made beforehand; see docs/benchmarks.md, "Fast graphs"
 
 Per round and engine: `decode` (prompt 128, then 32 tokens one by one: median step time),
 `ttft` (prompt 1024 to the first token) and `cold` (process spawn to the first token of a
-16-token prompt: imports, load and one step; the page cache is warm). Once per engine: `rss`
-(prompt 4096 and 16 tokens: peak resident memory). Each round first measures the machine's
-read bandwidth (`--threads` processes, fermi.bench.bandwidth) and rotates the engine order, so
-that load from other work on the machine spreads over all engines. An engine's decode ceiling
-is that bandwidth over the weight bytes it reads per token.
+16-token prompt: imports, load and one step; the engine's files are read just before, so the
+page cache holds them). Once per engine: `rss` (prompt 4096 and 16 tokens: peak resident
+memory). Each round first measures the machine's read bandwidth (`--threads` processes,
+fermi.bench.bandwidth) and rotates the engine order, so that load from other work on the
+machine spreads over all engines. An engine's decode ceiling is that bandwidth over the weight
+bytes it reads per token.
 
 Only the standard library is imported at module level: the same file is the worker that runs in
 the peers' virtualenvs (with the repository as the working directory).
@@ -138,8 +139,21 @@ def worker(family: str, path: str, scenario: str, threads: int, spin: bool, spaw
 # -- driver --------------------------------------------------------------------------------------
 
 
+def warm_page_cache(path: str) -> None:
+    """Read an engine's files once, so that a cold start measures the engine, not the disk:
+    with many engines in one run, earlier ones push later ones' weights out of the page cache,
+    and whichever reads its weights lazily (memory-mapped) would pay that at its first token."""
+    root = Path(path)
+    for file in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def measure(name: str, path: str, scenario: str, threads: int, spin: bool) -> dict:
     family = name.split("-")[0]
+    if scenario == "cold":
+        warm_page_cache(path)
     spawned = time.time()
     command = [
         PYTHON[family],

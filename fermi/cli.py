@@ -110,6 +110,9 @@ def bench(
     concurrency: Annotated[str | None, typer.Option(help="server streams, e.g. 1,4,16")] = None,
     server_tokens: Annotated[int | None, typer.Option(min=1)] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="per engine [default: cores]")] = None,
+    spin: Annotated[
+        bool, typer.Option(help="let every engine's threads spin (idle machine only)")
+    ] = False,
     server: Annotated[bool, typer.Option(help="measure the OpenAI server")] = True,
     bandwidth: Annotated[bool, typer.Option(help="measure the decode ceiling")] = True,
     chart: Annotated[bool, typer.Option(help="write chart.png")] = True,

@@ -5,9 +5,11 @@ repetition and a few tokens. It checks the structure of the JSON and markdown, n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from fermi.artifact import load_manifest
 from fermi.bench.config import BenchConfig, EngineId, parse_engines, prompt_ids
 from fermi.bench.orchestrator import RunOptions, run
 from fermi.bench.stats import percentile, summarize
@@ -17,6 +19,8 @@ def test_engine_selection_expands_families():
     engines = parse_engines("fermi,llamacpp:q4_0,ortgenai")
     assert [e.name for e in engines] == [
         "fermi:fp32",
+        "fermi:int8",
+        "fermi:int4",
         "llamacpp:q4_0",
         "ortgenai:fp32",
         "ortgenai:int4",
@@ -53,7 +57,7 @@ def test_fermi_only_run_writes_json_and_markdown(tiny_artifact, tmp_path):
         server_prompt_words=5,
         threads=1,
     )
-    engines = [EngineId("fermi", "fp32"), EngineId("llamacpp", "q4_0")]
+    engines = [EngineId("fermi", "fp32"), EngineId("fermi", "int4"), EngineId("llamacpp", "q4_0")]
     options = RunOptions(
         model=str(tiny_artifact),
         engines=engines,
@@ -70,7 +74,7 @@ def test_fermi_only_run_writes_json_and_markdown(tiny_artifact, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert {"machine", "model", "config", "engines", "server", "date", "command"} <= set(results)
     assert results["machine"]["logical_cores"] >= 1
-    fermi, llama = results["engines"]
+    fermi, int4, llama = results["engines"]
     assert fermi["engine"] == "fermi:fp32" and fermi["status"] == "ok", fermi.get("note")
     assert set(fermi["ttft_s"]) == {"8", "32"} and len(fermi["decode_tok_s"]) == 1
     assert fermi["summary"]["decode_tok_s"]["n"] == 1
@@ -79,6 +83,14 @@ def test_fermi_only_run_writes_json_and_markdown(tiny_artifact, tmp_path):
     assert fermi["import_s"] >= 0 and "cpu_stall_share" in fermi
     assert fermi["extra"]["runtime_decode_tok_s"]
     assert llama["status"] == "skipped" and "nox -s bench_llamacpp" in llama["note"]
+    # int4: the cpu target exported from the artifact's source into the run's cache
+    assert int4["status"] == "ok", int4.get("note")
+    int4_artifact = Path(int4["prepare"]["model_path"])
+    assert (load_manifest(int4_artifact).precision, load_manifest(int4_artifact).target) == (
+        "int4",
+        "cpu",
+    )
+    assert int4["weight_bytes_per_token"] < fermi["weight_bytes_per_token"]
     levels = results["server"]["levels"]
     assert [level["concurrency"] for level in levels] == [1, 2]
     assert all(

@@ -42,6 +42,7 @@ def bench_command(
     concurrency: str | None,
     server_tokens: int | None,
     threads: int | None,
+    spin: bool,
     server: bool,
     bandwidth: bool,
     chart: bool,
@@ -59,6 +60,7 @@ def bench_command(
         concurrency=_ints(concurrency),
         server_tokens=server_tokens,
         threads=threads,
+        spin=spin,
     )
     options = RunOptions(
         model=model,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 # Engine families and the variants `--engines llamacpp` expands to. A variant is the precision
 # or quantization the family runs the checkpoint at.
 FAMILIES: dict[str, list[str]] = {
-    "fermi": ["fp32"],
+    "fermi": ["fp32", "int8", "int4"],  # the cpu target; int8/int4 exported by the worker
     "transformers": ["fp32"],
     "llamacpp": ["f32", "q8_0", "q4_0"],
     "ortgenai": ["fp32", "int4"],
@@ -31,6 +31,9 @@ class BenchConfig:
     server_tokens: int = 64  # completion tokens per server request
     server_prompt_words: int = 100
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Spinning worker threads: each engine's default, faster on an idle machine; off, every
+    # engine waits passively (fermi's default), which a shared machine needs.
+    spin: bool = False
     seed: int = 0
 
     @classmethod

@@ -123,7 +123,9 @@ def resolve_models(options: RunOptions) -> Models:
         from export.exporter import export_model
 
         log(f"exporting {options.model} to fp32 for fermi (cached in {cache})")
-        artifact = export_model(options.model, precision="fp32", output=cache / "fermi-fp32")
+        artifact = export_model(
+            options.model, precision="fp32", target="cpu", output=cache / "fermi-fp32-cpu"
+        )
     name = (checkpoint or artifact).name
     return Models(artifact, checkpoint, cache, name, base_vocab(artifact))
 
@@ -270,6 +272,8 @@ class Worker:
                 filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
             ),
         }
+        if not self.spec["config"]["spin"]:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"  # llama.cpp's OpenMP workers
         command = [str(self.python), "-m", "fermi.bench.worker", task, str(spec_path), str(out)]
         with log_path.open("ab") as log_file:
             try:

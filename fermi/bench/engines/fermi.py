@@ -1,4 +1,5 @@
-"""fermi itself: the fp32 ONNX artifact on onnxruntime through the shared runtime."""
+"""fermi itself: its artifacts (fp32, and int8/int4 of the cpu target) on onnxruntime through
+the shared runtime."""
 
 from __future__ import annotations
 
@@ -21,8 +22,20 @@ def imports() -> None:
     import fermi.runtime  # noqa: F401  (onnxruntime, tokenizers, the runtime)
 
 
+def artifact_path(spec: dict) -> Path:
+    """fp32: the run's artifact; int8/int4: the cpu target at that precision, in the cache."""
+    variant = spec["engine"]["variant"]
+    return Path(spec["artifact"]) if variant == "fp32" else Path(spec["cache"]) / f"{variant}-cpu"
+
+
 def prepare(spec: dict) -> dict:
-    artifact = Path(spec["artifact"])
+    artifact = artifact_path(spec)
+    if artifact != Path(spec["artifact"]):
+        from export.exporter import export_model
+        from fermi.artifact import load_manifest
+
+        source = spec["checkpoint"] or load_manifest(Path(spec["artifact"])).source
+        export_model(source, precision=spec["engine"]["variant"], output=artifact, target="cpu")
     return {
         "model_path": str(artifact),
         "model_bytes": directory_bytes(artifact, (".onnx", ".onnx.data")),
@@ -33,14 +46,18 @@ def load(spec: dict) -> FermiModel:
     from fermi.runtime import Runtime
     from fermi.settings import Settings
 
-    settings = Settings(model=spec["artifact"], device="cpu", threads=spec["config"]["threads"])
+    config = spec["config"]
+    settings = Settings(
+        model=str(artifact_path(spec)), device="cpu", threads=config["threads"], spin=config["spin"]
+    )
     return FermiModel(Runtime.load(settings))
 
 
 class FermiModel:
     def __init__(self, runtime):
         self.runtime = runtime
-        self.label = f"fermi {runtime.manifest.precision} (onnxruntime, CPU)"
+        manifest = runtime.manifest
+        self.label = f"fermi {manifest.precision}, {manifest.target} graph (onnxruntime, CPU)"
 
     def weight_bytes_per_token(self) -> int:
         from fermi.artifact import MODEL_FILE

@@ -58,10 +58,11 @@ def load(spec: dict) -> GenaiModel:
 
     config = og.Config(str(model_dir(spec)))
     config.clear_providers()  # the CPU provider
-    threads = spec["config"]["threads"]
-    config.overlay(
-        json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}})
-    )
+    options = {
+        "intra_op_num_threads": spec["config"]["threads"],
+        "session.intra_op.allow_spinning": str(int(spec["config"]["spin"])),
+    }
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     return GenaiModel(og, og.Model(config), model_dir(spec), spec)
 
 

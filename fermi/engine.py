@@ -165,8 +165,18 @@ class LogitsIO:
         binding.bind_ortvalue_output("logits", buffer[1])
         return buffer[0]
 
-    def run(self, binding, last_buffer) -> np.ndarray:
-        self.engine.session.run_with_iobinding(binding)
+    def step(self, binding, past: list, present: list, cache, seq: int, last_only: bool):
+        """Bind the cache buffers (past[i] read, present[i] written) and the logits, run the
+        step on the inputs already bound, advance the cache by `seq`; returns the logits."""
+        e = self.engine
+        for past_name, present_name, old, new in zip(
+            e.past_names, e.present_names, past, present, strict=True
+        ):
+            binding.bind_ortvalue_input(past_name, old)
+            binding.bind_ortvalue_output(present_name, new)
+        last_buffer = self.bind_logits(binding, seq, last_only)
+        e.session.run_with_iobinding(binding)
+        cache.advance(seq)
         if last_buffer is not None:
             return last_buffer[0, 0].copy()  # (V,); the buffer is reused by the next step
         return binding.get_outputs()[-1].numpy()[0]  # (S, V)
@@ -208,13 +218,7 @@ class SharedIO(LogitsIO):
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        for past, present, value in zip(e.past_names, e.present_names, cache.values, strict=True):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        last = self.bind_logits(binding, seq, last_only)
-        logits = self.run(binding, last)
-        cache.advance(seq)
-        return logits
+        return self.step(binding, cache.values, cache.values, cache, seq, last_only)
 
 
 class WindowIO(LogitsIO):
@@ -242,15 +246,7 @@ class WindowIO(LogitsIO):
         binding.bind_cpu_input("position_ids", (start + rows)[None].astype(np.int64))
         binding.bind_cpu_input("attention_bias", bias)
         binding.bind_cpu_input("cache_update", update)
-        for past, present, old, new in zip(
-            e.past_names, e.present_names, cache.past, cache.present, strict=True
-        ):
-            binding.bind_ortvalue_input(past, old)
-            binding.bind_ortvalue_output(present, new)
-        last = self.bind_logits(binding, seq, last_only)
-        logits = self.run(binding, last)
-        cache.advance(seq)
-        return logits
+        return self.step(binding, cache.past, cache.present, cache, seq, last_only)
 
 
 IO_MODES = {"concat": ConcatIO, "shared": SharedIO, "window": WindowIO}

@@ -4,9 +4,12 @@ not a terminal. Reasoning is shown dimmed, apart from the answer."""
 from __future__ import annotations
 
 import queue
+import signal
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -14,7 +17,7 @@ from rich.console import Console
 from fermi.chat_template import parse_thinking
 from fermi.errors import FermiError
 from fermi.requests import Finished, GenerationRequest, Message, SamplingParams, TextDelta, Thinking
-from fermi.runtime import Runtime
+from fermi.runtime import Generation, Runtime
 
 HELP = """commands:
   /help                 show this help
@@ -64,7 +67,7 @@ class ChatSession:
 
     def ask(self, prompt: str, on_delta) -> Finished:
         """Stream one answer through `on_delta`; Ctrl-C cancels it and keeps what was said.
-        Generation runs in a worker thread so the main thread stays free for the interrupt."""
+        Generation runs in a worker thread; the main thread relays its events."""
         generation = self.runtime.submit(self.request(prompt))
         self.send_system = False
         events: queue.Queue = queue.Queue()
@@ -76,25 +79,29 @@ class ChatSession:
             except BaseException as e:
                 events.put(e)
 
-        try:
+        with interrupts_cancel(generation):
             threading.Thread(target=pump, daemon=True).start()
-        except BaseException:
-            generation.close()
-            raise
-        while True:
-            # Ctrl-C can land anywhere in this loop, printing included: it always means "stop
-            # the answer", and the loop goes on until the runtime says it has stopped.
-            try:
-                event = events.get(timeout=0.1)
+            while not isinstance(event := events.get(), Finished):
                 if isinstance(event, BaseException):
                     raise event
-                if isinstance(event, Finished):
-                    return event
                 on_delta(event)
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:
-                generation.cancel()
+            return event
+
+
+@contextmanager
+def interrupts_cancel(generation: Generation) -> Iterator[None]:
+    """While an answer streams, Ctrl-C only asks the runtime to stop it, and the answer ends
+    with its Finished event as usual. A KeyboardInterrupt raised at an arbitrary point of the
+    relay loop could land inside the event queue's lock and leave the worker thread blocked on
+    it for good. Signal handlers belong to the main thread; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: generation.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_interactive(chat: ChatSession, console: Console) -> None:

@@ -25,6 +25,7 @@ REGISTRY = {
     for arch in (
         Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True),
         Architecture("Qwen2ForCausalLM", "qwen2", qk_norm=False),
+        Architecture("LlamaForCausalLM", "llama", qk_norm=False),
     )
 }
 

@@ -1,7 +1,10 @@
-"""Shared fixtures: the built-in tiny-qwen3 checkpoint exported once per test run."""
+"""Shared fixtures: the built-in tiny-qwen3 checkpoint exported once per test run, and Qwen3's
+real tokenizer and chat template."""
 
 from __future__ import annotations
 
+import lzma
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,17 @@ def tiny_artifact_fp16(tmp_path_factory) -> Path:
     return export_model(
         "tiny-qwen3", precision="fp16", output=tmp_path_factory.mktemp("art") / "tiny16"
     )
+
+
+QWEN3_TOKENIZER = Path(__file__).parent / "data" / "qwen3-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
+    """A directory with Qwen3's real tokenizer.json and tokenizer_config.json (chat template
+    included), unpacked from tests/data/qwen3-tokenizer."""
+    directory = tmp_path_factory.mktemp("qwen3-tokenizer")
+    shutil.copyfile(QWEN3_TOKENIZER / "tokenizer_config.json", directory / "tokenizer_config.json")
+    with lzma.open(QWEN3_TOKENIZER / "tokenizer.json.xz") as packed:
+        (directory / "tokenizer.json").write_bytes(packed.read())
+    return directory

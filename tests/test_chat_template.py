@@ -252,3 +252,12 @@ def test_resolve_thinking_from_environment(tmp_path, monkeypatch):
     assert resolve_thinking(None, load_settings(env), LLAMA, None) is True
     env = {"FERMI_DEFAULT_THINKING": "on", "FERMI_DISABLE_THINK": "yes"}
     assert resolve_thinking("on", load_settings(env), QWEN, True) is False
+
+
+def test_qwen3_real_template_renders_thinking_switch(qwen3_tokenizer_dir):
+    template = ChatTemplate.from_dir(qwen3_tokenizer_dir)
+    messages = [Message(role="user", content="Hi")]
+    off = template.render(messages, enable_thinking=False)
+    on = template.render(messages, enable_thinking=True)
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert on.endswith("<|im_start|>assistant\n")

@@ -168,12 +168,12 @@ def test_checkpoint_without_generation_config_or_thinking_template(tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     checkpoint = checkpoint_with_config(
-        tmp_path, architectures=["LlamaForCausalLM"], model_type="llama"
+        tmp_path, architectures=["GemmaForCausalLM"], model_type="gemma"
     )
     with pytest.raises(UnsupportedArchitecture) as error:
         export_model(str(checkpoint), precision="fp32", output=tmp_path / "out")
     message = str(error.value)
-    assert "LlamaForCausalLM" in message
+    assert "GemmaForCausalLM" in message
     assert "Qwen3ForCausalLM" in message and "Qwen2ForCausalLM" in message
     assert not (tmp_path / "out").exists()
 

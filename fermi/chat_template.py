@@ -75,8 +75,9 @@ class ChatTemplate:
             raise ArtifactError(f"the chat template does not compile: {e}") from None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> ChatTemplate:
-        """chat_template.jinja if present, else tokenizer_config.json's chat_template."""
+    def from_dir(cls, path: str | Path, override: str | Path | None = None) -> ChatTemplate:
+        """chat_template.jinja if present, else tokenizer_config.json's chat_template; the file
+        `override` (--chat-template) replaces both. Special tokens come from the directory."""
         path = Path(path)
         config_path = path / "tokenizer_config.json"
         try:
@@ -84,7 +85,9 @@ class ChatTemplate:
         except (OSError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{config_path} cannot be read: {e}") from None
         jinja = path / "chat_template.jinja"
-        if jinja.is_file():
+        if override is not None:
+            source = Path(override).read_text()
+        elif jinja.is_file():
             source = jinja.read_text()
         elif "chat_template" in config:
             source = _pick_template(config["chat_template"], config_path)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from fermi import __version__
 from fermi.errors import FermiError, InvalidRequest
 
 app = typer.Typer(
@@ -26,12 +27,31 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fermi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version"),
+    ] = None,
+) -> None:
+    """Export Qwen3 models to ONNX and serve them with onnxruntime."""
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="HF hub id, local checkpoint dir, or tiny-qwen3")],
     precision: Annotated[
         str | None,
-        typer.Option(help="fp32, fp16, int8 or int4 [default: fp32 on CPU, fp16 on CUDA/CoreML]"),
+        typer.Option(
+            help="fp32, fp16, int8 or int4",
+            show_default="fp32 on CPU, fp16 on CUDA/CoreML",
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option(help="artifact dir")] = None,
     revision: Annotated[str | None, typer.Option(help="hub revision")] = None,
@@ -39,8 +59,8 @@ def export(
     target: Annotated[
         str,
         typer.Option(
-            help="graph variant: auto (this device [env FERMI_DEVICE]), cpu, cuda, "
-            "coreml or portable"
+            help="graph variant: auto (this machine's device, as FERMI_DEVICE picks it), cpu, "
+            "cuda, coreml or portable"
         ),
     ] = "auto",
     block_size: Annotated[int, typer.Option(help="int4/int8 quantization block")] = 32,
@@ -86,19 +106,87 @@ def main() -> None:
         sys.exit(130)
 
 
+# Options that feed a setting: each reads its FERMI_* variable too (flag > env > fermi.toml).
+# Names follow llama-server and vLLM; where they differ, both spellings are accepted.
 ModelOpt = Annotated[
     str | None,
-    typer.Option(help="artifact dir, HF checkpoint dir, hub id or tiny-qwen3 [env FERMI_MODEL]"),
+    typer.Option(
+        "--model", "-m", envvar="FERMI_MODEL", show_default="Qwen/Qwen3-1.7B",
+        help="artifact dir, HF checkpoint dir, hub id or tiny-qwen3",
+    ),
+]  # fmt: skip
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(envvar="FERMI_DEVICE", show_default="auto", help="auto, cpu, cuda or coreml"),
 ]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto|cpu|cuda|coreml [env FERMI_DEVICE]")]
-HostOpt = Annotated[str | None, typer.Option(help="bind address")]
-PortOpt = Annotated[int | None, typer.Option(help="port")]
+HostOpt = Annotated[str | None, typer.Option(help="bind address (also FERMI_<SERVER>_ADDR)")]
+PortOpt = Annotated[int | None, typer.Option(help="port (also FERMI_<SERVER>_ADDR)")]
+ChatTemplateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="FERMI_CHAT_TEMPLATE", exists=True, dir_okay=False, metavar="FILE",
+        help="a Jinja chat template used instead of the model's own",
+    ),
+]  # fmt: skip
+CtxSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx-size", "-c", "--max-model-len", envvar="FERMI_CTX_SIZE", min=0,
+        show_default="the model's context", help="tokens of context (prompt + answer), at most "
+        "the model's",
+    ),
+]  # fmt: skip
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads", "-t", envvar="FERMI_THREADS", min=0, show_default="one per core",
+        help="onnxruntime intra-op threads",
+    ),
+]  # fmt: skip
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FERMI_API_KEY", show_default="none",
+        help="require `Authorization: Bearer KEY` on /v1 routes (gRPC: metadata)",
+    ),
+]  # fmt: skip
+ServedNameOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--served-model-name", "--alias", envvar="FERMI_SERVED_MODEL_NAME",
+        show_default="the model's id", help="a name the model answers to; repeat it or separate "
+        "names with commas; the first is the one reported",
+    ),
+]  # fmt: skip
+PoolOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-num-seqs", "--parallel", envvar="FERMI_ENGINE_POOL", min=1, show_default="1",
+        help="sequences generated at once (they share one copy of the weights)",
+    ),
+]  # fmt: skip
+QueueOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="FERMI_MAX_QUEUE", min=0, show_default="64",
+        help="requests that may wait for a free sequence; more are refused",
+    ),
+]  # fmt: skip
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FERMI_LOG_FORMAT", show_default="plain", metavar="plain|json",
+        help="log lines (the access log included) as text or as one JSON object each",
+    ),
+]  # fmt: skip
 
 
 @app.command()
 def bench(
     model: Annotated[str, typer.Option(help="artifact dir, checkpoint dir or tiny-qwen3")],
-    checkpoint: Annotated[Path | None, typer.Option(help="peers' input [default: source]")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="peers' input", show_default="the source")
+    ] = None,
     engines: Annotated[str, typer.Option(help="fermi,transformers,llamacpp[:q4_0],ortgenai")] = (
         "fermi,transformers,llamacpp,ortgenai"
     ),
@@ -109,7 +197,9 @@ def bench(
     new_tokens: Annotated[int | None, typer.Option(min=2)] = None,
     concurrency: Annotated[str | None, typer.Option(help="server streams, e.g. 1,4,16")] = None,
     server_tokens: Annotated[int | None, typer.Option(min=1)] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="per engine [default: cores]")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="per engine", show_default="one per core")
+    ] = None,
     spin: Annotated[
         bool, typer.Option(help="let every engine's threads spin (idle machine only)")
     ] = False,
@@ -136,6 +226,9 @@ def bench(
 def chat(
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    ctx_size: CtxSizeOpt = None,
+    threads: ThreadsOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     repeat_penalty: Annotated[float, typer.Option(help="1.0 = off")] = 1.0,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
@@ -150,10 +243,18 @@ def chat(
     from fermi.chat_template import parse_thinking
     from fermi.requests import SamplingParams
     from fermi.runtime import Runtime
-    from fermi.settings import load_settings
+    from fermi.settings import check_settings, load_settings
 
     try:
-        settings = load_settings().replace(model=model, device=device)
+        settings = check_settings(
+            load_settings().replace(
+                model=model,
+                device=device,
+                chat_template=str(chat_template) if chat_template else None,
+                ctx_size=ctx_size,
+                threads=threads,
+            )
+        )
         options = chat_module.ChatOptions(
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(
@@ -185,13 +286,18 @@ def _split_addr(addr: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def _serve(kind: str, model: str | None, device: str | None, host: str | None, port: int | None):
+def _serve(kind: str, host: str | None, port: int | None, flags: dict) -> None:
     from importlib import import_module
 
-    from fermi.settings import load_settings
+    from fermi.settings import check_settings, load_settings
 
+    names = flags.pop("served_model_name") or []
+    if flags.get("chat_template") is not None:
+        flags["chat_template"] = str(flags["chat_template"])
     try:
-        settings = load_settings().replace(model=model, device=device)
+        settings = check_settings(
+            load_settings().replace(served_model_name=",".join(names) or None, **flags)
+        )
         default_host, default_port = _split_addr(getattr(settings, f"{kind}_addr"))
         server = import_module(f"fermi.{kind}_server.server")
         server.run(settings, host or default_host, port or default_port)
@@ -201,18 +307,44 @@ def _serve(kind: str, model: str | None, device: str | None, host: str | None, p
 
 @serve_app.command("openai")
 def serve_openai(
-    model: ModelOpt = None, device: DeviceOpt = None, host: HostOpt = None, port: PortOpt = None
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    api_key: ApiKeyOpt = None,
+    served_model_name: ServedNameOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    ctx_size: CtxSizeOpt = None,
+    engine_pool: PoolOpt = None,
+    max_queue: QueueOpt = None,
+    threads: ThreadsOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """OpenAI-compatible HTTP server (default 0.0.0.0:8000, FERMI_OPENAI_ADDR)."""
-    _serve("openai", model, device, host, port)
+    flags = dict(locals())
+    host, port = flags.pop("host"), flags.pop("port")
+    _serve("openai", host, port, flags)
 
 
 @serve_app.command("grpc")
 def serve_grpc(
-    model: ModelOpt = None, device: DeviceOpt = None, host: HostOpt = None, port: PortOpt = None
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    api_key: ApiKeyOpt = None,
+    served_model_name: ServedNameOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    ctx_size: CtxSizeOpt = None,
+    engine_pool: PoolOpt = None,
+    max_queue: QueueOpt = None,
+    threads: ThreadsOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Token-streaming gRPC server (default 0.0.0.0:50051, FERMI_GRPC_ADDR)."""
-    _serve("grpc", model, device, host, port)
+    flags = dict(locals())
+    host, port = flags.pop("host"), flags.pop("port")
+    _serve("grpc", host, port, flags)
 
 
 if __name__ == "__main__":

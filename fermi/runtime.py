@@ -28,6 +28,7 @@ from fermi.detokenizer import StreamingDetokenizer
 from fermi.engine import PRECISION, Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
 from fermi.generate import generate_tokens
+from fermi.model_info import describe
 from fermi.models import resolve_artifact
 from fermi.requests import Event, Finished, GenerationRequest, Message, TextDelta, Usage
 from fermi.sampling import ResolvedSampling, Sampler, resolve_sampling
@@ -69,15 +70,15 @@ class Runtime:
         self.engine = Engine(artifact, device=device, threads=settings.threads, spin=settings.spin)
         self.manifest = self.engine.manifest
         self.tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-        self.template = ChatTemplate.from_dir(artifact)
+        self.template = ChatTemplate.from_dir(artifact, override=settings.chat_template)
         config_path = artifact / "generation_config.json"
         self.generation_config = (
             json.loads(config_path.read_text()) if config_path.is_file() else {}
         )
         self.eos_ids = set(self.manifest.eos_token_ids)
-        self.context_length = self.manifest.context_length
-        source = self.manifest.source
-        self.model_id = Path(source).name if Path(source).is_absolute() else source
+        self.info = describe(settings, self.manifest, self.template.source)
+        self.context_length = self.info.context_length  # --ctx-size caps the model's
+        self.model_id = self.info.id
         self.sessions = SessionStore(
             SessionLimits(
                 ttl_s=settings.session_ttl_s,

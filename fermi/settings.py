@@ -1,5 +1,7 @@
-"""One typed settings object, read once: environment variables override `fermi.toml`
-(FERMI_CONFIG, default ./fermi.toml when present), which overrides the defaults here."""
+"""One typed settings object, read once: command-line flags override environment variables,
+which override `fermi.toml` (FERMI_CONFIG, default ./fermi.toml when present), which overrides
+the defaults here. The CLI applies its flags with `Settings.replace` and checks the result with
+`check_settings`."""
 
 from __future__ import annotations
 
@@ -38,9 +40,18 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per physical core
     spin: bool = False  # intra-op threads spin between kernels: for a machine fermi has to itself
+    served_model_name: str = ""  # comma-separated names the model answers to; first = reported
+    chat_template: str | None = None  # a Jinja file replacing the artifact's chat template
+    ctx_size: int = 0  # tokens; caps the model's context (0 = the model's own)
+    log_format: str = "plain"  # plain | json (logs and the access log)
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def served_names(self) -> list[str]:
+        """--served-model-name / FERMI_SERVED_MODEL_NAME split on commas, blanks dropped."""
+        return [n.strip() for n in self.served_model_name.split(",") if n.strip()]
 
 
 # Environment variable -> field; FERMI_OFFLINE and HF_HUB_OFFLINE both mean offline.
@@ -67,6 +78,10 @@ ENV = {
     "FERMI_MAX_BODY_BYTES": "max_body_bytes",
     "FERMI_THREADS": "threads",
     "FERMI_SPIN": "spin",
+    "FERMI_SERVED_MODEL_NAME": "served_model_name",
+    "FERMI_CHAT_TEMPLATE": "chat_template",
+    "FERMI_CTX_SIZE": "ctx_size",
+    "FERMI_LOG_FORMAT": "log_format",
 }
 
 
@@ -114,8 +129,25 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     for var, name in ENV.items():
         if var in environ and environ[var] != "":
             values[name] = _convert(name, environ[var])
-    if values.get("default_thinking") not in (None, "on", "off", "auto"):
+    return check_settings(Settings(**values))
+
+
+def check_settings(settings: Settings) -> Settings:
+    """Reject values no component could use, naming the setting; returns `settings`.
+
+    Raises InvalidRequest (the CLI prints it as one line and exits 2)."""
+    s = settings
+    if s.default_thinking not in (None, "on", "off", "auto"):
         raise InvalidRequest("FERMI_DEFAULT_THINKING must be on, off or auto")
-    if values.get("device") not in (None, "auto", "cpu", "cuda", "coreml"):
+    if s.device not in ("auto", "cpu", "cuda", "coreml"):
         raise InvalidRequest("FERMI_DEVICE must be auto, cpu, cuda or coreml", param="device")
-    return Settings(**values)
+    if s.log_format not in ("plain", "json"):
+        raise InvalidRequest("log format (FERMI_LOG_FORMAT) must be plain or json")
+    for name in ("ctx_size", "threads", "max_queue"):
+        if getattr(s, name) < 0:
+            raise InvalidRequest(f"{name} must be 0 or more, got {getattr(s, name)}", param=name)
+    if s.engine_pool < 1:
+        raise InvalidRequest(f"engine_pool must be 1 or more, got {s.engine_pool}", param="pool")
+    if s.chat_template and not Path(s.chat_template).is_file():
+        raise InvalidRequest(f"chat template file {s.chat_template} does not exist")
+    return s

@@ -27,6 +27,10 @@ class ModelLoading(FermiError):
     """The runtime is still loading (or failed to load)."""
 
 
+class ServerDraining(FermiError):
+    """The server got SIGTERM/SIGINT and finishes what is running before it stops."""
+
+
 @dataclass(frozen=True)
 class ApiError:
     status: int
@@ -59,6 +63,8 @@ def map_error(exc: BaseException) -> ApiError:
             return ApiError(401, message, code="invalid_api_key")
         case ModelLoading():
             return ApiError(503, message, "server_error", code="model_loading", headers=RETRY)
+        case ServerDraining():
+            return ApiError(503, message, "server_error", code="server_draining")
         case SanicException():
             return _sanic_error(exc, message)
         case CancelledError():  # the client went away; nobody will read this
@@ -83,4 +89,5 @@ def _sanic_error(exc: SanicException, message: str) -> ApiError:
     if status == 413:
         message = f"{message}: the request body is over the server's limit (FERMI_MAX_BODY_BYTES)"
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    return ApiError(status, message, kind, code=SANIC_CODES.get(status))
+    headers = {k: str(v) for k, v in (exc.headers or {}).items()}  # 405's Allow, for one
+    return ApiError(status, message, kind, code=SANIC_CODES.get(status), headers=headers)

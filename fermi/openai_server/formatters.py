@@ -53,13 +53,22 @@ def _session(meta: Meta) -> dict[str, str]:
 # -- models --------------------------------------------------------------------------------------
 
 
-def model_card(model_id: str, created: int, context_length: int) -> dict[str, Any]:
+def model_card(info, created: int) -> dict[str, Any]:
+    """OpenAI's model object (id, object, created, owned_by) and what a client can use beside
+    it: `context_length` (also as vLLM's `max_model_len`), in tokens; thinking and tool
+    support; precision and graph target. `info` is a fermi.model_info.ModelInfo."""
     return {
-        "id": model_id,
+        "id": info.id,
         "object": "model",
         "created": created,
         "owned_by": "fermi",
-        "context_length": context_length,
+        "context_length": info.context_length,
+        "max_model_len": info.context_length,
+        "supports_thinking": info.supports_thinking,
+        "supports_tools": info.supports_tools,
+        "architecture": info.architecture,
+        "precision": info.precision,
+        "target": info.target,
     }
 
 

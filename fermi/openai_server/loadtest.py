@@ -52,12 +52,14 @@ def serve(
     timeout: float = 300.0,
     program: tuple[str, ...] = FERMI_CLI,
     port: int | None = None,
+    args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     """`fermi serve openai` (or `program` with the same arguments) in a subprocess on
-    127.0.0.1, yielded once /health answers 200; stopped on exit."""
+    127.0.0.1 with extra command-line `args`, yielded once /health answers 200; stopped on
+    exit."""
     port = port or free_port()
     command = [*program, "serve", "openai", "--model", str(model),
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+               "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
     log = Path(tempfile.mkstemp(prefix="fermi-openai-", suffix=".log")[1])
     with log.open("wb") as out:
         process = subprocess.Popen(

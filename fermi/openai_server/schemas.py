@@ -5,6 +5,7 @@ GenerationRequest. Unknown fields are ignored, as OpenAI's own SDKs expect of se
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,11 +77,15 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def check_model(requested: str | None, model_id: str) -> None:
-    """The loaded model answers to its id and to its last path part (Qwen3-1.7B)."""
-    if requested is None or requested in (model_id, model_id.rsplit("/", 1)[-1]):
+def check_model(requested: str | None, names: str | Sequence[str]) -> None:
+    """Raise ModelNotFound unless `requested` is absent or one of the loaded model's names
+    (ModelInfo.names: served names, id, full path, folder name; the first is reported). A
+    single id also answers to its last path part (Qwen3-1.7B)."""
+    if isinstance(names, str):
+        names = [names, names.rsplit("/", 1)[-1]]
+    if requested is None or requested in names:
         return
-    raise ModelNotFound(f"The model {requested!r} does not exist; this server serves {model_id!r}")
+    raise ModelNotFound(f"The model {requested!r} does not exist; this server serves {names[0]!r}")
 
 
 class Fields:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,9 +22,11 @@ from sanic import Request, Sanic
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
 
+from fermi import logs
 from fermi.errors import FermiError
+from fermi.exposure import exposure_warning
 from fermi.openai_server import formatters as fmt
-from fermi.openai_server.errors import ModelLoading, Unauthorized, map_error
+from fermi.openai_server.errors import ModelLoading, ServerDraining, Unauthorized, map_error
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
 from fermi.requests import Event, Finished, TextDelta
@@ -32,7 +35,8 @@ from fermi.settings import Settings
 log = logging.getLogger("fermi.openai")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
+DRAIN_TIMEOUT_S = 30.0  # on SIGTERM/SIGINT, how long running generations may take to finish
 ROUTES: list[tuple[Callable, str, str]] = []  # (handler, uri, method), filled by @route
 
 
@@ -49,7 +53,10 @@ def route(uri: str, method: str = "GET"):
 
 @route("/health")
 async def health(request: Request) -> HTTPResponse:
+    """loading (503) -> ok (200) -> draining (503, after SIGTERM/SIGINT)."""
     runtime = request.app.ctx.runtime
+    if request.app.ctx.draining:
+        return json({"status": "draining"}, status=503)
     if runtime is None:
         return json({"status": "loading"}, status=503, headers={"Retry-After": "1"})
     return json({"status": "ok", "model": runtime.model_id})
@@ -69,7 +76,9 @@ async def list_models(request: Request) -> HTTPResponse:
 
 @route("/v1/models/<model_id:path>")
 async def get_model(request: Request, model_id: str) -> HTTPResponse:
-    check_model(model_id, _runtime(request).model_id)
+    if not model_id:  # GET /v1/models/ is the list
+        return await list_models(request)
+    check_model(model_id, _runtime(request).info.names)
     return _json(_model_card(request))
 
 
@@ -83,7 +92,7 @@ async def delete_session(request: Request, session_id: str) -> HTTPResponse:
 async def chat_completions(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
     call = parse_chat(parse_json(request.body))
-    check_model(call.model, runtime.model_id)
+    check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("chatcmpl-"), runtime.model_id, call.generation.session_id)
     generation = runtime.submit(call.generation)
     if call.stream:
@@ -96,7 +105,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
 async def responses(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
     call = parse_responses(parse_json(request.body))
-    check_model(call.model, runtime.model_id)
+    check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("resp_"), runtime.model_id, call.generation.session_id)
     generation = runtime.submit(call.generation)
     if call.stream:
@@ -122,14 +131,15 @@ async def preflight(request: Request, **_: Any) -> HTTPResponse:
 
 def _runtime(request: Request):
     runtime = request.app.ctx.runtime
+    if request.app.ctx.draining:
+        raise ServerDraining("the server is shutting down; retry on another instance")
     if runtime is None:
         raise ModelLoading("the model is still loading; retry shortly")
     return runtime
 
 
 def _model_card(request: Request) -> dict[str, Any]:
-    runtime = _runtime(request)
-    return fmt.model_card(runtime.model_id, request.app.ctx.loaded_at, runtime.context_length)
+    return fmt.model_card(_runtime(request).info, request.app.ctx.loaded_at)
 
 
 def _json(body: dict[str, Any], meta: fmt.Meta | None = None) -> HTTPResponse:
@@ -162,6 +172,16 @@ async def _drain(queue: asyncio.Queue) -> AsyncIterator[Event]:
             return
 
 
+async def _record(access: logs.AccessRecord, events: AsyncIterator[Event]):
+    """Pass events through, noting the first token's time and the final counts."""
+    async for event in events:
+        if isinstance(event, TextDelta):
+            access.first_token()
+        elif isinstance(event, Finished):
+            access.finished(event)
+        yield event
+
+
 @asynccontextmanager
 async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[Event]]:
     """The generation's events, timed and counted. However the block is left (done, failed, or
@@ -169,7 +189,8 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
     within one decode step if running, its session and queue place freed if it never ran."""
     ctx = request.app.ctx
     queue: asyncio.Queue = asyncio.Queue()
-    pump = asyncio.create_task(_pump(ctx.metrics.observe(generation.aiter()), queue.put_nowait))
+    events = _record(request.ctx.access, ctx.metrics.observe(generation.aiter()))
+    pump = asyncio.create_task(_pump(events, queue.put_nowait))
     ctx.pumps.add(pump)
     pump.add_done_callback(ctx.pumps.discard)
     try:
@@ -199,17 +220,22 @@ async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.Res
     headers = dict(SSE_HEADERS)
     if frames.meta.session_id:
         headers["X-Session-Id"] = frames.meta.session_id
-    async with _events(request, generation) as events:
-        response = await request.respond(content_type="text/event-stream", headers=headers)
-        await response.send(frames.start())
-        try:
-            async for event in events:
-                is_text = isinstance(event, TextDelta)
-                await response.send(frames.text(event) if is_text else frames.finish(event))
-        except Exception as e:
-            log.exception("generation failed mid-stream")
-            await response.send(frames.error(map_error(e)))
-        await response.eof()
+    request.ctx.streaming = True  # the access log is written when the stream ends
+    try:
+        async with _events(request, generation) as events:
+            response = await request.respond(content_type="text/event-stream", headers=headers)
+            await response.send(frames.start())
+            try:
+                async for event in events:
+                    is_text = isinstance(event, TextDelta)
+                    await response.send(frames.text(event) if is_text else frames.finish(event))
+            except Exception as e:
+                log.exception("generation failed mid-stream")
+                await response.send(frames.error(map_error(e)))
+            await response.eof()
+    finally:
+        request.ctx.access.status = 200
+        request.ctx.access.emit()
 
 
 # -- app -------------------------------------------------------------------------------------
@@ -241,10 +267,20 @@ async def authorize(request: Request) -> None:
         raise Unauthorized("Incorrect or missing API key: send 'Authorization: Bearer <key>'")
 
 
+async def start_request(request: Request) -> None:
+    request.ctx.access = logs.AccessRecord("http", request.method, request.path)
+    request.ctx.streaming = False
+
+
 async def finish_response(request: Request, response: HTTPResponse) -> None:
-    """Count the request and add CORS headers (also to streams and errors)."""
+    """Count the request, write its access log line (a stream's when it ends) and add CORS
+    headers (also to streams and errors)."""
     name = f"/{request.route.path}" if request.route else "unmatched"
     request.app.ctx.metrics.requests.labels(name, str(response.status)).inc()
+    access = getattr(request.ctx, "access", None)
+    if access is not None and not request.ctx.streaming:
+        access.status = response.status
+        access.emit()
     origin = allowed_origin(request.app.ctx.settings, request.headers.get("origin"))
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -265,7 +301,24 @@ async def load_runtime(app: Sanic, load: Callable[[Settings], Any]) -> None:
     app.ctx.loaded_at = int(time.time())
     app.ctx.runtime = runtime
     app.ctx.metrics.loaded.set(1)
-    log.info("model %s loaded (context %d)", runtime.model_id, runtime.context_length)
+    host, port = app.ctx.address
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    warning = exposure_warning(host, settings)
+    logs.log_ready(url, runtime.info, runtime.engine.device, settings, warning)
+
+
+async def drain(app: Sanic, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Stop taking requests (/health says draining, /v1 routes 503), let running generations
+    finish for up to `timeout_s` seconds, then stop the server. A second signal stops at once."""
+    if app.ctx.draining:
+        app.stop()
+        return
+    app.ctx.draining = True
+    log.info("draining: %d generation(s) in flight", len(app.ctx.pumps))
+    deadline = time.monotonic() + timeout_s
+    while app.ctx.pumps and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    app.stop()
 
 
 def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None) -> Sanic:
@@ -273,24 +326,31 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
         from fermi.runtime import Runtime
 
         load = Runtime.load
-    app = Sanic("fermi_openai", error_handler=OpenAIErrorHandler())
+    app = Sanic("fermi_openai", error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
     app.config.RESPONSE_TIMEOUT = 6 * 3600  # long generations and queue waits are normal
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 3.0
     app.ctx.settings = settings
     app.ctx.runtime = None
     app.ctx.load_error = None
+    app.ctx.draining = False
+    app.ctx.address = ("127.0.0.1", 0)  # set by run(); the ready line prints it
     app.ctx.loaded_at = 0
     app.ctx.metrics = Metrics()
     app.ctx.pumps = set()  # running _pump tasks (held so they are not collected)
-    for handler, uri, method in ROUTES:
-        app.add_route(handler, uri, methods=[method], name=handler.__name__)
+    for i, (handler, uri, method) in enumerate(ROUTES):
+        methods = ["GET", "HEAD"] if method == "GET" else [method]  # HEAD wherever GET works
+        app.add_route(handler, uri, methods=methods, name=f"{handler.__name__}_{i}")
     for i, uri in enumerate(sorted({uri for _, uri, _ in ROUTES if uri.startswith("/v1")})):
         app.add_route(preflight, uri, methods=["OPTIONS"], name=f"preflight_{i}")
+    app.on_request(start_request)
     app.on_request(authorize)
     app.on_response(finish_response)
 
     async def start_loading(app: Sanic) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: app.add_task(drain(app)))
         app.add_task(load_runtime(app, load))
 
     app.after_server_start(start_loading)
@@ -298,10 +358,13 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
 
 
 def run(settings: Settings, host: str, port: int) -> None:
-    """Serve until interrupted (the `fermi serve openai` command)."""
+    """Serve until SIGINT/SIGTERM, then drain (the `fermi serve openai` command)."""
+    logs.configure(settings.log_format)
     app = create_app(settings)
+    app.ctx.address = (host, port)
     app.run(
-        host=host, port=port, single_process=True, auto_reload=False, access_log=False, motd=False
-    )
+        host=host, port=port, single_process=True, auto_reload=False, access_log=False,
+        motd=False, register_sys_signals=False,
+    )  # fmt: skip
     if app.ctx.load_error is not None:
         raise app.ctx.load_error

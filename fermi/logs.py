@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fermi import tracing
 from fermi.settings import Settings
 
 access_log = logging.getLogger("fermi.access")
@@ -82,6 +83,7 @@ class AccessRecord:
     cached_tokens: int | None = None
     finish_reason: str | None = None
     ttft_s: float | None = None
+    span: Any = None  # the request's root span (fermi.tracing.start_request): ended by emit
     emitted: bool = False
 
     def first_token(self) -> None:
@@ -127,3 +129,27 @@ class AccessRecord:
             text += f" ttft={fields['ttft_ms']}ms"
         text += f" total={fields['total_ms']}ms"
         access_log.info(text, extra={"fields": fields})
+        if self.span is not None:
+            self._end_span(fields)
+
+    def _end_span(self, fields: dict[str, Any]) -> None:
+        key = "http.response.status_code" if self.transport == "http" else "rpc.grpc.status_code"
+        self.span.set_attribute(key, self.status)
+        if self.prompt_tokens is not None:
+            self.span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": self.prompt_tokens,
+                    "gen_ai.usage.output_tokens": self.completion_tokens or 0,
+                    "fermi.cached_tokens": self.cached_tokens or 0,
+                    "fermi.cache_hit": bool(self.cached_tokens),
+                    "gen_ai.response.finish_reasons": [str(self.finish_reason)],
+                }
+            )
+        if fields.get("ttft_ms") is not None:
+            self.span.set_attribute("fermi.ttft_ms", fields["ttft_ms"])
+        failed = (self.transport == "http" and int(self.status) >= 500) or self.status in (
+            "INTERNAL", "UNKNOWN", "UNAVAILABLE", "DATA_LOSS"
+        )  # fmt: skip
+        if failed:
+            self.span.set_status(tracing.trace.StatusCode.ERROR)
+        self.span.end()

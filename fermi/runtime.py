@@ -18,7 +18,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -36,6 +36,7 @@ from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.slots import Slots, Ticket
 from fermi.text_stream import ReasoningSplitter, StopMatcher
+from fermi.tracing import GenerationTrace
 
 MAX_STOP_STRINGS = 16
 
@@ -62,6 +63,7 @@ class Job:
     opens_think: bool
     sampling: ResolvedSampling
     dropped_turns: int
+    trace: GenerationTrace = field(default_factory=GenerationTrace)  # parent: the submitter's
 
 
 class Runtime:
@@ -173,14 +175,17 @@ class Runtime:
     # -- generation ----------------------------------------------------------------------------
 
     def _run(self, job: Job, cancel: threading.Event) -> Iterator[Event]:
-        session = job.session
+        session, trace = job.session, job.trace
+        trace.queued()
         if not self.slots.wait(job.ticket, cancel):
+            trace.end()
             yield self._finished(job, "cancelled", 0, 0, 0)
             return
         engine = self.engine
         cache = session.cache if session.cache is not None else engine.new_cache()
         reused = _common_prefix(session.tokens, job.prompt_ids, len(job.prompt_ids) - 1)
         cache.trim(reused)
+        trace.prefill(len(job.prompt_ids), reused)
         text = TextPipeline(StreamingDetokenizer(self.tokenizer), job.request.stop, job.opens_think)
         sampler = Sampler(job.sampling, job.request.sampling.seed)
         eos = set() if job.request.ignore_eos else self.eos_ids
@@ -199,6 +204,8 @@ class Runtime:
         )
         try:
             for token in steps:
+                if not generated:
+                    trace.decode()
                 generated.append(token)
                 if token in eos:
                     finish = "stop"
@@ -215,6 +222,7 @@ class Runtime:
             yield from text.finish()
         finally:
             steps.close()
+            trace.end(**{"gen_ai.usage.output_tokens": len(generated)})
             # The engine advances the cache only after a step succeeds, so whatever happened
             # (done, cancelled, abandoned, failed) it holds exactly these tokens.
             session.cache = cache

@@ -131,18 +131,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "context_length", "architecture", "precision", "supports_thinking")
+    __slots__ = ("id", "context_length", "architecture", "precision", "supports_thinking", "supports_tools", "target", "aliases")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_THINKING_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     id: str
     context_length: int
     architecture: str
     precision: str
     supports_thinking: bool
-    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., supports_thinking: _Optional[bool] = ...) -> None: ...
+    supports_tools: bool
+    target: str
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., supports_thinking: _Optional[bool] = ..., supports_tools: _Optional[bool] = ..., target: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

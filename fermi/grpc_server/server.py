@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fermi import logs, tracing
 from fermi.errors import (
     FermiError,
     InvalidRequest,
@@ -36,6 +37,7 @@ from fermi.errors import (
     SessionBusy,
     SessionNotFound,
 )
+from fermi.exposure import exposure_warning
 from fermi.grpc_server import fermi_pb2 as pb
 from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
 from fermi.requests import Finished, GenerationRequest, Message, SamplingParams, TextDelta
@@ -264,7 +266,9 @@ class FermiServicer(pb_grpc.FermiServicer):
         session_id = request.session_id or uuid.uuid4().hex
         with error_status(context):
             try:
-                gen = self._runtime().submit(to_generation_request(request, session_id))
+                with tracing.child("parse"):
+                    parsed = to_generation_request(request, session_id)
+                gen = self._runtime().submit(parsed)
             except Exception:
                 self.stats.count("failed")
                 raise
@@ -275,6 +279,7 @@ class FermiServicer(pb_grpc.FermiServicer):
         stopper = _Stopper(gen, context, self.settings.timeout_ms)
         events = iter(gen)  # the runtime decodes in this thread, as we pull
         done: Finished | None = None
+        span = tracing.tracer.start_span("stream")
         try:
             for event in events:  # to exhaustion: the runtime saves the session's KV last
                 if isinstance(event, Finished):
@@ -282,6 +287,7 @@ class FermiServicer(pb_grpc.FermiServicer):
                 elif event.text:
                     yield delta_message(session_id, event)
         finally:
+            span.end()
             stopper.disarm()
             if done is None:
                 # grpc dropped the stream while we sat at a yield (the client went away), or
@@ -311,14 +317,16 @@ class FermiServicer(pb_grpc.FermiServicer):
 
     def ListModels(self, request, context):
         with error_status(context):
-            runtime = self._runtime()
-            manifest = runtime.manifest
+            info = self._runtime().info
             model = pb.Model(
-                id=runtime.model_id,
-                context_length=runtime.context_length,
-                architecture=getattr(manifest, "architecture", ""),
-                precision=getattr(manifest, "precision", ""),
-                supports_thinking=bool(getattr(manifest, "supports_thinking", False)),
+                id=info.id,
+                context_length=info.context_length,
+                architecture=info.architecture,
+                precision=info.precision,
+                supports_thinking=info.supports_thinking,
+                supports_tools=info.supports_tools,
+                target=info.target,
+                aliases=self.settings.served_names[1:],
             )
             return pb.ListModelsResponse(models=[model])
 
@@ -383,6 +391,87 @@ def _log_end(session_id: str, outcome: str, done: Finished | None, started: floa
 # ---------------------------------------------------------------------------------------------
 
 
+class RequestInterceptor(grpc.ServerInterceptor):
+    """Per RPC: the access log line (method, status, tokens, time to first token, total time)
+    and the root span (continuing the caller's `traceparent` metadata), around every handler."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_observed_stream(handler.unary_stream, details))
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_observed_unary(handler.unary_unary, details))
+        return handler
+
+
+def _begin(details) -> logs.AccessRecord:
+    record = logs.AccessRecord("grpc", "rpc", details.method)
+    service, _, method = details.method.strip("/").partition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    metadata = dict(details.invocation_metadata or ())
+    record.span = tracing.start_request(details.method.strip("/"), metadata, attributes)
+    return record
+
+
+def _status(context) -> str:
+    code = context.code()
+    return "OK" if code is None else code.name
+
+
+def _observe(record: logs.AccessRecord, response) -> None:
+    if not isinstance(response, pb.GenerateResponse):
+        return
+    if response.token or response.token_ids:
+        record.first_token()
+    if response.HasField("usage"):
+        u = response.usage
+        record.prompt_tokens, record.completion_tokens = u.prompt_tokens, u.completion_tokens
+        record.cached_tokens = u.cached_tokens
+        record.finish_reason = pb.FinishReason.Name(response.finish_reason)
+
+
+def _observed_stream(behavior, details):
+    def handle(request, context):
+        record = _begin(details)
+        token = tracing.activate(record.span)
+        try:
+            for response in behavior(request, context):
+                _observe(record, response)
+                yield response
+            record.status = _status(context)
+        except GeneratorExit:  # the client went away
+            record.status = "CANCELLED"
+            raise
+        except BaseException:
+            record.status = _status(context) if context.code() else "UNKNOWN"
+            raise
+        finally:
+            tracing.deactivate(token)
+            record.emit()
+
+    return handle
+
+
+def _observed_unary(behavior, details):
+    def handle(request, context):
+        record = _begin(details)
+        token = tracing.activate(record.span)
+        try:
+            response = behavior(request, context)
+            record.status = _status(context)
+            return response
+        except BaseException:
+            record.status = _status(context) if context.code() else "UNKNOWN"
+            raise
+        finally:
+            tracing.deactivate(token)
+            record.emit()
+
+    return handle
+
+
 class GrpcServer:
     """The grpc server with the Fermi, health and reflection services. The port opens at once
     (health NOT_SERVING); the runtime loads in a background thread, then health says SERVING."""
@@ -400,8 +489,10 @@ class GrpcServer:
         workers = settings.engine_pool + settings.max_queue + 8
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fermi-grpc"),
+            interceptors=[RequestInterceptor()],
             options=[("grpc.so_reuseport", 0)],  # a taken port is an error, not a shared one
         )
+        self.address = ("127.0.0.1", 0)  # set by start()
         pb_grpc.add_FermiServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -423,6 +514,7 @@ class GrpcServer:
         if not bound:
             raise FermiError(f"cannot listen on {address}")
         self.server.start()
+        self.address = (host, bound)
         log.info("fermi gRPC listening on %s:%d; loading %s", host, bound, self.settings.model)
         threading.Thread(target=self._load_in_background, name="fermi-load", daemon=True).start()
         return bound
@@ -437,7 +529,10 @@ class GrpcServer:
             return
         self.servicer.runtime = runtime
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("model %s loaded; serving", getattr(runtime, "model_id", self.settings.model))
+        host, port = self.address
+        url = f"grpc://{f'[{host}]' if ':' in host else host}:{port}"
+        warning = exposure_warning(host, self.settings)
+        logs.log_ready(url, runtime.info, runtime.engine.device, self.settings, warning)
 
     def stop(self, grace: float | None = 5.0) -> None:
         """NOT_SERVING at once, then let in-flight streams finish for up to `grace` seconds."""
@@ -460,7 +555,8 @@ def _load_runtime(settings: Settings):
 
 def run(settings: Settings, host: str, port: int) -> None:
     """`fermi serve grpc`: serve until SIGINT/SIGTERM (then drain in-flight streams)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure(settings.log_format)
+    tracing.setup()
     server = GrpcServer(settings)
     server.start(host, port)
 
@@ -470,4 +566,7 @@ def run(settings: Settings, host: str, port: int) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shutdown)
-    server.wait()
+    try:
+        server.wait()
+    finally:
+        tracing.shutdown()

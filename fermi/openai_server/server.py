@@ -22,7 +22,7 @@ from sanic import Request, Sanic
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
 
-from fermi import logs
+from fermi import logs, tracing
 from fermi.errors import FermiError
 from fermi.exposure import exposure_warning
 from fermi.openai_server import formatters as fmt
@@ -91,8 +91,9 @@ async def delete_session(request: Request, session_id: str) -> HTTPResponse:
 @route("/v1/chat/completions", "POST")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
-    call = parse_chat(parse_json(request.body))
-    check_model(call.model, runtime.info.names)
+    with tracing.child("parse"):
+        call = parse_chat(parse_json(request.body))
+        check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("chatcmpl-"), runtime.model_id, call.generation.session_id)
     generation = runtime.submit(call.generation)
     if call.stream:
@@ -104,8 +105,9 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
 @route("/v1/responses", "POST")
 async def responses(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
-    call = parse_responses(parse_json(request.body))
-    check_model(call.model, runtime.info.names)
+    with tracing.child("parse"):
+        call = parse_responses(parse_json(request.body))
+        check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("resp_"), runtime.model_id, call.generation.session_id)
     generation = runtime.submit(call.generation)
     if call.stream:
@@ -215,6 +217,12 @@ async def _collect(request: Request, generation) -> tuple[str, str, Finished]:
     return "".join(parts["reasoning"]), "".join(parts["answer"]), finished
 
 
+@asynccontextmanager
+async def _stream_span() -> AsyncIterator[None]:
+    with tracing.child("stream"):
+        yield
+
+
 async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.ResponseStream):
     """Write an SSE stream; a failure after the headers went out is reported in-band."""
     headers = dict(SSE_HEADERS)
@@ -222,7 +230,7 @@ async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.Res
         headers["X-Session-Id"] = frames.meta.session_id
     request.ctx.streaming = True  # the access log is written when the stream ends
     try:
-        async with _events(request, generation) as events:
+        async with _events(request, generation) as events, _stream_span():
             response = await request.respond(content_type="text/event-stream", headers=headers)
             await response.send(frames.start())
             try:
@@ -268,8 +276,13 @@ async def authorize(request: Request) -> None:
 
 
 async def start_request(request: Request) -> None:
-    request.ctx.access = logs.AccessRecord("http", request.method, request.path)
+    """Open the request's access record and root span (the caller's traceparent continued)."""
+    route = f"/{request.route.path}" if request.route else request.path
+    request.ctx.access = access = logs.AccessRecord("http", request.method, request.path)
     request.ctx.streaming = False
+    attributes = {"http.request.method": request.method, "http.route": route}
+    access.span = tracing.start_request(f"{request.method} {route}", request.headers, attributes)
+    tracing.activate(access.span)  # this request's task: the handler's spans are children
 
 
 async def finish_response(request: Request, response: HTTPResponse) -> None:
@@ -360,11 +373,13 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
 def run(settings: Settings, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM, then drain (the `fermi serve openai` command)."""
     logs.configure(settings.log_format)
+    tracing.setup()
     app = create_app(settings)
     app.ctx.address = (host, port)
     app.run(
         host=host, port=port, single_process=True, auto_reload=False, access_log=False,
         motd=False, register_sys_signals=False,
     )  # fmt: skip
+    tracing.shutdown()
     if app.ctx.load_error is not None:
         raise app.ctx.load_error

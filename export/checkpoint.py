@@ -7,23 +7,13 @@ import json
 import struct
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  registers bfloat16, which safetensors' numpy reader returns
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from fermi.errors import ModelNotFound
 
 INDEX_FILE = "model.safetensors.index.json"
-
-# safetensors dtype tags -> numpy dtypes, for the raw reader below.
-RAW_DTYPES = {
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F16": np.dtype(np.float16),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-}
 
 
 def read_json(path: Path) -> dict:
@@ -44,18 +34,6 @@ def read_header(path: Path) -> tuple[dict, int]:
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
     return header, 8 + length
-
-
-def read_raw_tensor(path: Path, name: str) -> np.ndarray:
-    """One tensor read from its header entry and bytes: the fallback for safetensors/numpy
-    versions whose numpy path cannot build bfloat16 arrays (Qwen checkpoints are bf16)."""
-    header, data_start = read_header(path)
-    entry = header[name]
-    start, end = entry["data_offsets"]
-    with path.open("rb") as f:
-        f.seek(data_start + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, dtype=RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _shard_map(directory: Path) -> dict[str, Path]:
@@ -85,13 +63,12 @@ class Checkpoint:
         return name in self._shard_of
 
     def tensor(self, name: str) -> np.ndarray:
+        """One tensor in the checkpoint's dtype (bf16 as ml_dtypes.bfloat16), read by
+        safetensors' own numpy reader."""
         path = self._shard_of[name]
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="np")
-        try:
-            return self._handles[path].get_tensor(name)
-        except (TypeError, ValueError, SafetensorError):
-            return read_raw_tensor(path, name)
+        return self._handles[path].get_tensor(name)
 
     def close(self) -> None:
         self._handles.clear()

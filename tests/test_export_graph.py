@@ -1,6 +1,6 @@
-"""Reading checkpoints (bf16 fallback, shards), the random real-shape checkpoint maker, and the
-structure of the emitted graph: opset 18 standard ops, one external weights file, tied
-embeddings stored once, the I/O contract."""
+"""Reading checkpoints (bf16 through safetensors' numpy reader, shards), the random real-shape
+checkpoint maker, and the structure of the emitted graph: opset 18 standard ops, one external
+weights file, tied embeddings stored once, the I/O contract."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from export import checkpoint as checkpoint_module
 from export import random_checkpoint
-from export.checkpoint import INDEX_FILE, Checkpoint, read_raw_tensor
+from export.checkpoint import INDEX_FILE, Checkpoint
 from export.exporter import export_model
 from export.graph import ALIGN, OPSET
 from fermi.artifact import MODEL_FILE, WEIGHTS_FILE, load_manifest
@@ -46,36 +44,25 @@ def mixed_dtype_file(tmp_path) -> tuple[Path, dict]:
     return path, tensors
 
 
-def test_raw_reader_matches_safetensors(mixed_dtype_file):
-    path, tensors = mixed_dtype_file
-    with safe_open(str(path), framework="np") as f:
-        for name, expected in tensors.items():
-            got = read_raw_tensor(path, name)
-            assert got.dtype == expected.dtype
-            np.testing.assert_array_equal(got, f.get_tensor(name))
-
-
-class NoBfloat16:
-    """safe_open as older safetensors/numpy behave: no bf16 arrays."""
-
-    def __init__(self, path, framework):
-        self._inner = safe_open(path, framework=framework)
-
-    def get_tensor(self, name):
-        if self._inner.get_slice(name).get_dtype() == "BF16":
-            raise TypeError("data type 'bfloat16' not understood")
-        return self._inner.get_tensor(name)
-
-
-def test_checkpoint_falls_back_to_raw_bf16(mixed_dtype_file, monkeypatch):
+def test_checkpoint_reads_bf16_f16_f32_with_safetensors(mixed_dtype_file):
     path, tensors = mixed_dtype_file
     (path.parent / "config.json").write_text("{}")
-    monkeypatch.setattr(checkpoint_module, "safe_open", NoBfloat16)
     with Checkpoint(path.parent) as checkpoint:
         for name, expected in tensors.items():
             got = checkpoint.tensor(name)
             assert got.dtype == expected.dtype
             np.testing.assert_array_equal(got, expected)
+
+
+def test_gguf_writer_input_reads_every_tensor(mixed_dtype_file):
+    from fermi.bench.gguf_export import read_tensors
+
+    path, tensors = mixed_dtype_file
+    got = dict(read_tensors(path.parent))
+    assert got.keys() == tensors.keys()
+    for name, expected in tensors.items():
+        assert got[name].dtype == expected.dtype
+        np.testing.assert_array_equal(got[name], expected)
 
 
 def run_prefill(artifact: Path, ids: list[int]) -> np.ndarray:

@@ -6,11 +6,10 @@ pre-tokenizer name, padded to the model's vocab size as Qwen pads its own."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-
-from fermi.bench.safetensors_np import read_tensors
 
 ARCH = "qwen3"
 
@@ -33,6 +32,18 @@ def write_gguf(checkpoint: Path, output: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return output
+
+
+def read_tensors(checkpoint: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array in the checkpoint's dtype) for every tensor of every *.safetensors file,
+    memory-mapped by safetensors' own numpy reader (bf16 as ml_dtypes.bfloat16)."""
+    import ml_dtypes  # noqa: F401  registers bfloat16 for the reader
+    from safetensors import safe_open
+
+    for path in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
 
 
 def _add_hparams(writer, gguf, config: dict, name: str) -> None:

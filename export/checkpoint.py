@@ -62,6 +62,10 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
+    def __len__(self) -> int:
+        """The number of tensors in the checkpoint."""
+        return len(self._shard_of)
+
     def tensor(self, name: str) -> np.ndarray:
         """One tensor in the checkpoint's dtype (bf16 as ml_dtypes.bfloat16), read by
         safetensors' own numpy reader."""

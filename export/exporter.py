@@ -14,6 +14,7 @@ from export.checkpoint import Checkpoint, read_json
 from export.decoder import Decoder
 from export.graph import GraphBuilder, WeightsFile
 from export.ops import PortableOps
+from export.progress import current, for_terminal, reporting
 from export.source import Source, resolve
 from export.staging import staged_directory
 from export.variants import (
@@ -84,7 +85,7 @@ def export_model(
         return output
     check_replaceable(output)
     architecture, config = inspect_checkpoint(source)
-    with staged_directory(output) as directory:
+    with staged_directory(output) as directory, reporting(for_terminal()):
         write_artifact(source, architecture, config, variant, directory)
     return output
 
@@ -152,7 +153,7 @@ def write_artifact(
         inputs=inputs,
         outputs=outputs,
         kv_dtype=compute_dtype(variant.precision, variant.target).name,
-        files=describe_files(directory),
+        files=hashed_files(directory),
         io_mode=ops.io_mode,
         graph_options=variant.recorded,
         session_config=ops.session_config,
@@ -167,14 +168,26 @@ def write_graph(
     variant: Variant,
     directory: Path,
 ) -> PortableOps:
-    with WeightsFile(directory / WEIGHTS_FILE) as weights:
-        builder = GraphBuilder(
-            checkpoint, weights, compute_dtype(variant.precision, variant.target)
-        )
+    converted = current().task("converting tensors", total=len(checkpoint))
+    written = current().task(f"writing {WEIGHTS_FILE}", unit="bytes")
+    with WeightsFile(directory / WEIGHTS_FILE, on_write=written.advance) as weights:
+        dtype = compute_dtype(variant.precision, variant.target)
+        builder = GraphBuilder(checkpoint, weights, dtype, on_param=converted.advance)
         ops = make_ops(builder, config, variant.precision, variant.target, variant.options)
         Decoder(builder, ops, architecture, config).build()
+    converted.done()  # a tied checkpoint leaves its lm_head unread
+    written.done()
     (directory / MODEL_FILE).write_bytes(builder.model(architecture.name).SerializeToString())
     return ops
+
+
+def hashed_files(directory: Path) -> dict[str, dict]:
+    """describe_files (sha256 and size of every file), shown as a progress line."""
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    hashing = current().task("hashing", total=total, unit="bytes")
+    files = describe_files(directory)
+    hashing.done()
+    return files
 
 
 def copy_checkpoint_files(checkpoint: Path, directory: Path) -> None:

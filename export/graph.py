@@ -3,6 +3,7 @@ weights streamed into one external-data file as they are converted."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,12 @@ ALIGN = 4096
 class WeightsFile:
     """The single external-data file: tensors are appended one by one, never all held at once."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_write: Callable[[int], None] | None = None):
+        """`on_write(nbytes)` is called after each tensor is written (export progress)."""
         self.path = path
         self._file = path.open("wb")
         self._offset = 0
+        self._on_write = on_write
 
     def append(self, array: np.ndarray) -> tuple[int, int]:
         """Write `array`'s bytes at the next aligned offset; return (offset, length)."""
@@ -32,6 +35,8 @@ class WeightsFile:
         offset = self._offset
         self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         self._offset += array.nbytes
+        if self._on_write is not None:
+            self._on_write(array.nbytes)
         return offset, array.nbytes
 
     def __enter__(self) -> WeightsFile:
@@ -55,8 +60,16 @@ class GraphBuilder:
     """Collects nodes and tensors of one graph. `dtype` is the compute dtype of activations and
     weights (float32 or float16); ops that must stay in float32 say so themselves."""
 
-    def __init__(self, checkpoint: Checkpoint, weights: WeightsFile, dtype: np.dtype):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        weights: WeightsFile,
+        dtype: np.dtype,
+        on_param: Callable[[], None] | None = None,
+    ):
+        """`on_param()` is called after each checkpoint tensor is converted (export progress)."""
         self.checkpoint = checkpoint
+        self._on_param = on_param
         self.weights = weights
         self.dtype = np.dtype(dtype)
         self.nodes: list[onnx.NodeProto] = []
@@ -112,7 +125,10 @@ class GraphBuilder:
         """A checkpoint tensor, converted to `dtype` (default the graph's) and streamed to the
         external-data file. The initializer keeps the checkpoint's name."""
         array = convert(self.checkpoint.tensor(name), np.dtype(dtype or self.dtype), transpose)
-        return self.external(name, array)
+        name = self.external(name, array)
+        if self._on_param is not None:
+            self._on_param()
+        return name
 
     def external(self, name: str, array: np.ndarray) -> str:
         """An initializer computed at export time (a quantized weight, a RoPE table), streamed to

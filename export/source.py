@@ -3,6 +3,7 @@ or the Hugging Face Hub (downloaded into the standard HF cache)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from huggingface_hub.errors import (
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+)
+from huggingface_hub.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
 )
 
 from export import tiny
@@ -44,7 +50,19 @@ def resolve(model: str, revision: str | None, settings: Settings) -> Source:
 
 
 def download(model: str, revision: str | None, offline: bool) -> Source:
-    """snapshot_download with every failure turned into one actionable line."""
+    """snapshot_download (with huggingface_hub's own progress bars on a terminal, none in a
+    script or a log) with every failure turned into one actionable line."""
+    quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        return _download(model, revision, offline)
+    finally:
+        if quiet:
+            enable_progress_bars()
+
+
+def _download(model: str, revision: str | None, offline: bool) -> Source:
     try:
         directory = Path(
             snapshot_download(

@@ -111,16 +111,25 @@ def main() -> None:
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", envvar="FERMI_MODEL", show_default="Qwen/Qwen3-1.7B",
+        "--model", "-m", envvar="FERMI_MODEL", show_default="Qwen/Qwen3-1.7B", metavar="MODEL",
         help="artifact dir, HF checkpoint dir, hub id or tiny-qwen3",
     ),
 ]  # fmt: skip
 DeviceOpt = Annotated[
     str | None,
-    typer.Option(envvar="FERMI_DEVICE", show_default="auto", help="auto, cpu, cuda or coreml"),
+    typer.Option(
+        envvar="FERMI_DEVICE",
+        show_default="auto",
+        metavar="DEVICE",
+        help="auto, cpu, cuda or coreml",
+    ),
 ]
-HostOpt = Annotated[str | None, typer.Option(help="bind address (also FERMI_<SERVER>_ADDR)")]
-PortOpt = Annotated[int | None, typer.Option(help="port (also FERMI_<SERVER>_ADDR)")]
+HostOpt = Annotated[
+    str | None, typer.Option(help="bind address (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
+]
+PortOpt = Annotated[
+    int | None, typer.Option(help="port (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
+]
 ChatTemplateOpt = Annotated[
     Path | None,
     typer.Option(
@@ -131,44 +140,45 @@ ChatTemplateOpt = Annotated[
 CtxSizeOpt = Annotated[
     int | None,
     typer.Option(
-        "--ctx-size", "-c", "--max-model-len", envvar="FERMI_CTX_SIZE", min=0,
+        "--ctx-size", "-c", "--max-model-len", envvar="FERMI_CTX_SIZE", min=0, metavar="TOKENS",
         show_default="the model's context", help="tokens of context (prompt + answer), at most "
-        "the model's",
+        "the model's; also --max-model-len",
     ),
 ]  # fmt: skip
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
-        "--threads", "-t", envvar="FERMI_THREADS", min=0, show_default="one per core",
+        "--threads", "-t", envvar="FERMI_THREADS", min=0, show_default="one per core", metavar="N",
         help="onnxruntime intra-op threads",
     ),
 ]  # fmt: skip
 ApiKeyOpt = Annotated[
     str | None,
     typer.Option(
-        envvar="FERMI_API_KEY", show_default="none",
-        help="require `Authorization: Bearer KEY` on /v1 routes (gRPC: metadata)",
+        envvar="FERMI_API_KEY", show_default="none", metavar="KEY",
+        help="the key clients must send (HTTP: `Authorization: Bearer KEY` on /v1 routes)",
     ),
 ]  # fmt: skip
 ServedNameOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--served-model-name", "--alias", envvar="FERMI_SERVED_MODEL_NAME",
+        "--served-model-name", "--alias", envvar="FERMI_SERVED_MODEL_NAME", metavar="NAME",
         show_default="the model's id", help="a name the model answers to; repeat it or separate "
-        "names with commas; the first is the one reported",
+        "names with commas; the first is the one reported; also --alias",
     ),
 ]  # fmt: skip
 PoolOpt = Annotated[
     int | None,
     typer.Option(
         "--max-num-seqs", "--parallel", envvar="FERMI_ENGINE_POOL", min=1, show_default="1",
-        help="sequences generated at once (they share one copy of the weights)",
+        metavar="N",
+        help="sequences generated at once (they share one copy of the weights); also --parallel",
     ),
 ]  # fmt: skip
 QueueOpt = Annotated[
     int | None,
     typer.Option(
-        envvar="FERMI_MAX_QUEUE", min=0, show_default="64",
+        envvar="FERMI_MAX_QUEUE", min=0, show_default="64", metavar="N",
         help="requests that may wait for a free sequence; more are refused",
     ),
 ]  # fmt: skip

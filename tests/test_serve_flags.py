@@ -198,3 +198,57 @@ def test_sigterm_drains_running_streams_then_exits(tiny_artifact):
             process.kill()
             process.wait()
         log.unlink(missing_ok=True)
+
+
+def test_grpc_server_flags_ready_line_access_log_and_list_models(tiny_artifact, tmp_path):
+    """`fermi serve grpc` with flags: ListModels reports the served name, the context cap and
+    what the model can do; the ready line and an access line per RPC are JSON log lines."""
+    import grpc
+
+    from fermi.grpc_server import fermi_pb2 as pb
+    from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
+
+    port = free_port()
+    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_artifact),
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-grpc,other",
+               "-c", str(CTX), "--log-format", "json"]  # fmt: skip
+    log = tmp_path / "grpc.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env={**os.environ, **BASE_ENV}, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        ready = wait_for(
+            lambda: [e for e in json_lines(log.read_text()) if e.get("event") == "ready"],
+            "the ready line",
+        )
+        assert ready[0]["address"] == f"grpc://127.0.0.1:{port}"
+        assert (ready[0]["model"], ready[0]["context_length"]) == ("tiny-grpc", CTX)
+        options = [("grpc.enable_http_proxy", 0)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            stub = pb_grpc.FermiStub(channel)
+            (model,) = stub.ListModels(pb.ListModelsRequest()).models
+            assert (model.id, model.context_length, list(model.aliases)) == (
+                "tiny-grpc", CTX, ["other"]
+            )  # fmt: skip
+            assert model.supports_thinking and model.HasField("supports_tools")
+            assert (model.precision, model.target) == ("fp32", "portable")
+            last = list(stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=3)))[-1]
+        access = wait_for(
+            lambda: [
+                e for e in json_lines(log.read_text())
+                if e.get("event") == "access" and e["route"] == "/fermi.Fermi/Generate"
+            ],
+            "the Generate access line",
+        )  # fmt: skip
+        entry = access[0]
+        assert (entry["transport"], entry["status"]) == ("grpc", "OK")
+        assert entry["completion_tokens"] == last.usage.completion_tokens
+        assert entry["prompt_tokens"] == last.usage.prompt_tokens and "ttft_ms" in entry
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

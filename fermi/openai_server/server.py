@@ -351,6 +351,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     app.ctx.loaded_at = 0
     app.ctx.metrics = Metrics()
     app.ctx.pumps = set()  # running _pump tasks (held so they are not collected)
+    app.ctx.tasks = set()  # the loading and draining tasks (likewise)
     for i, (handler, uri, method) in enumerate(ROUTES):
         methods = ["GET", "HEAD"] if method == "GET" else [method]  # HEAD wherever GET works
         app.add_route(handler, uri, methods=methods, name=f"{handler.__name__}_{i}")
@@ -361,10 +362,17 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     app.on_response(finish_response)
 
     async def start_loading(app: Sanic) -> None:
+        # Plain asyncio tasks (held in app.ctx): they also run where Sanic's own task registry
+        # is not set up, as in a server embedded with create_server.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: app.add_task(drain(app)))
-        app.add_task(load_runtime(app, load))
+            try:
+                loop.add_signal_handler(
+                    sig, lambda: app.ctx.tasks.add(loop.create_task(drain(app)))
+                )
+            except (ValueError, RuntimeError):  # not the main thread (a server embedded in tests)
+                break
+        app.ctx.tasks.add(loop.create_task(load_runtime(app, load)))
 
     app.after_server_start(start_loading)
     return app

@@ -87,6 +87,28 @@ class Turn:
     done: bool = False
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What the server says about its model in GET /v1/models (fermi's fields beside OpenAI's;
+    a server without them gets the permissive defaults)."""
+
+    id: str
+    context_length: int | None = None
+    supports_thinking: bool = True
+
+
+def read_card(entry: Any) -> ModelCard:
+    """A ModelCard from one `client.models.list()` entry (extra fields live in model_extra)."""
+    extra = getattr(entry, "model_extra", None) or {}
+    context = extra.get("context_length") or extra.get("max_model_len")
+    thinking = extra.get("supports_thinking")
+    return ModelCard(
+        entry.id,
+        int(context) if context else None,
+        True if thinking is None else bool(thinking),
+    )
+
+
 def new_session_id() -> str:
     return f"gradio-{uuid.uuid4().hex}"
 
@@ -157,6 +179,17 @@ class Backend:
         if self.model is None:
             self.model = self.client.models.list().data[0].id
         return self.model
+
+    def card(self) -> ModelCard | None:
+        """The requested model's card (the configured one, else the server's first); None when
+        the server cannot be asked."""
+        try:
+            entries = self.client.models.list().data
+        except openai.APIError as e:
+            log.warning("cannot list the server's models: %s", e)
+            return None
+        chosen = [e for e in entries if e.id == self.configured_model] or entries[:1]
+        return read_card(chosen[0]) if chosen else None
 
     def stream(self, chat: Chat, user: str, options: Options) -> Iterator[Turn]:
         """Yield a snapshot of the turn after every chunk; errors end it with `error` set,
@@ -289,11 +322,41 @@ def advised_sampling(thinking: bool) -> tuple[float, float]:
     return SAMPLING_ADVICE[bool(thinking)]
 
 
+def model_line(card: ModelCard | None, api_base: str) -> str:
+    if card is None:
+        return f"## fermi chat\nTalking to `{api_base}`."
+    facts = [f"model `{card.id}`"]
+    if card.context_length:
+        facts.append(f"context {card.context_length} tokens")
+    facts.append("can think" if card.supports_thinking else "cannot think")
+    return f"## fermi chat\nTalking to `{api_base}`: " + ", ".join(facts) + "."
+
+
+def controls_for(card: ModelCard | None, thinking: bool) -> tuple[dict, dict, dict, dict]:
+    """Updates for (thinking, temperature, top p, max tokens) from the model's card: a model
+    that cannot think gets the switch off and hidden (and the non-thinking sampling advice);
+    max tokens stops at the context length."""
+    if card is None:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    thinking = thinking and card.supports_thinking
+    temperature, top_p = advised_sampling(thinking)
+    limit = gr.update()
+    if card.context_length:
+        default = Options().max_tokens
+        limit = gr.update(maximum=card.context_length, value=min(default, card.context_length))
+    return (
+        gr.update(value=thinking, visible=card.supports_thinking),
+        gr.update(value=temperature),
+        gr.update(value=top_p),
+        limit,
+    )
+
+
 def build_app(config: Config) -> gr.Blocks:
     backend = Backend(config)
     defaults = Options()
     with gr.Blocks(title="fermi chat", analytics_enabled=False) as app:
-        gr.Markdown(f"## fermi chat\nTalking to `{config.api_base}`.")
+        header = gr.Markdown(model_line(None, config.api_base), elem_id="header")
         chat = gr.State(lambda: Chat())  # called on every page load: a new session per tab
         with gr.Row():
             with gr.Column(scale=3):
@@ -354,6 +417,12 @@ def build_app(config: Config) -> gr.Blocks:
             trigger(None, None, None, cancels=sent).then(on_new, [chat], [chatbot, chat, status])
         thinking.change(advised_sampling, [thinking], [temperature, top_p])
         app.load(status_line, [chat], [status])
+
+        def on_load(thinking_now):
+            card = backend.card()
+            return (model_line(card, config.api_base), *controls_for(card, thinking_now))
+
+        app.load(on_load, [thinking], [header, thinking, temperature, top_p, max_tokens])
     return app
 
 

@@ -25,7 +25,8 @@ CHUNK_DELAY_S = 0.05
 
 
 class StubOpenAI:
-    def __init__(self) -> None:
+    def __init__(self, card: dict[str, Any] | None = None) -> None:
+        self.card = card or {}  # extra /v1/models fields, as fermi sends them
         self.requests: list[dict[str, Any]] = []  # chat bodies, in arrival order
         self.deleted: list[str] = []  # session ids sent to DELETE /v1/sessions/<id>
         self.disconnects = 0  # streams the client closed before their end
@@ -92,6 +93,7 @@ def _handler(stub: StubOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/v1/models":
                 card = {"id": MODEL, "object": "model", "created": 0, "owned_by": "stub"}
+                card.update(stub.card)
                 self._json(200, {"object": "list", "data": [card]})
             else:
                 self._json(404, {"error": {"message": "not found", "type": "not_found"}})

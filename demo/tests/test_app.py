@@ -153,3 +153,25 @@ def test_new_conversation_frees_the_old_session_only_when_it_was_used(stub):
 def test_thinking_switch_sets_qwens_sampling_advice():
     assert app.advised_sampling(True) == (0.6, 0.95)
     assert app.advised_sampling(False) == (0.7, 0.8)
+
+
+def test_the_model_card_drives_the_controls():
+    class Entry:
+        id = "m"
+        model_extra = {"supports_thinking": False, "max_model_len": 512}
+
+    card = app.read_card(Entry())
+    assert card == app.ModelCard("m", 512, False)
+    thinking, temperature, top_p, max_tokens = app.controls_for(card, thinking=True)
+    assert thinking["visible"] is False and thinking["value"] is False
+    assert (temperature["value"], top_p["value"]) == app.advised_sampling(False)
+    assert max_tokens["maximum"] == 512 and max_tokens["value"] == 512
+    plain = app.read_card(type("Plain", (), {"id": "x", "model_extra": {}})())
+    assert plain.supports_thinking is True  # a server without the field: keep the switch
+    assert app.controls_for(plain, thinking=True)[0]["visible"] is True
+
+
+def test_the_card_comes_from_the_server(stub):
+    card = backend_for(stub.api_base).card()
+    assert card is not None and card.id == "stub-model"
+    assert backend_for(f"http://127.0.0.1:{free_port()}/v1").card() is None

@@ -11,13 +11,14 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from demo_processes import demo_app, free_port
+from demo_processes import REPO, demo_app, free_port
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from stub_server import ANSWER, FAIL_MESSAGE, FAIL_WORD, REASONING, SLOW_WORD, StubOpenAI
 
 TURN_TIMEOUT_S = 120
+ARTIFACTS_DIR = REPO / "test-artifacts"
 SESSION_RE = re.compile(r"gradio-[0-9a-f]{32}")
 
 
@@ -219,3 +220,31 @@ def test_new_conversation_stops_a_running_answer(stub, stub_url, browser):
     page.new_conversation()
     page.wait(lambda _: stub.disconnects > before, 20)  # the demo closed the stream
     assert page.bot_texts() == []
+
+
+def test_a_model_that_cannot_think_hides_the_switch(browser, artifacts):
+    """The page reads /v1/models: no thinking switch for a model that cannot think, its
+    requests say thinking off, and max tokens stops at the model's context."""
+    card = {"supports_thinking": False, "context_length": 2048, "max_model_len": 2048}
+    with StubOpenAI(card) as plain, demo_app(plain.api_base, artifacts, "no-thinking") as url:
+        page = ChatPage(browser, url).open()
+        page.wait(lambda _: "cannot think" in page.find("#header").text, 30)
+        assert "context 2048 tokens" in page.find("#header").text
+        assert (
+            not page.find_all("#thinking input[type=checkbox]")
+            or not page.find("#thinking").is_displayed()
+        )
+        assert page.number("temperature") == 0.7  # the non-thinking advice
+        page.send("Hello")
+        sent = plain.requests[-1]
+        assert sent["thinking"] == "off" and sent["temperature"] == 0.7
+        page.screenshot(artifacts / "demo-no-thinking.png")
+
+
+def test_against_fermi_the_header_shows_the_models_card(fermi_server, browser):
+    with demo_app(fermi_server, ARTIFACTS_DIR, "card") as url:
+        page = ChatPage(browser, url).open()
+        page.wait(lambda _: "can think" in page.find("#header").text, 30)
+        assert "model `tiny-qwen3`" in page.find("#header").text
+        assert "context 4096 tokens" in page.find("#header").text
+        assert page.find("#thinking").is_displayed()

@@ -71,8 +71,9 @@ def export(
         ),
     ] = "int8",
 ) -> None:
-    """Export a Qwen3/Qwen2 checkpoint to an ONNX artifact with KV-cache inputs. The defaults
-    make the artifact that `fermi chat/serve --model MODEL` would load on this machine."""
+    """Export a checkpoint to an ONNX artifact with KV-cache inputs.
+
+    With no options: the artifact `fermi chat/serve --model MODEL` loads on this machine."""
     from export.exporter import export_model
     from export.variants import GraphOptions
     from fermi.engine import PRECISION, pick_device

@@ -190,6 +190,64 @@ LogFormatOpt = Annotated[
         help="log lines (the access log included) as text or as one JSON object each",
     ),
 ]  # fmt: skip
+MaxNewTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens", "-n", "--n-predict", envvar="FERMI_MAX_NEW_TOKENS", min=1,
+        metavar="N", show_default="1024", help="tokens a request generates when it sets no "
+        "limit; also --n-predict",
+    ),
+]  # fmt: skip
+TimeoutOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="FERMI_TIMEOUT_MS", min=0, metavar="MS", show_default="0 = none",
+        help="longest generation, in milliseconds",
+    ),
+]  # fmt: skip
+DefaultThinkingOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FERMI_DEFAULT_THINKING", metavar="on|off|auto", show_default="off",
+        help="thinking for requests that do not say",
+    ),
+]  # fmt: skip
+SessionTtlOpt = Annotated[
+    float | None,
+    typer.Option(
+        envvar="FERMI_SESSION_TTL_S", min=0, metavar="SECONDS", show_default="1800",
+        help="idle sessions (and their KV cache) expire after this",
+    ),
+]  # fmt: skip
+SessionMaxOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="FERMI_SESSION_MAX", min=1, metavar="N", show_default="256",
+        help="most sessions kept",
+    ),
+]  # fmt: skip
+KvCacheOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="FERMI_KV_CACHE_MB", min=0, metavar="MB", show_default="4096",
+        help="most KV cache memory idle sessions keep",
+    ),
+]  # fmt: skip
+CorsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cors-origins", "--allowed-origins", envvar="FERMI_CORS_ORIGINS", metavar="ORIGINS",
+        show_default="none", help="comma-separated origins browsers may call from, or *; also "
+        "--allowed-origins",
+    ),
+]  # fmt: skip
+MaxBodyOpt = Annotated[
+    int | None,
+    typer.Option(
+        envvar="FERMI_MAX_BODY_BYTES", min=1, metavar="BYTES", show_default="4194304",
+        help="largest request body; larger ones get 413",
+    ),
+]  # fmt: skip
 
 
 @app.command()
@@ -330,6 +388,14 @@ def serve_openai(
     max_queue: QueueOpt = None,
     threads: ThreadsOpt = None,
     log_format: LogFormatOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    timeout_ms: TimeoutOpt = None,
+    default_thinking: DefaultThinkingOpt = None,
+    session_ttl_s: SessionTtlOpt = None,
+    session_max: SessionMaxOpt = None,
+    kv_cache_mb: KvCacheOpt = None,
+    cors_origins: CorsOpt = None,
+    max_body_bytes: MaxBodyOpt = None,
 ) -> None:
     """OpenAI-compatible HTTP server (default 0.0.0.0:8000, FERMI_OPENAI_ADDR)."""
     flags = dict(locals())
@@ -351,6 +417,12 @@ def serve_grpc(
     max_queue: QueueOpt = None,
     threads: ThreadsOpt = None,
     log_format: LogFormatOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    timeout_ms: TimeoutOpt = None,
+    default_thinking: DefaultThinkingOpt = None,
+    session_ttl_s: SessionTtlOpt = None,
+    session_max: SessionMaxOpt = None,
+    kv_cache_mb: KvCacheOpt = None,
 ) -> None:
     """Token-streaming gRPC server (default 0.0.0.0:50051, FERMI_GRPC_ADDR)."""
     flags = dict(locals())

@@ -51,7 +51,8 @@ def flagged(tiny_artifact):
     args = (
         "--served-model-name", "tiny-alias", "--alias", "second-name", "--ctx-size", str(CTX),
         "--api-key", KEY, "--log-format", "json", "--max-num-seqs", "2", "--max-queue", "5",
-        "--threads", "1",
+        "--threads", "1", "-n", "3", "--allowed-origins", "http://ok.example",
+        "--max-body-bytes", "2048", "--session-max", "4", "--default-thinking", "off",
     )  # fmt: skip
     with serve(str(tiny_artifact), env=BASE_ENV, args=args) as running:
         yield running
@@ -110,6 +111,21 @@ def test_ctx_size_caps_the_context(http):
     assert error["code"] == "context_length_exceeded" and str(CTX) in error["message"]
     body["max_tokens"] = 8
     assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_request_limits_from_flags(http):
+    """-n 3: a request without max_tokens gets 3 tokens at most; --max-body-bytes 2048: a
+    bigger body is 413; --allowed-origins: CORS for that origin only."""
+    reply = http.post("/v1/chat/completions", json={"messages": USER, "ignore_eos": True})
+    assert reply.json()["usage"]["completion_tokens"] == 3
+    big = http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 4096}]}
+    )
+    assert big.status_code == 413
+    allowed = http.get("/v1/models", headers={"Origin": "http://ok.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://ok.example"
+    other = http.get("/v1/models", headers={"Origin": "http://other.example"})
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_api_key_flag(flagged):

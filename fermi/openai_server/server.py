@@ -364,15 +364,17 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     async def start_loading(app: Sanic) -> None:
         # Plain asyncio tasks (held in app.ctx): they also run where Sanic's own task registry
         # is not set up, as in a server embedded with create_server.
-        loop = asyncio.get_running_loop()
+        def start(coroutine) -> None:
+            task = asyncio.get_running_loop().create_task(coroutine)
+            app.ctx.tasks.add(task)
+            task.add_done_callback(app.ctx.tasks.discard)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(
-                    sig, lambda: app.ctx.tasks.add(loop.create_task(drain(app)))
-                )
+                asyncio.get_running_loop().add_signal_handler(sig, lambda: start(drain(app)))
             except (ValueError, RuntimeError):  # not the main thread (a server embedded in tests)
                 break
-        app.ctx.tasks.add(loop.create_task(load_runtime(app, load)))
+        start(load_runtime(app, load))
 
     app.after_server_start(start_loading)
     return app

@@ -10,7 +10,7 @@ import numpy as np
 
 from fermi.engine import Engine
 from fermi.kv_cache import KVCache
-from fermi.sampling import Sampler
+from fermi.sampling import SampledToken, Sampler
 
 PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer and attention scratch
 DECODE_ROOM = 64  # positions reserved past the prompt; the cache grows in steps after that
@@ -39,18 +39,18 @@ def generate_tokens(
     max_new_tokens: int,
     eos_ids: set[int],
     cancel: threading.Event,
-) -> Iterator[int]:
-    """Yield sampled tokens one by one. `new_prompt_ids` are the prompt tokens not yet in the
-    cache. The consumer stops early by closing the generator; the loop itself ends at eos, at
-    max_new_tokens (pass no eos ids to decode a fixed count), or when `cancel` is set (checked
-    once per decode step)."""
+) -> Iterator[SampledToken]:
+    """Yield sampled tokens (with their logprobs when the sampler computes them) one by one.
+    `new_prompt_ids` are the prompt tokens not yet in the cache. The consumer stops early by
+    closing the generator; the loop itself ends at eos, at max_new_tokens (pass no eos ids to
+    decode a fixed count), or when `cancel` is set (checked once per decode step)."""
     sampler.reset(prompt_ids)
     logits = prefill(engine, cache, new_prompt_ids)
     count = 0
     while not cancel.is_set():
-        token = sampler.sample(logits)
+        token = sampler.sample_token(logits)
         count += 1
         yield token
-        if token in eos_ids or count >= max_new_tokens:
+        if token.id in eos_ids or count >= max_new_tokens:
             return
-        logits = decode_one_token(engine, cache, token)
+        logits = decode_one_token(engine, cache, token.id)

@@ -29,7 +29,8 @@ class SamplingParams:
     repetition_penalty: float | None = None  # 1.0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # -1 or None: a random seed
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100]
 
 
 @dataclass

@@ -197,7 +197,8 @@ class Runtime:
             cancel,
         )
         try:
-            for token in steps:
+            for sampled in steps:
+                token = sampled.id
                 generated.append(token)
                 if token in eos:
                     finish = "stop"

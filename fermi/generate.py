@@ -4,7 +4,7 @@ Below text: it knows token ids, logits and the cache, nothing about chat or tran
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -16,12 +16,25 @@ PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer and attention scr
 DECODE_ROOM = 64  # positions reserved past the prompt; the cache grows in steps after that
 
 
-def prefill(engine: Engine, cache: KVCache, token_ids: list[int]) -> np.ndarray:
-    """Run the prompt through the model in chunks; returns the last position's logits."""
+def prefill(
+    engine: Engine,
+    cache: KVCache,
+    token_ids: list[int],
+    on_logits: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Run the prompt through the model in chunks; returns the last position's logits (V,).
+    With `on_logits`, every position's logits are computed and handed over chunk by chunk as
+    (start, (S, V) logits), `start` indexing `token_ids` (prompt logprobs need them)."""
     cache.reserve(min(cache.offset + len(token_ids) + DECODE_ROOM, engine.manifest.context_length))
     logits = None
     for start in range(0, len(token_ids), PREFILL_CHUNK):
-        logits = engine.forward(token_ids[start : start + PREFILL_CHUNK], cache)
+        chunk = token_ids[start : start + PREFILL_CHUNK]
+        if on_logits is None:
+            logits = engine.forward(chunk, cache)
+            continue
+        every = engine.forward(chunk, cache, last_only=False)
+        on_logits(start, every)
+        logits = every[-1].copy()
     assert logits is not None, "prefill needs at least one token"
     return logits
 
@@ -39,13 +52,15 @@ def generate_tokens(
     max_new_tokens: int,
     eos_ids: set[int],
     cancel: threading.Event,
+    on_logits: Callable[[int, np.ndarray], None] | None = None,
 ) -> Iterator[SampledToken]:
     """Yield sampled tokens (with their logprobs when the sampler computes them) one by one.
     `new_prompt_ids` are the prompt tokens not yet in the cache. The consumer stops early by
     closing the generator; the loop itself ends at eos, at max_new_tokens (pass no eos ids to
-    decode a fixed count), or when `cancel` is set (checked once per decode step)."""
+    decode a fixed count), or when `cancel` is set (checked once per decode step). `on_logits`
+    receives the prefill's logits of every position (see `prefill`)."""
     sampler.reset(prompt_ids)
-    logits = prefill(engine, cache, new_prompt_ids)
+    logits = prefill(engine, cache, new_prompt_ids, on_logits)
     count = 0
     while not cancel.is_set():
         token = sampler.sample_token(logits)

@@ -27,6 +27,7 @@ from fermi.chat_template import ChatTemplate, opens_think_block, resolve_thinkin
 from fermi.detokenizer import StreamingDetokenizer
 from fermi.engine import PRECISION, Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
+from fermi.fim import fim_tokens
 from fermi.generate import generate_tokens
 from fermi.models import resolve_artifact
 from fermi.requests import (
@@ -51,6 +52,7 @@ from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.slots import Slots, Ticket
 from fermi.text_stream import ReasoningSplitter, StopMatcher
+from fermi.token_text import TokenText
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n
@@ -87,6 +89,8 @@ class Runtime:
         self.manifest = self.engine.manifest
         self.tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
         self.template = ChatTemplate.from_dir(artifact)
+        self.token_text = TokenText(self.tokenizer)
+        self.fim = fim_tokens(self.tokenizer.get_vocab(with_added_tokens=True))
         config_path = artifact / "generation_config.json"
         self.generation_config = (
             json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -193,6 +197,13 @@ class Runtime:
             raise error
         return ids
 
+    def tokenize_messages(self, messages: list[Message], thinking: str | None = None) -> list[int]:
+        """The ids of `messages` rendered by the chat template, as a request would prompt."""
+        enabled = resolve_thinking(
+            thinking, self.settings, self.model_id, self.manifest.supports_thinking
+        )
+        return self.encode(self.template.render(messages, enable_thinking=enabled))
+
     def encode_special(self, text: str, add_special: bool) -> list[int]:
         """Token ids of `text` (special tokens written in it are recognised), with the
         tokenizer's BOS/EOS added when `add_special`."""
@@ -256,7 +267,11 @@ class Runtime:
         )
         cache.trim(reused)
         text = TextPipeline(
-            StreamingDetokenizer(self.tokenizer), request.stop, job.opens_think, index
+            StreamingDetokenizer(self.tokenizer),
+            request.stop,
+            job.opens_think,
+            index,
+            split_reasoning=request.prompt is None,  # a raw prompt's output stays verbatim
         )
         sampler = Sampler(
             job.sampling, _choice_seed(request.sampling.seed, index), request.logprobs
@@ -361,10 +376,13 @@ class TextPipeline:
         stops: list[str],
         in_reasoning: bool,
         index: int = 0,
+        split_reasoning: bool = True,
     ):
         self.detokenizer = detokenizer
         self.stops = StopMatcher(stops)
-        self.splitter = ReasoningSplitter(start_in_reasoning=in_reasoning)
+        self.splitter = (
+            ReasoningSplitter(start_in_reasoning=in_reasoning) if split_reasoning else Verbatim()
+        )
         self.index = index
         self.pending: list[SampledToken] = []
         self.parts = {"reasoning": [], "answer": []}
@@ -397,6 +415,18 @@ class TextPipeline:
     def as_message(self) -> Message:
         reasoning = "".join(self.parts["reasoning"]) or None
         return Message("assistant", "".join(self.parts["answer"]), reasoning_content=reasoning)
+
+
+class Verbatim:
+    """The ReasoningSplitter's interface for output that is all answer, tags included."""
+
+    last_kind = "answer"
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        return [("answer", text)] if text else []
+
+    def flush(self) -> list[tuple[str, str]]:
+        return []
 
 
 class Generation:

@@ -22,11 +22,13 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
 
 from fermi.errors import FermiError
+from fermi.fim import render_fim
+from fermi.openai_server import completions as cmpl
 from fermi.openai_server import formatters as fmt
 from fermi.openai_server.errors import ModelLoading, Unauthorized, map_error
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
-from fermi.requests import Event, Finished, TextDelta
+from fermi.requests import Event, Finished, PromptLogprobs, TextDelta
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.openai")
@@ -85,11 +87,13 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     call = parse_chat(parse_json(request.body))
     check_model(call.model, runtime.model_id)
     meta = fmt.Meta(fmt.new_id("chatcmpl-"), runtime.model_id, call.generation.session_id)
+    text = runtime.token_text if call.logprobs else None
     generation = runtime.submit(call.generation)
     if call.stream:
-        return await _stream(request, generation, fmt.ChatStream(meta, call.include_usage))
-    reasoning, answer, finished = await _collect(request, generation)
-    return _json(fmt.chat_completion(meta, reasoning, answer, finished), meta)
+        frames = fmt.ChatStream(meta, call.include_usage, call.generation.n, text)
+        return await _stream(request, generation, frames)
+    choices, _, finished = await _collect(request, generation, call.generation.n)
+    return _json(fmt.chat_completion(meta, choices, finished, text), meta)
 
 
 @route("/v1/responses", "POST")
@@ -98,11 +102,48 @@ async def responses(request: Request) -> HTTPResponse | None:
     call = parse_responses(parse_json(request.body))
     check_model(call.model, runtime.model_id)
     meta = fmt.Meta(fmt.new_id("resp_"), runtime.model_id, call.generation.session_id)
+    text = runtime.token_text if call.logprobs else None
     generation = runtime.submit(call.generation)
     if call.stream:
-        return await _stream(request, generation, fmt.ResponseStream(meta, call))
-    reasoning, answer, finished = await _collect(request, generation)
-    return _json(fmt.response_final(meta, call, reasoning, answer, finished), meta)
+        return await _stream(request, generation, fmt.ResponseStream(meta, call, text))
+    choices, _, finished = await _collect(request, generation, 1)
+    return _json(fmt.response_final(meta, call, choices[0], finished, text), meta)
+
+
+@route("/v1/completions", "POST")
+async def completions(request: Request) -> HTTPResponse | None:
+    runtime = _runtime(request)
+    call = cmpl.parse_completions(parse_json(request.body))
+    check_model(call.model, runtime.model_id)
+    generation_request = call.generation
+    if call.suffix is not None:
+        generation_request.prompt = render_fim(runtime.fim, call.prompt, call.suffix)
+    meta = fmt.Meta(fmt.new_id("cmpl-"), runtime.model_id, None)
+    prompt_text = call.prompt if isinstance(call.prompt, str) else runtime.decode(call.prompt)
+    frames = cmpl.CompletionFrames(meta, call, runtime.token_text, prompt_text)
+    generation = runtime.submit(generation_request)
+    if call.stream:
+        return await _stream(request, generation, cmpl.CompletionStream(frames))
+    _, events, finished = await _collect(request, generation, call.generation.n)
+    return _json(frames.body(events, finished))
+
+
+@route("/tokenize", "POST")
+async def tokenize(request: Request) -> HTTPResponse:
+    runtime = _runtime(request)
+    call = cmpl.parse_tokenize(parse_json(request.body))
+    if call.messages is not None:
+        ids = await asyncio.to_thread(runtime.tokenize_messages, call.messages)
+    else:
+        ids = await asyncio.to_thread(runtime.encode_special, call.text, call.add_special)
+    return _json(cmpl.tokenize_body(call, ids, runtime.token_text, runtime.context_length))
+
+
+@route("/detokenize", "POST")
+async def detokenize(request: Request) -> HTTPResponse:
+    runtime = _runtime(request)
+    ids = cmpl.parse_detokenize(parse_json(request.body))
+    return _json(cmpl.detokenize_body(await asyncio.to_thread(runtime.decode, ids)))
 
 
 async def preflight(request: Request, **_: Any) -> HTTPResponse:
@@ -181,21 +222,30 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
         generation.close()
 
 
-async def _collect(request: Request, generation) -> tuple[str, str, Finished]:
-    parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
-    finished = None
-    async with _events(request, generation) as events:
-        async for event in events:
+async def _collect(
+    request: Request, generation, n: int
+) -> tuple[list[fmt.ChoiceText], list[Event], Finished]:
+    """Every event of a generation, and the text of each of its `n` choices."""
+    choices = [fmt.ChoiceText(i) for i in range(n)]
+    parts = [{"reasoning": [], "answer": []} for _ in range(n)]
+    events: list[Event] = []
+    async with _events(request, generation) as stream:
+        async for event in stream:
+            events.append(event)
             if isinstance(event, TextDelta):
-                parts[event.kind].append(event.text)
-            else:
-                finished = event
-    assert finished is not None, "the runtime ends every generation with Finished"
-    return "".join(parts["reasoning"]), "".join(parts["answer"]), finished
+                parts[event.index][event.kind].append(event.text)
+                if event.kind == "answer":
+                    choices[event.index].tokens.extend(event.logprobs)
+    finished = events[-1]
+    assert isinstance(finished, Finished), "the runtime ends every generation with Finished"
+    for choice, texts in zip(choices, parts, strict=True):
+        choice.reasoning, choice.answer = "".join(texts["reasoning"]), "".join(texts["answer"])
+    return choices, events, finished
 
 
-async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.ResponseStream):
-    """Write an SSE stream; a failure after the headers went out is reported in-band."""
+async def _stream(request: Request, generation, frames):
+    """Write an SSE stream (frames: a ChatStream, ResponseStream or CompletionStream); a
+    failure after the headers went out is reported in-band."""
     headers = dict(SSE_HEADERS)
     if frames.meta.session_id:
         headers["X-Session-Id"] = frames.meta.session_id
@@ -204,12 +254,19 @@ async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.Res
         await response.send(frames.start())
         try:
             async for event in events:
-                is_text = isinstance(event, TextDelta)
-                await response.send(frames.text(event) if is_text else frames.finish(event))
+                await response.send(_frame(frames, event))
         except Exception as e:
             log.exception("generation failed mid-stream")
             await response.send(frames.error(map_error(e)))
         await response.eof()
+
+
+def _frame(frames, event: Event) -> str:
+    if isinstance(event, TextDelta):
+        return frames.text(event)
+    if isinstance(event, PromptLogprobs):
+        return frames.prompt(event) if hasattr(frames, "prompt") else ""
+    return frames.finish(event)
 
 
 # -- app -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ with the prompt length so that a growable cache is allocated once.
 - `SharedKVCache` ("shared", the cpu/cuda graphs): one buffer per layer and kind that the graph
   reads as past and writes as present in place. It starts small and grows in steps (one copy per
   growth, layer by layer), never to the full context up front; `trim` only moves the offset.
-  On the host the buffers are numpy arrays wrapped without a copy, and a growth is a numpy copy;
+  On the host a growth is a numpy copy between views of the two buffers;
   on a GPU it is a one-node onnxruntime graph, built when the engine loads (not on the first
   growth, which would stall that step while onnx is imported and a session is made).
 - `WindowKVCache` ("window", the coreml graph): a fixed window allocated once, two buffers per
@@ -114,8 +114,6 @@ class SharedKVCache:
 
     def _empty(self, capacity: int) -> ort.OrtValue:
         shape = (*self._shape[:2], capacity, self._shape[3])
-        if self.device == "cpu":  # the OrtValue holds the array: the graph writes into it
-            return ort.OrtValue.ortvalue_from_numpy(np.empty(shape, self.dtype))
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device)
 
     def _grow(self, value: ort.OrtValue, capacity: int) -> ort.OrtValue:
@@ -125,7 +123,7 @@ class SharedKVCache:
             return self._resizer()(value, capacity, self.device)
         grown = self._empty(capacity)
         held = value.shape()[2]
-        grown.numpy()[:, :, :held] = value.numpy()
+        grown.numpy()[:, :, :held] = value.numpy()  # host OrtValues' numpy() are views
         return grown
 
     def reserve(self, length: int) -> None:

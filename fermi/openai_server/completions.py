@@ -9,12 +9,13 @@ null: nothing predicts it). `max_tokens` defaults to 16, as OpenAI's does."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fermi.errors import InvalidRequest
+from fermi.openai_server.errors import ApiError
 from fermi.openai_server.field_policy import check_fields
-from fermi.openai_server.formatters import DONE, FINGERPRINT, Meta, chat_usage, sse
+from fermi.openai_server.formatters import DONE, FINGERPRINT, Meta, chat_usage, error_body, sse
 from fermi.openai_server.logprobs import LegacyLogprobs, merge_legacy
 from fermi.openai_server.schemas import (
     CHAT_ROLES,
@@ -113,12 +114,11 @@ def completion_usage(finished: Finished) -> dict[str, Any]:
 
 @dataclass
 class ChoiceState:
-    """What one choice has sent so far (text offsets run on across chunks)."""
+    """One choice's logprobs builder (its text offsets run on across chunks); None when the
+    request asked for no logprobs."""
 
     index: int
     logprobs: LegacyLogprobs | None
-    texts: list[str] = field(default_factory=list)
-    blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class CompletionFrames:
@@ -177,24 +177,25 @@ class CompletionFrames:
         }
 
     def body(self, events: list, finished: Finished) -> dict[str, Any]:
-        """The non-streaming body from all of a generation's events."""
-        for event in events:
-            if isinstance(event, PromptLogprobs):
-                self.prompt(event)
-        parts = {c.index: ([], []) for c in self.choices}
-        for c in self.choices:
-            text, block = self.start_choice(c)
-            parts[c.index][0].append(text)
-            parts[c.index][1].extend([block] if block else [])
+        """The non-streaming body from all of a generation's events (the prompt's logprobs,
+        when asked, come before any text)."""
+        prompt = next((e for e in events if isinstance(e, PromptLogprobs)), None)
+        self.prompt(prompt)
+        texts: list[list[str]] = []
+        blocks: list[list[dict[str, Any]]] = []
+        for choice in self.choices:
+            text, block = self.start_choice(choice)
+            texts.append([text])
+            blocks.append([block] if block else [])
         for event in events:
             if isinstance(event, TextDelta):
                 choice, block = self.delta(event)
-                parts[choice.index][0].append(event.text)
-                parts[choice.index][1].extend([block] if block else [])
+                texts[choice.index].append(event.text)
+                blocks[choice.index].extend([block] if block else [])
         reasons = finished.finish_reasons or [finished.finish_reason]
         choices = [
-            self.choice_body(i, "".join(texts), merge_legacy(blocks), _reason(reasons, i))
-            for i, (texts, blocks) in parts.items()
+            self.choice_body(i, "".join(texts[i]), merge_legacy(blocks[i]), _reason(reasons, i))
+            for i in range(len(self.choices))
         ]
         return self.envelope(choices, usage=completion_usage(finished))
 
@@ -240,9 +241,7 @@ class CompletionStream:
             out += self.chunk([], usage=completion_usage(finished))
         return out + DONE
 
-    def error(self, err) -> str:
-        from fermi.openai_server.formatters import error_body
-
+    def error(self, err: ApiError) -> str:
         return sse(error_body(err)) + DONE
 
     def _begin(self, index: int) -> str:

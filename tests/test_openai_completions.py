@@ -299,3 +299,16 @@ def test_llm_cli_completion_model(server, tmp_path):
     record = json.loads(logged.stdout)[0]
     assert record["model"] == "fermi-tiny-completion" and record["prompt"] == "Once upon a time"
     assert math.isfinite(len(record["response"]))
+
+
+def test_completions_stream_echo_matches_the_body(client):
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=4, temperature=0, logprobs=1,
+              echo=True)  # fmt: skip
+    body = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert chunks[0].text == "The quick brown fox"  # the echo comes first, in its own chunk
+    assert "".join(c.text for c in chunks) == body.text
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs]
+    assert streamed == body.logprobs.token_logprobs
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == body.logprobs.text_offset

@@ -559,6 +559,11 @@ def test_api_key_and_queue_full(tiny_artifact):
         denied = http.post("/v1/chat/completions", json=chat_body())
         assert denied.status_code == 401
         key = {"Authorization": "Bearer sekrit"}
+        for route in ("/tokenize", "/detokenize"):
+            body = {"content": "hi"} if route == "/tokenize" else {"tokens": [5]}
+            assert http.post(route, json=body).status_code == 401
+            assert http.post(route, json=body, headers=key).status_code == 200
+        assert http.post("/v1/completions", json={"prompt": "hi"}).status_code == 401
         assert http.get("/v1/models", headers=key).status_code == 200
         client = openai.OpenAI(base_url=locked.url + "/v1", api_key="sekrit", max_retries=0)
         assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).choices

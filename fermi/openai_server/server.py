@@ -35,6 +35,7 @@ log = logging.getLogger("fermi.openai")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")  # keyed like /v1 (llama-server keys them too)
 ROUTES: list[tuple[Callable, str, str]] = []  # (handler, uri, method), filled by @route
 
 
@@ -291,7 +292,8 @@ def allowed_origin(settings: Settings, origin: str | None) -> str | None:
 
 async def authorize(request: Request) -> None:
     key = request.app.ctx.settings.api_key
-    if not key or not request.path.startswith("/v1") or request.method == "OPTIONS":
+    protected = request.path.startswith("/v1") or request.path in TOKENIZER_ROUTES
+    if not key or not protected or request.method == "OPTIONS":
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):

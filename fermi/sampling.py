@@ -360,7 +360,12 @@ class Sampler:
         else:
             candidates, values = None, logits
         values = apply_temperature(values, r.temperature)
-        return apply_min_p(apply_top_p(values, r.top_p), r.min_p), candidates
+        values = apply_min_p(apply_top_p(values, r.top_p), r.min_p)
+        if candidates is None and (r.top_p < 1 or r.min_p > 0):
+            # Draw (and score) over the survivors only, not the whole vocabulary.
+            candidates = np.flatnonzero(values > NEG_INF)
+            values = values[candidates]
+        return values, candidates
 
     def _draw(self, values: np.ndarray) -> int:
         if self.resolved.greedy:

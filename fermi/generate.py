@@ -13,6 +13,7 @@ from fermi.kv_cache import KVCache
 from fermi.sampling import SampledToken, Sampler
 
 PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer and attention scratch
+SCORED_CHUNK = 128  # prefill chunk when every position's logits are kept: (128, V) float32
 DECODE_ROOM = 64  # positions reserved past the prompt; the cache grows in steps after that
 
 
@@ -27,8 +28,9 @@ def prefill(
     (start, (S, V) logits), `start` indexing `token_ids` (prompt logprobs need them)."""
     cache.reserve(min(cache.offset + len(token_ids) + DECODE_ROOM, engine.manifest.context_length))
     logits = None
-    for start in range(0, len(token_ids), PREFILL_CHUNK):
-        chunk = token_ids[start : start + PREFILL_CHUNK]
+    step = PREFILL_CHUNK if on_logits is None else min(PREFILL_CHUNK, SCORED_CHUNK)
+    for start in range(0, len(token_ids), step):
+        chunk = token_ids[start : start + step]
         if on_logits is None:
             logits = engine.forward(chunk, cache)
             continue

@@ -360,11 +360,12 @@ class _PromptScorer:
 
     def __call__(self, start: int, logits) -> None:
         next_ids = self.prompt_ids[start + 1 : start + 1 + len(logits)]  # (S,) or (S - 1,)
-        rows = log_softmax(logits[: len(next_ids)])  # (S', V)
-        self.entries.extend(
-            SampledToken(token, float(row[token]), tuple(top_entries(row, self.k)))
-            for row, token in zip(rows, next_ids, strict=True)
-        )
+        for first in range(0, len(next_ids), 32):  # float64 rows, 32 at a time
+            rows = log_softmax(logits[first : min(first + 32, len(next_ids))])  # (<=32, V)
+            self.entries.extend(
+                SampledToken(token, float(row[token]), tuple(top_entries(row, self.k)))
+                for row, token in zip(rows, next_ids[first : first + 32], strict=True)
+            )
 
 
 class TextPipeline:

@@ -197,12 +197,15 @@ class Runtime:
             raise error
         return ids
 
-    def tokenize_messages(self, messages: list[Message], thinking: str | None = None) -> list[int]:
+    def tokenize_messages(
+        self, messages: list[Message], thinking: str | None = None, add_generation_prompt=True
+    ) -> list[int]:
         """The ids of `messages` rendered by the chat template, as a request would prompt."""
         enabled = resolve_thinking(
             thinking, self.settings, self.model_id, self.manifest.supports_thinking
         )
-        return self.encode(self.template.render(messages, enable_thinking=enabled))
+        prompt = self.template.render(messages, enabled, add_generation_prompt)
+        return self.encode(prompt)
 
     def encode_special(self, text: str, add_special: bool) -> list[int]:
         """Token ids of `text` (special tokens written in it are recognised), with the

@@ -240,6 +240,8 @@ def test_tokenize_and_detokenize_in_both_shapes(http):
     assert vllm["count"] == len(pieces) and vllm["max_model_len"] == 4096
     chat = http.post("/tokenize", json={"messages": USER}).json()
     assert chat["count"] > len(pieces)
+    bare = http.post("/tokenize", json={"messages": USER, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == chat["tokens"][: bare["count"]] and bare["count"] < chat["count"]
     back = http.post("/detokenize", json={"tokens": vllm["tokens"]}).json()
     assert back == {"content": "Hello world", "prompt": "Hello world"}
     bad = http.post("/detokenize", json={"tokens": [10**9]})

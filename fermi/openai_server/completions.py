@@ -25,8 +25,9 @@ from fermi.openai_server.schemas import (
     _message,
     _sampling,
     _stop,
+    _thinking,
 )
-from fermi.requests import Finished, GenerationRequest, PromptLogprobs, TextDelta
+from fermi.requests import Finished, GenerationRequest, PromptLogprobs, TextDelta, Thinking
 from fermi.sampling import MAX_LOGPROBS
 from fermi.token_text import TokenText
 
@@ -267,6 +268,8 @@ class TokenizeCall:
     messages: list | None
     add_special: bool
     with_pieces: bool
+    add_generation_prompt: bool = True  # messages: end with the assistant turn's opening
+    thinking: Thinking | None = None  # messages: chat_template_kwargs.enable_thinking and kin
 
 
 def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
@@ -284,8 +287,15 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
     elif "messages" in body:
         items = f.array("messages", required=True)
         messages = [_message(Fields(m, f"messages[{i}]"), CHAT_ROLES) for i, m in enumerate(items)]
-        f.boolean("add_generation_prompt")  # the template always adds it
-        call = TokenizeCall("vllm", None, messages, False, False)
+        call = TokenizeCall(
+            "vllm",
+            None,
+            messages,
+            False,
+            False,
+            add_generation_prompt=f.boolean("add_generation_prompt") is not False,
+            thinking=_thinking(f, None),
+        )
     else:
         add = f.boolean("add_special_tokens")
         call = TokenizeCall(

@@ -134,7 +134,9 @@ async def tokenize(request: Request) -> HTTPResponse:
     runtime = _runtime(request)
     call = cmpl.parse_tokenize(parse_json(request.body))
     if call.messages is not None:
-        ids = await asyncio.to_thread(runtime.tokenize_messages, call.messages)
+        ids = await asyncio.to_thread(
+            runtime.tokenize_messages, call.messages, call.thinking, call.add_generation_prompt
+        )
     else:
         ids = await asyncio.to_thread(runtime.encode_special, call.text, call.add_special)
     return _json(cmpl.tokenize_body(call, ids, runtime.token_text, runtime.context_length))

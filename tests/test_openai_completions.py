@@ -247,6 +247,10 @@ def test_tokenize_and_detokenize_in_both_shapes(http):
     bad = http.post("/detokenize", json={"tokens": [10**9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert http.post("/tokenize", json={"content": "x", "nope": 1}).status_code == 400
+    special = http.post("/tokenize", json={"content": "<|im_end|>", "parse_special": True})
+    assert len(special.json()["tokens"]) == 1
+    refused = http.post("/tokenize", json={"content": "x", "parse_special": False})
+    assert refused.json()["error"]["param"] == "parse_special"
 
 
 # -- other clients -----------------------------------------------------------------------------

@@ -283,7 +283,11 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
             bool(f.boolean("add_special")),
             bool(f.boolean("with_pieces")),
         )
-        f.boolean("parse_special")  # llama-server's default (true) is what fermi does
+        if f.boolean("parse_special") is False:  # true, llama-server's default, is fermi's way
+            raise InvalidRequest(
+                "parse_special: false is not supported (special tokens in the text are parsed)",
+                param="parse_special",
+            )
     elif "messages" in body:
         items = f.array("messages", required=True)
         messages = [_message(Fields(m, f"messages[{i}]"), CHAT_ROLES) for i, m in enumerate(items)]

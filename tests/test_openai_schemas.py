@@ -148,6 +148,10 @@ def test_n_seed_logprobs_and_thinking_switches():
     assert chat(logprobs=False).generation.logprobs is None
     assert chat(service_tier="auto", modalities=["text"]).generation.n == 1
     assert chat(logit_bias={"5": -100}).generation.sampling.logit_bias == {5: -100}
+    both = chat(
+        thinking="on", enable_thinking=False, chat_template_kwargs={"enable_thinking": True}
+    )
+    assert both.generation.thinking == "on"  # thinking wins; the others are still read
     # owned by the tool-calling work: accepted as before
     assert chat(tools=[], tool_choice="auto", response_format={"type": "text"}).generation
 

@@ -231,9 +231,13 @@ def _stop(f: Fields) -> list[str]:
 
 
 def _thinking(f: Fields, effort: str | None) -> Thinking | None:
-    """`thinking` wins over vLLM's chat_template_kwargs.enable_thinking, which wins over
-    OpenAI's reasoning effort; none of them means the server's default."""
+    """`thinking` wins over vLLM's chat_template_kwargs.enable_thinking, which wins over a
+    top-level enable_thinking, which wins over OpenAI's reasoning effort; none of them means
+    the server's default. All are read (and type-checked) whichever wins."""
     raw = f.raw("thinking")
+    kwargs = f.object("chat_template_kwargs")
+    nested = kwargs.boolean("enable_thinking") if kwargs else None
+    top = f.boolean("enable_thinking")  # top-level, as some clients send it
     if raw is not None:
         word = str(raw).lower() if isinstance(raw, bool | str) else None
         if word not in THINKING_WORDS:
@@ -241,10 +245,7 @@ def _thinking(f: Fields, effort: str | None) -> Thinking | None:
                 f"thinking must be on, off, auto, true or false, got {raw!r}", param="thinking"
             )
         return THINKING_WORDS[word]
-    kwargs = f.object("chat_template_kwargs")
-    enable = kwargs.boolean("enable_thinking") if kwargs else None
-    if enable is None:
-        enable = f.boolean("enable_thinking")  # top-level, as some clients send it
+    enable = nested if nested is not None else top
     if enable is not None:
         return "on" if enable else "off"
     return EFFORT_THINKING[effort] if effort is not None else None

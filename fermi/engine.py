@@ -189,6 +189,8 @@ class SharedIO(LogitsIO):
         super().__init__(engine)
         self._resizer: Resizer | None = None
         self._lock = threading.Lock()
+        if engine._ort_device != "cpu":  # host caches grow with numpy; see fermi/kv_cache.py
+            threading.Thread(target=self.resizer, name="kv-resizer", daemon=True).start()
 
     def resizer(self) -> Resizer:
         with self._lock:

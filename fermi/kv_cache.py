@@ -9,6 +9,9 @@ with the prompt length so that a growable cache is allocated once.
 - `SharedKVCache` ("shared", the cpu/cuda graphs): one buffer per layer and kind that the graph
   reads as past and writes as present in place. It starts small and grows in steps (one copy per
   growth, layer by layer), never to the full context up front; `trim` only moves the offset.
+  On the host a growth is a numpy copy between views of the two buffers;
+  on a GPU it is a one-node onnxruntime graph, built when the engine loads (not on the first
+  growth, which would stall that step while onnx is imported and a session is made).
 - `WindowKVCache` ("window", the coreml graph): a fixed window allocated once, two buffers per
   layer and kind that the steps read and write in turn (the graph has no in-place ops).
 """
@@ -113,6 +116,16 @@ class SharedKVCache:
         shape = (*self._shape[:2], capacity, self._shape[3])
         return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device)
 
+    def _grow(self, value: ort.OrtValue, capacity: int) -> ort.OrtValue:
+        """A buffer of `capacity` positions starting with `value`'s (the rest uninitialised:
+        the graph reads only up to the offset)."""
+        if self.device != "cpu":
+            return self._resizer()(value, capacity, self.device)
+        grown = self._empty(capacity)
+        held = value.shape()[2]
+        grown.numpy()[:, :, :held] = value.numpy()  # host OrtValues' numpy() are views
+        return grown
+
     def reserve(self, length: int) -> None:
         """Make room for `length` positions. An empty cache gets exactly that (prefill asks for
         its prompt plus a little room); a filled one grows by a quarter or STEP positions,
@@ -125,11 +138,7 @@ class SharedKVCache:
         grown = self.capacity + max(STEP, self.capacity // 4) if self.offset else 0
         capacity = min(self.max_length, max(length, grown))
         for i, value in enumerate(self.values):
-            self.values[i] = (
-                self._resizer()(value, capacity, self.device)
-                if self.offset
-                else self._empty(capacity)
-            )
+            self.values[i] = self._grow(value, capacity) if self.offset else self._empty(capacity)
         self.capacity = capacity
 
     def advance(self, count: int) -> None:

@@ -4,7 +4,10 @@ at the edge and format the events back; nothing inside the runtime knows about H
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from fermi.sampling import SampledToken
 
 Thinking = Literal["on", "off", "auto"]
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -29,11 +32,15 @@ class SamplingParams:
     repetition_penalty: float | None = None  # 1.0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # -1 or None: a random seed
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> [-100, 100]
 
 
 @dataclass
 class GenerationRequest:
+    """`messages` go through the chat template; a raw `prompt` (text, or token ids) does not
+    (the completions path: no template, no reasoning split). Exactly one of them is given."""
+
     messages: list[Message]
     max_new_tokens: int | None = None  # None = the runtime default
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -45,6 +52,10 @@ class GenerationRequest:
     # append=False: `messages` are the whole conversation (OpenAI clients resend it every time).
     append: bool = False
     ignore_eos: bool = False  # benchmarks decode a fixed count
+    prompt: str | list[int] | None = None  # raw prompt: text (special tokens added) or ids
+    n: int = 1  # choices, generated one after another with seeds seed, seed + 1, ...
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k best rivals
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
 
 
 @dataclass
@@ -54,6 +65,17 @@ class TextDelta:
     text: str
     kind: TextKind
     token_ids: list[int]
+    logprobs: list[SampledToken] = field(default_factory=list)  # per token, when asked
+    index: int = 0  # the choice (n > 1)
+
+
+@dataclass
+class PromptLogprobs:
+    """Sent before any text when a request asks for prompt_logprobs: one entry per prompt
+    token, None for the first (nothing predicts it), from the model's raw distribution."""
+
+    token_ids: list[int]
+    logprobs: list[SampledToken | None]
 
 
 @dataclass
@@ -77,6 +99,9 @@ class Finished:
     session_id: str
     thinking: bool  # whether the prompt enabled thinking
     dropped_turns: int = 0  # oldest turns dropped to fit the context
+    # One per choice (n > 1): why each ended; finish_reason is the last one's. Usage counts the
+    # prompt once and the completion tokens of every choice.
+    finish_reasons: list[FinishReason] = field(default_factory=list)
 
 
-Event = TextDelta | Finished
+Event = TextDelta | PromptLogprobs | Finished

@@ -27,18 +27,37 @@ from fermi.chat_template import ChatTemplate, opens_think_block, resolve_thinkin
 from fermi.detokenizer import StreamingDetokenizer
 from fermi.engine import PRECISION, Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
+from fermi.fim import fim_tokens
 from fermi.generate import generate_tokens
 from fermi.model_info import describe
 from fermi.models import resolve_artifact
-from fermi.requests import Event, Finished, GenerationRequest, Message, TextDelta, Usage
-from fermi.sampling import ResolvedSampling, Sampler, resolve_sampling
+from fermi.requests import (
+    Event,
+    Finished,
+    GenerationRequest,
+    Message,
+    PromptLogprobs,
+    TextDelta,
+    Usage,
+)
+from fermi.sampling import (
+    MAX_LOGPROBS,
+    ResolvedSampling,
+    SampledToken,
+    Sampler,
+    log_softmax,
+    resolve_sampling,
+    top_entries,
+)
 from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.slots import Slots, Ticket
 from fermi.text_stream import ReasoningSplitter, StopMatcher
+from fermi.token_text import TokenText
 from fermi.tracing import GenerationTrace
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n
 
 
 @dataclass
@@ -73,6 +92,8 @@ class Runtime:
         self.manifest = self.engine.manifest
         self.tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
         self.template = ChatTemplate.from_dir(artifact, override=settings.chat_template)
+        self.token_text = TokenText(self.tokenizer)
+        self.fim = fim_tokens(self.tokenizer.get_vocab(with_added_tokens=True))
         config_path = artifact / "generation_config.json"
         self.generation_config = (
             json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -136,10 +157,16 @@ class Runtime:
         thinking: bool,
         sampling: ResolvedSampling,
     ) -> Job:
-        conversation = (
-            _merge(session.history, request.messages) if request.append else list(request.messages)
-        )
-        prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
+        if request.prompt is not None:
+            thinking, prompt, conversation, dropped = False, "", [], 0
+            prompt_ids = self._raw_prompt(request)
+        else:
+            conversation = (
+                _merge(session.history, request.messages)
+                if request.append
+                else list(request.messages)
+            )
+            prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
         room = self.context_length - len(prompt_ids)
         max_new = request.max_new_tokens or min(self.settings.max_new_tokens, room)
         ticket = self.slots.reserve()
@@ -155,6 +182,45 @@ class Runtime:
             sampling=sampling,
             dropped_turns=dropped,
         )
+
+    def _raw_prompt(self, request: GenerationRequest) -> list[int]:
+        """The completions path: the prompt's ids as given, or its text encoded with the
+        tokenizer's special tokens (a BOS where the model has one); no chat template."""
+        prompt = request.prompt
+        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        vocab = self.manifest.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        needed = request.max_new_tokens or 1
+        if len(ids) + needed > self.context_length:
+            error = ContextLengthExceeded(len(ids), needed, self.context_length)
+            error.param = "prompt"
+            raise error
+        return ids
+
+    def tokenize_messages(
+        self, messages: list[Message], thinking: str | None = None, add_generation_prompt=True
+    ) -> list[int]:
+        """The ids of `messages` rendered by the chat template, as a request would prompt."""
+        enabled = resolve_thinking(
+            thinking, self.settings, self.model_id, self.manifest.supports_thinking
+        )
+        prompt = self.template.render(messages, enabled, add_generation_prompt)
+        return self.encode(prompt)
+
+    def encode_special(self, text: str, add_special: bool) -> list[int]:
+        """Token ids of `text` (special tokens written in it are recognised), with the
+        tokenizer's BOS/EOS added when `add_special`."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of `token_ids`, special tokens included (ids outside the vocab are refused)."""
+        vocab = self.manifest.vocab_size
+        if any(not 0 <= i < vocab for i in token_ids):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="tokens")
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def _fit(self, conversation: list[Message], thinking: bool, request: GenerationRequest):
         """Render the prompt; when it does not fit, drop the oldest turns (session history only,
@@ -175,20 +241,58 @@ class Runtime:
     # -- generation ----------------------------------------------------------------------------
 
     def _run(self, job: Job, cancel: threading.Event) -> Iterator[Event]:
-        session, trace = job.session, job.trace
-        trace.queued()
+        """Run the job's choices one after another on its session's cache: the second and
+        later choices reuse the prompt's KV, so only the first prefills it."""
+        job.trace.queued()
         if not self.slots.wait(job.ticket, cancel):
-            trace.end()
-            yield self._finished(job, "cancelled", 0, 0, 0)
+            job.trace.end()
+            yield self._finished(job, ["cancelled"], 0, 0, 0)
             return
-        engine = self.engine
+        reasons, completion, reasoning, cached, text = [], 0, 0, 0, None
+        for index in range(job.request.n):
+            choice = yield from self._run_choice(job, cancel, index)
+            reasons.append(choice.finish_reason)
+            completion += choice.completion_tokens
+            reasoning += choice.reasoning_tokens
+            cached = cached if index else choice.cached_tokens
+            text = text if index else choice.text
+            if choice.finish_reason == "cancelled":
+                break
+        if job.session.persistent:
+            job.session.history = job.conversation + [text.as_message()]
+        yield self._finished(job, reasons, completion, reasoning, cached)
+
+    def _run_choice(self, job: Job, cancel: threading.Event, index: int):
+        """One choice: yields its events, returns a _Choice."""
+        request, session, engine = job.request, job.session, self.engine
         cache = session.cache if session.cache is not None else engine.new_cache()
-        reused = _common_prefix(session.tokens, job.prompt_ids, len(job.prompt_ids) - 1)
+        wants_prompt = request.prompt_logprobs is not None and index == 0
+        # Prompt logprobs need the logits of every prompt position: nothing comes from cache.
+        reused = (
+            0
+            if wants_prompt
+            else _common_prefix(session.tokens, job.prompt_ids, len(job.prompt_ids) - 1)
+        )
         cache.trim(reused)
-        trace.prefill(len(job.prompt_ids), reused)
-        text = TextPipeline(StreamingDetokenizer(self.tokenizer), job.request.stop, job.opens_think)
-        sampler = Sampler(job.sampling, job.request.sampling.seed)
-        eos = set() if job.request.ignore_eos else self.eos_ids
+        if index == 0:
+            job.trace.prefill(len(job.prompt_ids), reused)
+        text = TextPipeline(
+            StreamingDetokenizer(self.tokenizer),
+            request.stop,
+            job.opens_think,
+            index,
+            split_reasoning=request.prompt is None,  # a raw prompt's output stays verbatim
+        )
+        sampler = Sampler(
+            job.sampling, _choice_seed(request.sampling.seed, index), request.logprobs
+        )
+        eos = set() if request.ignore_eos else self.eos_ids
+        prompt_entries: list[SampledToken | None] = [None]  # nothing predicts token 0
+        on_logits = (
+            _PromptScorer(job.prompt_ids, request.prompt_logprobs, prompt_entries)
+            if wants_prompt
+            else None
+        )
         generated: list[int] = []
         reasoning_tokens = 0
         finish = "length"
@@ -201,16 +305,21 @@ class Runtime:
             job.max_new_tokens,
             eos,
             cancel,
+            on_logits,
         )
         try:
-            for token in steps:
-                if not generated:
-                    trace.decode()
+            for sampled in steps:
+                if not generated and index == 0:
+                    job.trace.decode()
+                if wants_prompt and len(prompt_entries) == len(job.prompt_ids):
+                    yield PromptLogprobs(list(job.prompt_ids), prompt_entries)
+                    wants_prompt = False
+                token = sampled.id
                 generated.append(token)
                 if token in eos:
                     finish = "stop"
                     break
-                deltas, stopped = text.add(token)
+                deltas, stopped = text.add(sampled)
                 reasoning_tokens += text.splitter.last_kind == "reasoning"
                 yield from deltas
                 if stopped:
@@ -222,36 +331,80 @@ class Runtime:
             yield from text.finish()
         finally:
             steps.close()
-            trace.end(**{"gen_ai.usage.output_tokens": len(generated)})
+            job.trace.end(**{"gen_ai.usage.output_tokens": len(generated)})
             # The engine advances the cache only after a step succeeds, so whatever happened
             # (done, cancelled, abandoned, failed) it holds exactly these tokens.
             session.cache = cache
             session.tokens = (job.prompt_ids + generated)[: cache.offset]
-        if session.persistent:
-            session.history = job.conversation + [text.as_message()]
-        yield self._finished(job, finish, len(generated), reasoning_tokens, reused)
+        return _Choice(finish, len(generated), reasoning_tokens, reused, text)
 
     def _finished(
-        self, job: Job, reason: str, completion: int, reasoning: int, cached: int
+        self, job: Job, reasons: list[str], completion: int, reasoning: int, cached: int
     ) -> Finished:
         usage = Usage(len(job.prompt_ids), completion, reasoning, cached)
-        return Finished(reason, usage, job.session.id, job.thinking, job.dropped_turns)
+        return Finished(
+            reasons[-1], usage, job.session.id, job.thinking, job.dropped_turns, reasons
+        )
+
+
+@dataclass
+class _Choice:
+    finish_reason: str
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    text: TextPipeline
+
+
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i draws with seed + i; no seed (or -1) means fresh entropy for each."""
+    return None if seed is None or seed < 0 else seed + index
+
+
+@dataclass
+class _PromptScorer:
+    """Prefill's `on_logits`: scores each prompt token under the raw logits of the position
+    before it (the model's own distribution: no penalties, bias or temperature), appending a
+    SampledToken per token to `entries`."""
+
+    prompt_ids: list[int]
+    k: int
+    entries: list[SampledToken | None]
+
+    def __call__(self, start: int, logits) -> None:
+        next_ids = self.prompt_ids[start + 1 : start + 1 + len(logits)]  # (S,) or (S - 1,)
+        for first in range(0, len(next_ids), 32):  # float64 rows, 32 at a time
+            rows = log_softmax(logits[first : min(first + 32, len(next_ids))])  # (<=32, V)
+            self.entries.extend(
+                SampledToken(token, float(row[token]), tuple(top_entries(row, self.k)))
+                for row, token in zip(rows, next_ids[first : first + 32], strict=True)
+            )
 
 
 class TextPipeline:
     """Token ids -> final text -> stop strings -> reasoning/answer deltas."""
 
-    def __init__(self, detokenizer: StreamingDetokenizer, stops: list[str], in_reasoning: bool):
+    def __init__(
+        self,
+        detokenizer: StreamingDetokenizer,
+        stops: list[str],
+        in_reasoning: bool,
+        index: int = 0,
+        split_reasoning: bool = True,
+    ):
         self.detokenizer = detokenizer
         self.stops = StopMatcher(stops)
-        self.splitter = ReasoningSplitter(start_in_reasoning=in_reasoning)
-        self.pending: list[int] = []
+        self.splitter = (
+            ReasoningSplitter(start_in_reasoning=in_reasoning) if split_reasoning else Verbatim()
+        )
+        self.index = index
+        self.pending: list[SampledToken] = []
         self.parts = {"reasoning": [], "answer": []}
         self.stopped = False
 
-    def add(self, token: int) -> tuple[list[TextDelta], bool]:
+    def add(self, token: SampledToken) -> tuple[list[TextDelta], bool]:
         self.pending.append(token)
-        safe, self.stopped = self.stops.feed(self.detokenizer.add_token(token))
+        safe, self.stopped = self.stops.feed(self.detokenizer.add_token(token.id))
         return self._deltas(self.splitter.feed(safe)), self.stopped
 
     def finish(self) -> list[TextDelta]:
@@ -267,13 +420,27 @@ class TextPipeline:
             if not piece:
                 continue
             self.parts[kind].append(piece)
-            deltas.append(TextDelta(piece, kind, self.pending))
+            ids = [t.id for t in self.pending]
+            logprobs = [t for t in self.pending if t.logprob is not None]
+            deltas.append(TextDelta(piece, kind, ids, logprobs, self.index))
             self.pending = []
         return deltas
 
     def as_message(self) -> Message:
         reasoning = "".join(self.parts["reasoning"]) or None
         return Message("assistant", "".join(self.parts["answer"]), reasoning_content=reasoning)
+
+
+class Verbatim:
+    """The ReasoningSplitter's interface for output that is all answer, tags included."""
+
+    last_kind = "answer"
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        return [("answer", text)] if text else []
+
+    def flush(self) -> list[tuple[str, str]]:
+        return []
 
 
 class Generation:
@@ -356,8 +523,16 @@ _END = object()
 
 
 def _validate(request: GenerationRequest) -> None:
-    if not request.messages:
+    if request.prompt is None and not request.messages:
         raise InvalidRequest("messages must not be empty", param="messages")
+    if not 1 <= request.n <= MAX_CHOICES:
+        raise InvalidRequest(f"n must be in [1, {MAX_CHOICES}], got {request.n}", param="n")
+    if request.n > 1 and request.session_id is not None:
+        raise InvalidRequest("n > 1 cannot continue a session: drop session_id", param="n")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(request, name)
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", param=name)
     if request.max_new_tokens is not None and request.max_new_tokens <= 0:
         raise InvalidRequest("max_new_tokens must be greater than 0", param="max_tokens")
     if len(request.stop) > MAX_STOP_STRINGS:

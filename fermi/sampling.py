@@ -10,18 +10,26 @@ step costs O(distinct tokens seen) instead of re-counting the whole sequence):
 
     sampler = Sampler(resolve_sampling(params, generation_config, thinking), seed)
     sampler.reset(prompt_ids)            # start a sequence
-    token = sampler.sample(logits)       # picks a token and records it as generated
+    token = sampler.sample_token(logits) # SampledToken(id, logprob, top_logprobs), recorded
+    token_id = sampler.sample(logits)    # the same, the id only
     sampler.accept(token_id)             # record a token that was not sampled (forced), if any
 
-Order of operations: repetition penalty, presence/frequency penalty, then greedy argmax when
-temperature is 0, else temperature, top-k, top-p, min-p and a draw from the softmax. After top-k
-the later steps work on the k candidates only, so a step avoids sorting the whole vocabulary.
+Order of operations: repetition penalty, presence/frequency penalty, logit_bias, then greedy
+argmax when temperature is 0, else temperature, top-k, top-p, min-p and a draw from the softmax.
+After top-k the later steps work on the k candidates only, and top-p selects its nucleus by
+histogram passes, so no step sorts the whole vocabulary.
+
+Logprobs (when the Sampler is built with `logprobs` set) come from the distribution the token was
+drawn from: the log-softmax of the logits after penalties, logit_bias, temperature and the
+top-k/top-p/min-p filters (vLLM's `processed_logprobs`). Tokens the filters removed have no
+probability and are never listed. Greedy decoding (temperature 0) reports the penalised, biased
+distribution at temperature 1 with no filters, since a one-hot distribution says nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,7 +37,9 @@ from fermi.errors import InvalidRequest
 from fermi.requests import SamplingParams
 
 NEG_INF = np.float32(-np.inf)
-TOP_P_HEAD = 1024  # apply_top_p sorts only this many candidates when they hold mass >= p
+TOP_P_SORT = 1024  # apply_top_p sorts at most this many candidates (histogram passes first)
+TOP_P_BINS = 256
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
 
 # Qwen's advice (Qwen3 model cards): thinking mode / non-thinking mode.
 QWEN_THINKING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
@@ -70,6 +80,26 @@ def apply_presence_frequency_penalty(
     return out
 
 
+def apply_logit_bias(logits: np.ndarray, bias: Mapping[int, float]) -> np.ndarray:
+    """OpenAI's logit_bias: add bias[id] (in [-100, 100]) to the logit of token id. -100 bans a
+    token and 100 forces it (as OpenAI documents them: the effect of values in between depends
+    on the model); ids beyond the logits are ignored."""
+    if not bias:
+        return logits
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+    inside = ids < logits.size
+    out = logits.copy()
+    out[ids[inside]] += values[inside]
+    banned = ids[inside][values[inside] <= -100]
+    out[banned] = NEG_INF
+    forced = ids[inside][values[inside] >= 100]
+    if forced.size:  # only forced tokens stay (the best of them if several)
+        keep = forced[np.argmax(out[forced])] if forced.size > 1 else forced[0]
+        out = np.where(np.arange(out.size) == keep, out, NEG_INF).astype(np.float32)
+    return out
+
+
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Divide by temperature (> 0; temperature 0 means greedy and is handled by the caller)."""
     if not temperature > 0:
@@ -96,25 +126,55 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """Nucleus: keep the most probable tokens whose cumulative probability first reaches p
-    (the most probable token is always kept). p = 1 means off."""
+    (the most probable token is always kept). p = 1 means off.
+
+    Selection without a full sort: the logits are binned into TOP_P_BINS equal-width bins, the
+    bin where the cumulative mass (from the top) reaches p is found from per-bin sums, the
+    bins above it are kept whole and only that bin's members are looked at again, until at
+    most TOP_P_SORT candidates remain and are sorted. Each pass is O(n) numpy work; flat logits
+    (a large nucleus) cost a few passes instead of an O(V log V) sort."""
     if not 0 < p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
     if p == 1.0:
         return logits
-    probs = _softmax(logits)
-    # Sorting a whole vocabulary is slow; the nucleus usually lies within the top few hundred.
-    candidates = np.arange(probs.size)
-    if probs.size > TOP_P_HEAD:
-        head = np.argpartition(probs, -TOP_P_HEAD)[-TOP_P_HEAD:]
-        if probs[head].sum() >= p:
-            candidates = head
-    order = candidates[np.argsort(-probs[candidates], kind="stable")]
-    sorted_probs = probs[order]
-    # A token is kept while the mass before it is still below p.
-    keep = order[(np.cumsum(sorted_probs, dtype=np.float64) - sorted_probs) < p]
+    keep = _nucleus(logits, _softmax(logits.astype(np.float64)), p)
     out = np.full_like(logits, NEG_INF)
     out[keep] = logits[keep]
     return out
+
+
+def _nucleus(logits: np.ndarray, probs: np.ndarray, p: float) -> np.ndarray:
+    """Indices of the top-p nucleus; `probs` is the softmax of `logits` (float64)."""
+    candidates = np.flatnonzero(probs > 0)
+    kept: list[np.ndarray] = []
+    need = p  # mass still to cover from `candidates`
+    while candidates.size > TOP_P_SORT:
+        values = logits[candidates]
+        low, high = float(values.min()), float(values.max())
+        if low == high:  # all tied: any of them will do, in index order (a stable sort's)
+            count = min(candidates.size, int(np.ceil(need / probs[candidates[0]] - 1e-9)))
+            kept.append(candidates[: max(count, 1)])
+            return np.concatenate(kept)
+        scale = TOP_P_BINS / (high - low)
+        bins = np.minimum(((values - low) * scale).astype(np.int64), TOP_P_BINS - 1)
+        mass = np.bincount(bins, weights=probs[candidates], minlength=TOP_P_BINS)
+        above = np.cumsum(mass[::-1])[::-1] - mass  # mass of the bins above each bin
+        edge = _edge_bin(above, mass, need)
+        kept.append(candidates[bins > edge])
+        need -= above[edge]
+        candidates = candidates[bins == edge]
+    order = candidates[np.argsort(-logits[candidates], kind="stable")]
+    sorted_probs = probs[order]
+    # A token is kept while the mass before it is still below what is needed.
+    kept.append(order[(np.cumsum(sorted_probs) - sorted_probs) < need])
+    return np.concatenate(kept)
+
+
+def _edge_bin(above: np.ndarray, mass: np.ndarray, need: float) -> int:
+    """The highest bin where the mass from the top first reaches `need` (the bin that holds
+    the nucleus' last token)."""
+    reached = np.flatnonzero(above + mass >= need)
+    return int(reached[-1]) if reached.size else int(np.flatnonzero(mass)[0])
 
 
 def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
@@ -139,6 +199,7 @@ class ResolvedSampling:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> [-100, 100]
 
     @property
     def greedy(self) -> bool:
@@ -172,8 +233,21 @@ def validate_sampling(params: SamplingParams) -> None:
         value = getattr(params, name)
         if value is not None and not _valid(name, value):
             raise InvalidRequest(f"{name} must be {RANGES[name][1]}, got {value!r}", name)
-    if params.seed is not None and not (isinstance(params.seed, int) and params.seed >= 0):
-        raise InvalidRequest(f"seed must be a non-negative integer, got {params.seed!r}", "seed")
+    if params.seed is not None and not (isinstance(params.seed, int) and params.seed >= -1):
+        raise InvalidRequest(
+            f"seed must be a non-negative integer (or -1 for a random one), got {params.seed!r}",
+            "seed",
+        )
+    for token_id, bias in (params.logit_bias or {}).items():
+        if not (isinstance(token_id, int) and token_id >= 0):
+            raise InvalidRequest(
+                f"logit_bias keys must be token ids, got {token_id!r}", "logit_bias"
+            )
+        if not (_is_number(bias) and -100 <= bias <= 100):
+            raise InvalidRequest(
+                f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}",
+                "logit_bias",
+            )
 
 
 def resolve_sampling(
@@ -211,15 +285,34 @@ def resolve_sampling(
         repetition_penalty=float(pick("repetition_penalty", 1.0)),
         presence_penalty=float(params.presence_penalty),
         frequency_penalty=float(params.frequency_penalty),
+        logit_bias={int(k): float(v) for k, v in (params.logit_bias or {}).items()},
     )
 
 
-class Sampler:
-    """Picks the next token; see the module docstring for the reset/sample/accept protocol."""
+@dataclass(frozen=True)
+class SampledToken:
+    """One sampled token. `logprob` (natural log) and `top_logprobs` ((id, logprob) pairs, most
+    probable first) are None / empty when the Sampler was not asked for them; see the module
+    docstring for the distribution they come from."""
 
-    def __init__(self, resolved: ResolvedSampling, seed: int | None = None):
+    id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+class Sampler:
+    """Picks the next token; see the module docstring for the reset/sample/accept protocol.
+
+    `logprobs`: None computes none; k in [0, MAX_LOGPROBS] gives each SampledToken its logprob
+    and the k most probable alternatives."""
+
+    def __init__(
+        self, resolved: ResolvedSampling, seed: int | None = None, logprobs: int | None = None
+    ):
         self.resolved = resolved
-        self.rng = np.random.default_rng(seed)  # seed None: fresh OS entropy
+        self.logprobs = logprobs
+        # seed None or -1: fresh OS entropy
+        self.rng = np.random.default_rng(None if seed is None or seed < 0 else seed)
         self.reset([])
 
     def reset(self, prompt_ids: Iterable[int]) -> None:
@@ -236,19 +329,30 @@ class Sampler:
             self._seen_ids = np.append(self._seen_ids, token_id)
 
     def sample(self, logits: np.ndarray) -> int:
-        """Pick a token from a 1-D logits vector and record it."""
-        token = self._pick(np.asarray(logits, dtype=np.float32).reshape(-1))
-        self.accept(token)
-        return token
+        """Pick a token from a 1-D logits vector and record it; returns its id."""
+        return self.sample_token(logits).id
 
-    def _pick(self, logits: np.ndarray) -> int:
+    def sample_token(self, logits: np.ndarray) -> SampledToken:
+        """Pick a token from a 1-D logits vector (V,), record it, and return it with its
+        logprobs when the Sampler was asked for them."""
+        values, candidates = self._distribution(np.asarray(logits, dtype=np.float32).reshape(-1))
+        index = self._draw(values)
+        token = int(candidates[index]) if candidates is not None else index
+        self.accept(token)
+        if self.logprobs is None:
+            return SampledToken(token)
+        return _with_logprobs(token, index, values, candidates, self.logprobs)
+
+    def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The processed logits the draw uses, over `candidates` (None: the whole vocab)."""
         r = self.resolved
         logits = apply_repetition_penalty(logits, self._seen_ids, r.repetition_penalty)
         logits = apply_presence_frequency_penalty(
             logits, self._counts, r.presence_penalty, r.frequency_penalty
         )
+        logits = apply_logit_bias(logits, r.logit_bias)
         if r.greedy:
-            return int(np.argmax(logits))
+            return logits, None
         # Narrow to the top-k candidates first so the rest works on k values, not the vocab.
         if 0 < r.top_k < logits.size:
             candidates = np.argpartition(logits, -r.top_k)[-r.top_k :]
@@ -257,10 +361,47 @@ class Sampler:
             candidates, values = None, logits
         values = apply_temperature(values, r.temperature)
         values = apply_min_p(apply_top_p(values, r.top_p), r.min_p)
+        if candidates is None and (r.top_p < 1 or r.min_p > 0):
+            # Draw (and score) over the survivors only, not the whole vocabulary.
+            candidates = np.flatnonzero(values > NEG_INF)
+            values = values[candidates]
+        return values, candidates
+
+    def _draw(self, values: np.ndarray) -> int:
+        if self.resolved.greedy:
+            return int(np.argmax(values))
         probs = _softmax(values.astype(np.float64))
         cumulative = np.cumsum(probs)
         # side="right" never lands on a zero-probability (masked) entry.
         index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], "right"))
         if index >= probs.size:  # float rounding at the very top
             index = int(np.flatnonzero(probs)[-1])
-        return int(candidates[index]) if candidates is not None else index
+        return index
+
+
+def log_softmax(values: np.ndarray) -> np.ndarray:
+    """log(softmax(values)) in float64; -inf entries stay -inf. (..., V) -> (..., V)."""
+    values = values.astype(np.float64)
+    top = values.max(axis=-1, keepdims=True)
+    return values - top - np.log(np.exp(values - top).sum(axis=-1, keepdims=True))
+
+
+def top_entries(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k largest finite entries of a (V,) logprob vector as (index, logprob), largest
+    first (ties in index order)."""
+    k = min(k, int(np.isfinite(logprobs).sum()))
+    if k <= 0:
+        return []
+    head = np.argpartition(-logprobs, k - 1)[:k] if k < logprobs.size else np.arange(k)
+    head = head[np.lexsort((head, -logprobs[head]))]
+    return [(int(i), float(logprobs[i])) for i in head]
+
+
+def _with_logprobs(
+    token: int, index: int, values: np.ndarray, candidates: np.ndarray | None, k: int
+) -> SampledToken:
+    logprobs = log_softmax(values)
+    top = top_entries(logprobs, k)
+    if candidates is not None:
+        top = [(int(candidates[i]), lp) for i, lp in top]
+    return SampledToken(token, float(logprobs[index]), tuple(top))

@@ -34,7 +34,7 @@ def test_chat_fields_reach_the_generation_request():
         model="tiny-qwen3", stream=True, stream_options={"include_usage": True}, max_tokens=9,
         temperature=0.5, top_p=0.9, top_k=-1, min_p=0.1, presence_penalty=0.5,
         frequency_penalty=-0.5, repetition_penalty=1.1, seed=7, stop="END", n=1, user="u",
-        session_id="abc", some_unknown_field={"x": 1},
+        session_id="abc", store=True, metadata={"x": "1"},
     )  # fmt: skip
     g = call.generation
     assert (call.model, call.stream, call.include_usage) == ("tiny-qwen3", True, True)
@@ -105,8 +105,19 @@ def test_thinking_three_ways(fields, expected):
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": -1}, "max_completion_tokens"),
         ({"max_tokens": "10"}, "max_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
         ({"stream": "yes"}, "stream"),
+        ({"some_unknown_field": 1}, "some_unknown_field"),
+        ({"audio": {"voice": "alloy"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"prediction": {"type": "content"}}, "prediction"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"thinking": "maybe"}, "thinking"),
         ({"reasoning_effort": "extreme"}, "reasoning_effort"),
         ({"stop": 5}, "stop"),
@@ -129,9 +140,20 @@ def test_missing_messages_and_bad_json():
             parse_json(raw)
 
 
-def test_n_error_says_one():
-    with pytest.raises(InvalidRequest, match="n must be 1"):
-        chat(n=3)
+def test_n_seed_logprobs_and_thinking_switches():
+    call = chat(n=3, seed=-1, logprobs=True, top_logprobs=4, enable_thinking=False)
+    g = call.generation
+    assert (g.n, g.sampling.seed, g.logprobs, g.thinking) == (3, -1, 4, "off")
+    assert call.logprobs and chat(logprobs=True).generation.logprobs == 0
+    assert chat(logprobs=False).generation.logprobs is None
+    assert chat(service_tier="auto", modalities=["text"]).generation.n == 1
+    assert chat(logit_bias={"5": -100}).generation.sampling.logit_bias == {5: -100}
+    both = chat(
+        thinking="on", enable_thinking=False, chat_template_kwargs={"enable_thinking": True}
+    )
+    assert both.generation.thinking == "on"  # thinking wins; the others are still read
+    # owned by the tool-calling work: accepted as before
+    assert chat(tools=[], tool_choice="auto", response_format={"type": "text"}).generation
 
 
 def test_responses_input_forms():
@@ -218,7 +240,8 @@ def frames(text: str) -> list[str]:
 
 def test_chat_completion_body():
     meta = fmt.Meta("chatcmpl-1", "tiny-qwen3", "s1")
-    body = fmt.chat_completion(meta, "let me see", "Hi!", Finished("stop", USAGE, "s1", True))
+    choice = fmt.ChoiceText(0, "let me see", "Hi!")
+    body = fmt.chat_completion(meta, [choice], Finished("stop", USAGE, "s1", True))
     parsed = ChatCompletion.model_validate(body)
     assert parsed.choices[0].message.content == "Hi!"
     assert body["choices"][0]["message"]["reasoning_content"] == "let me see"
@@ -226,7 +249,9 @@ def test_chat_completion_body():
     assert parsed.usage.prompt_tokens_details.cached_tokens == 4
     assert parsed.usage.completion_tokens_details.reasoning_tokens == 2
     assert body["session_id"] == "s1"
-    plain = fmt.chat_completion(meta, "", "Hi", Finished("length", USAGE, "s1", False))
+    plain = fmt.chat_completion(
+        meta, [fmt.ChoiceText(0, "", "Hi")], Finished("length", USAGE, "s1", False)
+    )
     assert "reasoning_content" not in plain["choices"][0]["message"]
 
 
@@ -295,7 +320,8 @@ def test_response_stream_without_text_still_has_a_message():
 def test_response_final_body():
     call = parse_responses({"input": "hi"})
     meta = fmt.Meta("resp_1", "tiny-qwen3", None)
-    body = fmt.response_final(meta, call, "think", "answer", Finished("stop", USAGE, "x", True))
+    choice = fmt.ChoiceText(0, "think", "answer")
+    body = fmt.response_final(meta, call, choice, Finished("stop", USAGE, "x", True))
     parsed = Response.model_validate(body)
     assert parsed.status == "completed" and parsed.output_text == "answer"
     assert [o.type for o in parsed.output] == ["reasoning", "message"]

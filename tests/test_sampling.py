@@ -193,7 +193,7 @@ def test_invalid_request_values_name_the_param(field, value, range_text):
 
 def test_invalid_seed():
     with pytest.raises(InvalidRequest) as info:
-        resolve_sampling(SamplingParams(seed=-1), None, thinking=False)
+        resolve_sampling(SamplingParams(seed=-2), None, thinking=False)
     assert info.value.param == "seed"
 
 

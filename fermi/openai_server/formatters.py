@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fermi.openai_server.errors import ApiError
+from fermi.openai_server.logprobs import token_entries
 from fermi.openai_server.schemas import ResponsesCall
 from fermi.requests import Finished, TextDelta, Usage
+from fermi.sampling import SampledToken
+from fermi.token_text import TokenText
 
 FINGERPRINT = "fermi"
 DONE = "data: [DONE]\n\n"
@@ -93,10 +96,25 @@ def chat_usage(usage: Usage) -> dict[str, Any]:
     }
 
 
-def chat_completion(meta: Meta, reasoning: str, answer: str, finished: Finished) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": answer}
-    if reasoning:
-        message["reasoning_content"] = reasoning
+@dataclass
+class ChoiceText:
+    """One choice's collected output; `tokens`: the answer's tokens with logprobs."""
+
+    index: int
+    reasoning: str = ""
+    answer: str = ""
+    tokens: list[SampledToken] = field(default_factory=list)
+
+
+def choice_finish_reason(finished: Finished, index: int) -> str:
+    reasons = finished.finish_reasons or [finished.finish_reason]
+    return reasons[index] if index < len(reasons) else "stop"
+
+
+def chat_completion(
+    meta: Meta, choices: list[ChoiceText], finished: Finished, text: TokenText | None = None
+) -> dict[str, Any]:
+    """`text` given: the choices carry `logprobs.content` (the answer's tokens)."""
     return {
         "id": meta.id,
         "object": "chat.completion",
@@ -105,35 +123,55 @@ def chat_completion(meta: Meta, reasoning: str, answer: str, finished: Finished)
         "system_fingerprint": FINGERPRINT,
         "choices": [
             {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": chat_finish_reason(finished),
+                "index": choice.index,
+                "message": _message(choice),
+                "logprobs": _chat_logprobs(text, choice.tokens),
+                "finish_reason": choice_finish_reason(finished, choice.index),
             }
+            for choice in choices
         ],
         "usage": chat_usage(finished.usage),
         **_session(meta),
     }
 
 
-class ChatStream:
-    """The frames of one chat.completion.chunk stream: a role chunk, text deltas, a finish
-    chunk, an optional usage chunk (empty choices), then [DONE]."""
+def _message(choice: ChoiceText) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.answer}
+    if choice.reasoning:
+        message["reasoning_content"] = choice.reasoning
+    return message
 
-    def __init__(self, meta: Meta, include_usage: bool):
+
+def _chat_logprobs(text: TokenText | None, tokens: list[SampledToken]) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    return {"content": token_entries(text, tokens), "refusal": None}
+
+
+class ChatStream:
+    """The frames of one chat.completion.chunk stream: a role chunk per choice, text deltas
+    (each naming its choice `index`), a finish chunk per choice, an optional usage chunk
+    (empty choices), then [DONE]. With `text` (logprobs asked), answer chunks carry
+    `logprobs.content` for their tokens."""
+
+    def __init__(self, meta: Meta, include_usage: bool, n: int = 1, text: TokenText | None = None):
         self.meta = meta
         self.include_usage = include_usage
+        self.n = n
+        self.token_text = text
 
     def chunk(
         self,
         delta: dict[str, Any] | None,
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
+        index: int = 0,
+        logprobs: dict[str, Any] | None = None,
         **extra: Any,
     ) -> str:
         """The one chunk builder; delta None makes the usage chunk (choices empty)."""
         choices = [] if delta is None else [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         ]  # fmt: skip
         body = {
             "id": self.meta.id,
@@ -149,14 +187,22 @@ class ChatStream:
         return sse(body)
 
     def start(self) -> str:
-        return self.chunk({"role": "assistant", "content": ""})
+        return "".join(
+            self.chunk({"role": "assistant", "content": ""}, index=i) for i in range(self.n)
+        )
 
     def text(self, delta: TextDelta) -> str:
         key = "reasoning_content" if delta.kind == "reasoning" else "content"
-        return self.chunk({key: delta.text})
+        logprobs = None
+        if self.token_text is not None and delta.kind == "answer":
+            logprobs = _chat_logprobs(self.token_text, delta.logprobs)
+        return self.chunk({key: delta.text}, index=delta.index, logprobs=logprobs)
 
     def finish(self, finished: Finished) -> str:
-        frames = [self.chunk({}, chat_finish_reason(finished), **_session(self.meta))]
+        frames = [
+            self.chunk({}, choice_finish_reason(finished, i), index=i, **_session(self.meta))
+            for i in range(self.n)
+        ]
         if self.include_usage:
             frames.append(self.chunk(None, usage=chat_usage(finished.usage)))
         return "".join(frames) + DONE
@@ -168,21 +214,23 @@ class ChatStream:
 # -- responses -----------------------------------------------------------------------------------
 
 
-def output_text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text_part(text: str, logprobs: list | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def reasoning_text_part(text: str) -> dict[str, Any]:
     return {"type": "reasoning_text", "text": text}
 
 
-def output_item(kind: str, item_id: str, text: str | None, status: str) -> dict[str, Any]:
+def output_item(
+    kind: str, item_id: str, text: str | None, status: str, logprobs: list | None = None
+) -> dict[str, Any]:
     """A reasoning or message output item; text None means no content part yet."""
     if kind == "reasoning":
         content = [] if text is None else [reasoning_text_part(text)]
         return {"id": item_id, "type": "reasoning", "summary": [], "content": content,
                 "status": status}  # fmt: skip
-    content = [] if text is None else [output_text_part(text)]
+    content = [] if text is None else [output_text_part(text, logprobs)]
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
             "content": content}  # fmt: skip
 
@@ -247,14 +295,19 @@ def err_code(err: ApiError) -> str:
 
 
 def response_final(
-    meta: Meta, call: ResponsesCall, reasoning: str, answer: str, finished: Finished
+    meta: Meta,
+    call: ResponsesCall,
+    choice: ChoiceText,
+    finished: Finished,
+    text: TokenText | None = None,
 ) -> dict[str, Any]:
-    """The non-streaming /v1/responses body."""
+    """The non-streaming /v1/responses body; `text` given: output_text carries logprobs."""
     status, _ = response_status(finished)
     output = []
-    if reasoning:
-        output.append(output_item("reasoning", new_id("rs_"), reasoning, "completed"))
-    output.append(output_item("message", new_id("msg_"), answer, status))
+    if choice.reasoning:
+        output.append(output_item("reasoning", new_id("rs_"), choice.reasoning, "completed"))
+    logprobs = token_entries(text, choice.tokens) if text is not None else None
+    output.append(output_item("message", new_id("msg_"), choice.answer, status, logprobs))
     return response_object(meta, call, status, output, finished)
 
 
@@ -264,6 +317,7 @@ class _OpenItem:
     id: str
     index: int
     texts: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ResponseStream:
@@ -272,9 +326,10 @@ class ResponseStream:
     content_part.added, *_text.delta..., *_text.done, content_part.done, output_item.done;
     then completed or incomplete (or error + failed)."""
 
-    def __init__(self, meta: Meta, call: ResponsesCall):
+    def __init__(self, meta: Meta, call: ResponsesCall, text: TokenText | None = None):
         self.meta = meta
         self.call = call
+        self.token_text = text  # given: output_text deltas and parts carry logprobs
         self.sequence = 0
         self.output: list[dict[str, Any]] = []  # finished items
         self.item: _OpenItem | None = None
@@ -302,8 +357,12 @@ class ResponseStream:
         where = {"item_id": item.id, "output_index": item.index, "content_index": 0}
         if kind == "reasoning":
             return frames + self.event("response.reasoning_text.delta", **where, delta=delta.text)
+        logprobs = (
+            token_entries(self.token_text, delta.logprobs) if self.token_text is not None else []
+        )
+        item.logprobs.extend(logprobs)
         return frames + self.event(
-            "response.output_text.delta", **where, delta=delta.text, logprobs=[]
+            "response.output_text.delta", **where, delta=delta.text, logprobs=logprobs
         )
 
     def finish(self, finished: Finished) -> str:
@@ -341,9 +400,11 @@ class ResponseStream:
             frames = self.event("response.reasoning_text.done", **where, text=text)
             part = reasoning_text_part(text)
         else:
-            frames = self.event("response.output_text.done", **where, text=text, logprobs=[])
-            part = output_text_part(text)
-        done = output_item(item.kind, item.id, text, status)
+            frames = self.event(
+                "response.output_text.done", **where, text=text, logprobs=item.logprobs
+            )
+            part = output_text_part(text, item.logprobs)
+        done = output_item(item.kind, item.id, text, status, item.logprobs)
         self.output.append(done)
         return (
             frames

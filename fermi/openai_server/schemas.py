@@ -1,6 +1,7 @@
 """Request bodies -> validated calls. The JSON is parsed once here; every type or range problem
 becomes an InvalidRequest naming its parameter, and what goes inward is the runtime's
-GenerationRequest. Unknown fields are ignored, as OpenAI's own SDKs expect of servers."""
+GenerationRequest. Fields a route does not read are refused or ignored by the rules of
+field_policy.py (which lists them)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fermi.errors import InvalidRequest, ModelNotFound
+from fermi.openai_server.field_policy import UNSUPPORTED, check_fields
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
-from fermi.sampling import validate_sampling
+from fermi.sampling import MAX_LOGPROBS, validate_sampling
 
 CHAT_ROLES = {
     "system": "system",
@@ -38,6 +40,11 @@ EFFORT_THINKING = {
     "xhigh": "on",
 }
 MAX_SESSION_ID = 256
+MAX_CHOICES = 16
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# Responses `include` values: the one that asks for logprobs, and one that asks for something
+# fermi never produces (encrypted reasoning: reasoning comes back in plain text), accepted.
+RESPONSES_INCLUDE = {LOGPROBS_INCLUDE, "reasoning.encrypted_content"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class ChatCall:
     stream: bool
     include_usage: bool
     generation: GenerationRequest
+    logprobs: bool = False  # choices carry logprobs.content
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class ResponsesCall:
     instructions: str | None
     max_output_tokens: int | None
     generation: GenerationRequest
+    logprobs: bool = False  # output_text parts and deltas carry logprobs
 
 
 def parse_json(raw: bytes | None) -> dict[str, Any]:
@@ -96,12 +105,18 @@ class Fields:
             raise InvalidRequest(f"{where or 'the body'} must be an object", param=where or None)
         self.data = data
         self.where = where
+        self.used: set[str] = set()  # the fields read (see field_policy.check_fields)
+
+    def raw(self, name: str) -> Any:
+        """The untyped value (None when absent); the field counts as read."""
+        self.used.add(name)
+        return self.data.get(name)
 
     def param(self, name: str) -> str:
         return f"{self.where}.{name}" if self.where else name
 
     def _get(self, name: str, kinds: tuple[type, ...], what: str, required: bool) -> Any:
-        value = self.data.get(name)
+        value = self.raw(name)
         if value is None:
             if required:
                 raise InvalidRequest(f"{self.param(name)} is required", param=self.param(name))
@@ -158,14 +173,60 @@ def _sampling(f: Fields) -> SamplingParams:
         repetition_penalty=f.number("repetition_penalty"),
         presence_penalty=f.number("presence_penalty") or 0.0,
         frequency_penalty=f.number("frequency_penalty") or 0.0,
-        seed=f.integer("seed"),
+        seed=f.integer("seed"),  # -1: a random seed, as vLLM and llama.cpp read it
+        logit_bias=_logit_bias(f),
     )
     validate_sampling(params)  # the runtime's ranges, one table for every transport
     return params
 
 
+def _logit_bias(f: Fields) -> dict[int, float]:
+    """OpenAI's logit_bias: an object of token id (as a JSON string key) -> bias."""
+    bias = f.object("logit_bias")
+    if bias is None:
+        return {}
+    out = {}
+    for key, value in bias.data.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise InvalidRequest(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            )
+        out[int(key)] = value  # the range is checked with the sampling values
+    return out
+
+
+def _choices(f: Fields) -> int:
+    n = f.integer("n", minimum=1) or 1
+    if n > MAX_CHOICES:
+        raise InvalidRequest(f"n must be at most {MAX_CHOICES}, got {n}", param="n")
+    return n
+
+
+def _top_logprobs(f: Fields) -> int | None:
+    k = f.integer("top_logprobs", minimum=0)
+    if k is not None and k > MAX_LOGPROBS:
+        raise InvalidRequest(
+            f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {k}", param="top_logprobs"
+        )
+    return k
+
+
+def _only(f: Fields, name: str, allowed: tuple) -> None:
+    """A known OpenAI field fermi honours only at these values (its default)."""
+    value = f.raw(name)
+    if value is not None and value not in allowed:
+        raise InvalidRequest(f"{name}: {UNSUPPORTED[name]}, got {value!r}", param=name)
+
+
+def _common_options(f: Fields) -> None:
+    """Known fields every route takes at their default value only."""
+    _only(f, "service_tier", ("auto", "default"))
+    _only(f, "modalities", (["text"],))
+    f.object("stream_options")  # include_usage is read per route; include_obfuscation is moot
+
+
 def _stop(f: Fields) -> list[str]:
-    value = f.data.get("stop")
+    value = f.raw("stop")
     if value is None:
         return []
     stops = [value] if isinstance(value, str) else value
@@ -175,9 +236,13 @@ def _stop(f: Fields) -> list[str]:
 
 
 def _thinking(f: Fields, effort: str | None) -> Thinking | None:
-    """`thinking` wins over vLLM's chat_template_kwargs.enable_thinking, which wins over
-    OpenAI's reasoning effort; none of them means the server's default."""
-    raw = f.data.get("thinking")
+    """`thinking` wins over vLLM's chat_template_kwargs.enable_thinking, which wins over a
+    top-level enable_thinking, which wins over OpenAI's reasoning effort; none of them means
+    the server's default. All are read (and type-checked) whichever wins."""
+    raw = f.raw("thinking")
+    kwargs = f.object("chat_template_kwargs")
+    nested = kwargs.boolean("enable_thinking") if kwargs else None
+    top = f.boolean("enable_thinking")  # top-level, as some clients send it
     if raw is not None:
         word = str(raw).lower() if isinstance(raw, bool | str) else None
         if word not in THINKING_WORDS:
@@ -185,8 +250,7 @@ def _thinking(f: Fields, effort: str | None) -> Thinking | None:
                 f"thinking must be on, off, auto, true or false, got {raw!r}", param="thinking"
             )
         return THINKING_WORDS[word]
-    kwargs = f.object("chat_template_kwargs")
-    enable = kwargs.boolean("enable_thinking") if kwargs else None
+    enable = nested if nested is not None else top
     if enable is not None:
         return "on" if enable else "off"
     return EFFORT_THINKING[effort] if effort is not None else None
@@ -203,7 +267,7 @@ def _session_id(f: Fields) -> str | None:
 
 def _content(f: Fields, name: str, required: bool, part_types: set[str] = TEXT_PART_TYPES) -> str:
     """A string, or an array of text parts (joined); other part types are refused."""
-    value = f.data.get(name)
+    value = f.raw(name)
     if value is None:
         if required:
             raise InvalidRequest(f"{f.param(name)} is required", param=f.param(name))
@@ -247,18 +311,20 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
     if not items:
         raise InvalidRequest("messages must not be empty", param="messages")
     messages = [_message(Fields(m, f"messages[{i}]"), CHAT_ROLES) for i, m in enumerate(items)]
-    n = f.integer("n")
-    if n is not None and n != 1:
-        raise InvalidRequest(f"n must be 1: fermi returns one choice per request, got {n}", "n")
-    f.string("user")  # accepted for compatibility; only its type is checked
     legacy_max = f.integer("max_tokens", minimum=1)
     max_tokens = f.integer("max_completion_tokens", minimum=1) or legacy_max
     options = f.object("stream_options")
     effort = f.string("reasoning_effort", choices=set(EFFORT_THINKING))
-    return ChatCall(
+    logprobs = bool(f.boolean("logprobs"))
+    top_logprobs = _top_logprobs(f)
+    if top_logprobs is not None and not logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    _common_options(f)
+    call = ChatCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
         include_usage=bool(options and options.boolean("include_usage")),
+        logprobs=logprobs,
         generation=GenerationRequest(
             messages=messages,
             max_new_tokens=max_tokens,
@@ -268,13 +334,17 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
             session_id=_session_id(f),
             append=False,  # OpenAI clients resend the whole conversation
             ignore_eos=bool(f.boolean("ignore_eos")),
+            n=_choices(f),
+            logprobs=(top_logprobs or 0) if logprobs else None,
         ),
     )
+    check_fields(body, f.used, "chat")
+    return call
 
 
 def parse_responses(body: dict[str, Any]) -> ResponsesCall:
     f = Fields(body)
-    if f.data.get("previous_response_id") is not None:
+    if f.raw("previous_response_id") is not None:
         raise InvalidRequest(
             "previous_response_id is not supported (responses are not stored); resend the "
             "conversation in input, with a session_id to reuse its KV cache",
@@ -287,11 +357,17 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
     reasoning = f.object("reasoning")
     effort = reasoning.string("effort", choices=set(EFFORT_THINKING)) if reasoning else None
     max_output_tokens = f.integer("max_output_tokens", minimum=1)
-    return ResponsesCall(
+    top_logprobs = _top_logprobs(f)
+    logprobs = _responses_include(f) or top_logprobs is not None
+    _common_options(f)
+    _only(f, "background", (False,))
+    _only(f, "truncation", ("disabled",))
+    call = ResponsesCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
         instructions=instructions,
         max_output_tokens=max_output_tokens,
+        logprobs=logprobs,
         generation=GenerationRequest(
             messages=messages,
             max_new_tokens=max_output_tokens,
@@ -301,14 +377,30 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
             session_id=_session_id(f),
             append=False,
             ignore_eos=bool(f.boolean("ignore_eos")),
+            logprobs=(top_logprobs or 0) if logprobs else None,
         ),
     )
+    check_fields(body, f.used, "responses")
+    return call
+
+
+def _responses_include(f: Fields) -> bool:
+    """Whether `include` asks for output logprobs; values fermi cannot provide are refused."""
+    include = f.array("include") or []
+    for i, value in enumerate(include):
+        if value not in RESPONSES_INCLUDE:
+            raise InvalidRequest(
+                f"include[{i}]: {value!r} is not supported; supported: "
+                f"{', '.join(sorted(RESPONSES_INCLUDE))}",
+                param=f"include[{i}]",
+            )
+    return LOGPROBS_INCLUDE in include
 
 
 def _responses_input(f: Fields) -> list[Message]:
     """`input` is a string (one user turn) or an array of message items; a reasoning item is
     attached to the assistant message that follows it."""
-    value = f.data.get("input")
+    value = f.raw("input")
     if isinstance(value, str):
         return [Message("user", value)]
     items = f.array("input", required=True)

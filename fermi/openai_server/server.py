@@ -25,11 +25,13 @@ from sanic.response import HTTPResponse, empty, json, raw
 from fermi import logs, tracing
 from fermi.errors import FermiError
 from fermi.exposure import exposure_warning
+from fermi.fim import render_fim
+from fermi.openai_server import completions as cmpl
 from fermi.openai_server import formatters as fmt
 from fermi.openai_server.errors import ModelLoading, ServerDraining, Unauthorized, map_error
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
-from fermi.requests import Event, Finished, TextDelta
+from fermi.requests import Event, Finished, PromptLogprobs, TextDelta
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.openai")
@@ -37,6 +39,7 @@ log = logging.getLogger("fermi.openai")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 DRAIN_TIMEOUT_S = 30.0  # on SIGTERM/SIGINT, how long running generations may take to finish
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")  # keyed like /v1 (llama-server keys them too)
 ROUTES: list[tuple[Callable, str, str]] = []  # (handler, uri, method), filled by @route
 
 
@@ -95,11 +98,13 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         call = parse_chat(parse_json(request.body))
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("chatcmpl-"), runtime.model_id, call.generation.session_id)
+    text = runtime.token_text if call.logprobs else None
     generation = runtime.submit(call.generation)
     if call.stream:
-        return await _stream(request, generation, fmt.ChatStream(meta, call.include_usage))
-    reasoning, answer, finished = await _collect(request, generation)
-    return _json(fmt.chat_completion(meta, reasoning, answer, finished), meta)
+        frames = fmt.ChatStream(meta, call.include_usage, call.generation.n, text)
+        return await _stream(request, generation, frames)
+    choices, _, finished = await _collect(request, generation, call.generation.n)
+    return _json(fmt.chat_completion(meta, choices, finished, text), meta)
 
 
 @route("/v1/responses", "POST")
@@ -109,11 +114,51 @@ async def responses(request: Request) -> HTTPResponse | None:
         call = parse_responses(parse_json(request.body))
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("resp_"), runtime.model_id, call.generation.session_id)
+    text = runtime.token_text if call.logprobs else None
     generation = runtime.submit(call.generation)
     if call.stream:
-        return await _stream(request, generation, fmt.ResponseStream(meta, call))
-    reasoning, answer, finished = await _collect(request, generation)
-    return _json(fmt.response_final(meta, call, reasoning, answer, finished), meta)
+        return await _stream(request, generation, fmt.ResponseStream(meta, call, text))
+    choices, _, finished = await _collect(request, generation, 1)
+    return _json(fmt.response_final(meta, call, choices[0], finished, text), meta)
+
+
+@route("/v1/completions", "POST")
+async def completions(request: Request) -> HTTPResponse | None:
+    runtime = _runtime(request)
+    with tracing.child("parse"):
+        call = cmpl.parse_completions(parse_json(request.body))
+        check_model(call.model, runtime.info.names)
+    generation_request = call.generation
+    if call.suffix is not None:
+        generation_request.prompt = render_fim(runtime.fim, call.prompt, call.suffix)
+    meta = fmt.Meta(fmt.new_id("cmpl-"), runtime.model_id, None)
+    prompt_text = call.prompt if isinstance(call.prompt, str) else runtime.decode(call.prompt)
+    frames = cmpl.CompletionFrames(meta, call, runtime.token_text, prompt_text)
+    generation = runtime.submit(generation_request)
+    if call.stream:
+        return await _stream(request, generation, cmpl.CompletionStream(frames))
+    _, events, finished = await _collect(request, generation, call.generation.n)
+    return _json(frames.body(events, finished))
+
+
+@route("/tokenize", "POST")
+async def tokenize(request: Request) -> HTTPResponse:
+    runtime = _runtime(request)
+    call = cmpl.parse_tokenize(parse_json(request.body))
+    if call.messages is not None:
+        ids = await asyncio.to_thread(
+            runtime.tokenize_messages, call.messages, call.thinking, call.add_generation_prompt
+        )
+    else:
+        ids = await asyncio.to_thread(runtime.encode_special, call.text, call.add_special)
+    return _json(cmpl.tokenize_body(call, ids, runtime.token_text, runtime.context_length))
+
+
+@route("/detokenize", "POST")
+async def detokenize(request: Request) -> HTTPResponse:
+    runtime = _runtime(request)
+    ids = cmpl.parse_detokenize(parse_json(request.body))
+    return _json(cmpl.detokenize_body(await asyncio.to_thread(runtime.decode, ids)))
 
 
 async def preflight(request: Request, **_: Any) -> HTTPResponse:
@@ -204,17 +249,25 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
         generation.close()
 
 
-async def _collect(request: Request, generation) -> tuple[str, str, Finished]:
-    parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
-    finished = None
-    async with _events(request, generation) as events:
-        async for event in events:
+async def _collect(
+    request: Request, generation, n: int
+) -> tuple[list[fmt.ChoiceText], list[Event], Finished]:
+    """Every event of a generation, and the text of each of its `n` choices."""
+    choices = [fmt.ChoiceText(i) for i in range(n)]
+    parts = [{"reasoning": [], "answer": []} for _ in range(n)]
+    events: list[Event] = []
+    async with _events(request, generation) as stream:
+        async for event in stream:
+            events.append(event)
             if isinstance(event, TextDelta):
-                parts[event.kind].append(event.text)
-            else:
-                finished = event
-    assert finished is not None, "the runtime ends every generation with Finished"
-    return "".join(parts["reasoning"]), "".join(parts["answer"]), finished
+                parts[event.index][event.kind].append(event.text)
+                if event.kind == "answer":
+                    choices[event.index].tokens.extend(event.logprobs)
+    finished = events[-1]
+    assert isinstance(finished, Finished), "the runtime ends every generation with Finished"
+    for choice, texts in zip(choices, parts, strict=True):
+        choice.reasoning, choice.answer = "".join(texts["reasoning"]), "".join(texts["answer"])
+    return choices, events, finished
 
 
 @asynccontextmanager
@@ -223,8 +276,9 @@ async def _stream_span() -> AsyncIterator[None]:
         yield
 
 
-async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.ResponseStream):
-    """Write an SSE stream; a failure after the headers went out is reported in-band."""
+async def _stream(request: Request, generation, frames):
+    """Write an SSE stream (frames: a ChatStream, ResponseStream or CompletionStream); a
+    failure after the headers went out is reported in-band."""
     headers = dict(SSE_HEADERS)
     if frames.meta.session_id:
         headers["X-Session-Id"] = frames.meta.session_id
@@ -235,8 +289,7 @@ async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.Res
             await response.send(frames.start())
             try:
                 async for event in events:
-                    is_text = isinstance(event, TextDelta)
-                    await response.send(frames.text(event) if is_text else frames.finish(event))
+                    await response.send(_frame(frames, event))
             except Exception as e:
                 log.exception("generation failed mid-stream")
                 await response.send(frames.error(map_error(e)))
@@ -244,6 +297,14 @@ async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.Res
     finally:
         request.ctx.access.status = 200
         request.ctx.access.emit()
+
+
+def _frame(frames, event: Event) -> str:
+    if isinstance(event, TextDelta):
+        return frames.text(event)
+    if isinstance(event, PromptLogprobs):
+        return frames.prompt(event) if hasattr(frames, "prompt") else ""
+    return frames.finish(event)
 
 
 # -- app -------------------------------------------------------------------------------------
@@ -268,7 +329,8 @@ def allowed_origin(settings: Settings, origin: str | None) -> str | None:
 
 async def authorize(request: Request) -> None:
     key = request.app.ctx.settings.api_key
-    if not key or not request.path.startswith("/v1") or request.method == "OPTIONS":
+    protected = request.path.startswith("/v1") or request.path in TOKENIZER_ROUTES
+    if not key or not protected or request.method == "OPTIONS":
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):

@@ -72,9 +72,10 @@ class FermiModel:
 
         engine = self.runtime.engine
         sampler = Sampler(resolve_sampling(SamplingParams(temperature=0.0), {}, False), 0)
-        yield from generate_tokens(
+        steps = generate_tokens(
             engine, engine.new_cache(), ids, ids, sampler, count, set(), threading.Event()
         )
+        yield from (token.id for token in steps)
 
     def extra(self, spec: dict) -> dict:
         """Decode through `Runtime.submit` (template, detokenizer, text pipeline included), on

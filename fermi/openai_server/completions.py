@@ -1,0 +1,340 @@
+"""POST /v1/completions (OpenAI's legacy text completions) and the tokenizer routes:
+parsing into the runtime's raw-prompt GenerationRequest, and every body and chunk they send.
+
+The prompt is a string, a list of token ids, or a list holding one of those; batches of several
+prompts are refused (send one request each). `suffix` renders a fill-in-the-middle prompt when
+the model's vocabulary has FIM tokens (fermi/fim.py). `echo` puts the prompt before the
+completion; with `logprobs` too, the prompt tokens' logprobs come first (the first token's are
+null: nothing predicts it). `max_tokens` defaults to 16, as OpenAI's does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fermi.errors import InvalidRequest
+from fermi.openai_server.errors import ApiError
+from fermi.openai_server.field_policy import check_fields
+from fermi.openai_server.formatters import DONE, FINGERPRINT, Meta, chat_usage, error_body, sse
+from fermi.openai_server.logprobs import LegacyLogprobs, merge_legacy
+from fermi.openai_server.schemas import (
+    CHAT_ROLES,
+    Fields,
+    _choices,
+    _common_options,
+    _message,
+    _sampling,
+    _stop,
+    _thinking,
+)
+from fermi.requests import Finished, GenerationRequest, PromptLogprobs, TextDelta, Thinking
+from fermi.sampling import MAX_LOGPROBS
+from fermi.token_text import TokenText
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default
+
+
+@dataclass(frozen=True)
+class CompletionCall:
+    model: str | None
+    stream: bool
+    include_usage: bool
+    echo: bool
+    prompt: str | list[int]  # before any FIM rendering
+    suffix: str | None
+    generation: GenerationRequest
+
+
+def parse_completions(body: dict[str, Any]) -> CompletionCall:
+    f = Fields(body)
+    prompt = _prompt(f.raw("prompt"))
+    logprobs = f.integer("logprobs", minimum=0)
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    echo = bool(f.boolean("echo"))
+    suffix = f.string("suffix") or None
+    if suffix is not None and not isinstance(prompt, str):
+        raise InvalidRequest("suffix needs a text prompt", param="suffix")
+    n = _choices(f)
+    best_of = f.integer("best_of", minimum=1)
+    if best_of not in (None, 1, n):
+        raise InvalidRequest(f"best_of must equal n ({n}), got {best_of}", param="best_of")
+    options = f.object("stream_options")
+    _common_options(f)
+    call = CompletionCall(
+        model=f.string("model"),
+        stream=bool(f.boolean("stream")),
+        include_usage=bool(options and options.boolean("include_usage")),
+        echo=echo,
+        prompt=prompt,
+        suffix=suffix,
+        generation=GenerationRequest(
+            messages=[],
+            prompt=prompt,
+            max_new_tokens=f.integer("max_tokens", minimum=1) or DEFAULT_MAX_TOKENS,
+            sampling=_sampling(f),
+            stop=_stop(f),
+            ignore_eos=bool(f.boolean("ignore_eos")),
+            n=n,
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if echo else None,
+        ),
+    )
+    check_fields(body, f.used, "completions")
+    return call
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if value is None:
+        raise InvalidRequest("prompt is required", param="prompt")
+    if isinstance(value, list) and value and isinstance(value[0], str | list):
+        if len(value) > 1:
+            raise InvalidRequest(
+                f"prompt: batches of several prompts are not supported ({len(value)} given); "
+                "send one request per prompt",
+                param="prompt",
+            )
+        value = value[0]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    ):
+        return value
+    raise InvalidRequest("prompt must be a string or an array of token ids", param="prompt")
+
+
+# -- bodies ----------------------------------------------------------------------------------
+
+
+def completion_usage(finished: Finished) -> dict[str, Any]:
+    usage = chat_usage(finished.usage)
+    del usage["completion_tokens_details"]
+    return usage
+
+
+@dataclass
+class ChoiceState:
+    """One choice's logprobs builder (its text offsets run on across chunks); None when the
+    request asked for no logprobs."""
+
+    index: int
+    logprobs: LegacyLogprobs | None
+
+
+class CompletionFrames:
+    """Builds /v1/completions bodies: `prefix` (the echoed prompt) and `text` per delta feed a
+    ChoiceState per choice; `body` and the stream frames read them."""
+
+    def __init__(self, meta: Meta, call: CompletionCall, text: TokenText, prompt_text: str):
+        self.meta = meta
+        self.call = call
+        self.prompt_text = prompt_text
+        wants = call.generation.logprobs is not None
+        self.choices = [
+            ChoiceState(i, LegacyLogprobs(text) if wants else None)
+            for i in range(call.generation.n)
+        ]
+        self.prompt_block: dict[str, Any] | None = None
+
+    def prompt(self, event: PromptLogprobs | None) -> None:
+        """Remember the echoed prompt's logprobs (each choice starts with them)."""
+        if event is not None and self.choices[0].logprobs is not None:
+            self.prompt_block = LegacyLogprobs(self.choices[0].logprobs.text).block(
+                event.logprobs, event.token_ids
+            )
+
+    def start_choice(self, choice: ChoiceState) -> tuple[str, dict[str, Any] | None]:
+        """The echo: the prompt's text and logprobs, once per choice."""
+        if not self.call.echo:
+            return "", None
+        if choice.logprobs is not None:
+            choice.logprobs.offset = len(self.prompt_text)
+        return self.prompt_text, self.prompt_block
+
+    def delta(self, delta: TextDelta) -> tuple[ChoiceState, dict[str, Any] | None]:
+        choice = self.choices[delta.index]
+        block = None
+        if choice.logprobs is not None:
+            block = choice.logprobs.block(delta.logprobs, [t.id for t in delta.logprobs])
+        return choice, block
+
+    def choice_body(
+        self, index: int, text: str, block: dict[str, Any] | None, finish: str | None
+    ) -> dict[str, Any]:
+        wants = self.choices[index].logprobs is not None
+        return {"index": index, "text": text, "logprobs": block if wants else None,
+                "finish_reason": finish}  # fmt: skip
+
+    def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {
+            "id": self.meta.id,
+            "object": "text_completion",
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            **extra,
+        }
+
+    def body(self, events: list, finished: Finished) -> dict[str, Any]:
+        """The non-streaming body from all of a generation's events (the prompt's logprobs,
+        when asked, come before any text)."""
+        prompt = next((e for e in events if isinstance(e, PromptLogprobs)), None)
+        self.prompt(prompt)
+        texts: list[list[str]] = []
+        blocks: list[list[dict[str, Any]]] = []
+        for choice in self.choices:
+            text, block = self.start_choice(choice)
+            texts.append([text])
+            blocks.append([block] if block else [])
+        for event in events:
+            if isinstance(event, TextDelta):
+                choice, block = self.delta(event)
+                texts[choice.index].append(event.text)
+                blocks[choice.index].extend([block] if block else [])
+        reasons = finished.finish_reasons or [finished.finish_reason]
+        choices = [
+            self.choice_body(i, "".join(texts[i]), merge_legacy(blocks[i]), _reason(reasons, i))
+            for i in range(len(self.choices))
+        ]
+        return self.envelope(choices, usage=completion_usage(finished))
+
+
+def _reason(reasons: list[str], index: int) -> str:
+    return reasons[index] if index < len(reasons) else "stop"
+
+
+class CompletionStream:
+    """SSE frames of a streamed completion: text chunks (choice `index` on each), one finish
+    chunk per choice, a usage chunk when asked (empty choices), then [DONE]."""
+
+    def __init__(self, frames: CompletionFrames):
+        self.frames = frames
+        self.meta = frames.meta
+        self.started: set[int] = set()
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        extra = {"usage": usage} if self.frames.call.include_usage else {}
+        return sse(self.frames.envelope(choices, **extra))
+
+    def start(self) -> str:
+        return ""
+
+    def prompt(self, event: PromptLogprobs) -> str:
+        self.frames.prompt(event)
+        return ""
+
+    def text(self, delta: TextDelta) -> str:
+        frames = self._begin(delta.index)
+        choice, block = self.frames.delta(delta)
+        body = self.frames.choice_body(choice.index, delta.text, block, None)
+        return frames + self.chunk([body])
+
+    def finish(self, finished: Finished) -> str:
+        reasons = finished.finish_reasons or [finished.finish_reason]
+        out = "".join(self._begin(c.index) for c in self.frames.choices)
+        for c in self.frames.choices:
+            out += self.chunk(
+                [self.frames.choice_body(c.index, "", None, _reason(reasons, c.index))]
+            )
+        if self.frames.call.include_usage:
+            out += self.chunk([], usage=completion_usage(finished))
+        return out + DONE
+
+    def error(self, err: ApiError) -> str:
+        return sse(error_body(err)) + DONE
+
+    def _begin(self, index: int) -> str:
+        """The echo chunk of a choice, before its first text (nothing without echo)."""
+        if index in self.started:
+            return ""
+        self.started.add(index)
+        text, block = self.frames.start_choice(self.frames.choices[index])
+        if not text:
+            return ""
+        return self.chunk([self.frames.choice_body(index, text, block, None)])
+
+
+# -- tokenizer routes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizeCall:
+    """POST /tokenize in llama-server's shape (`content`) or vLLM's (`prompt` or `messages`)."""
+
+    style: str  # llama | vllm
+    text: str | None
+    messages: list | None
+    add_special: bool
+    with_pieces: bool
+    add_generation_prompt: bool = True  # messages: end with the assistant turn's opening
+    thinking: Thinking | None = None  # messages: chat_template_kwargs.enable_thinking and kin
+
+
+def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
+    f = Fields(body)
+    f.string("model")
+    if "content" in body:
+        call = TokenizeCall(
+            "llama",
+            f.string("content", required=True),
+            None,
+            bool(f.boolean("add_special")),
+            bool(f.boolean("with_pieces")),
+        )
+        if f.boolean("parse_special") is False:  # true, llama-server's default, is fermi's way
+            raise InvalidRequest(
+                "parse_special: false is not supported (special tokens in the text are parsed)",
+                param="parse_special",
+            )
+    elif "messages" in body:
+        items = f.array("messages", required=True)
+        messages = [_message(Fields(m, f"messages[{i}]"), CHAT_ROLES) for i, m in enumerate(items)]
+        call = TokenizeCall(
+            "vllm",
+            None,
+            messages,
+            False,
+            False,
+            add_generation_prompt=f.boolean("add_generation_prompt") is not False,
+            thinking=_thinking(f, None),
+        )
+    else:
+        add = f.boolean("add_special_tokens")
+        call = TokenizeCall(
+            "vllm", f.string("prompt", required=True), None, add is not False, False
+        )
+    _check_tokenizer_fields(body, f.used)
+    return call
+
+
+def parse_detokenize(body: dict[str, Any]) -> list[int]:
+    f = Fields(body)
+    f.string("model")
+    tokens = f.array("tokens", required=True)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise InvalidRequest("tokens must be an array of token ids", param="tokens")
+    _check_tokenizer_fields(body, f.used)
+    return tokens
+
+
+def _check_tokenizer_fields(body: dict[str, Any], used: set[str]) -> None:
+    unknown = [name for name, value in body.items() if value is not None and name not in used]
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: unknown field for this route", param=unknown[0])
+
+
+def tokenize_body(
+    call: TokenizeCall, ids: list[int], text: TokenText, max_model_len: int
+) -> dict[str, Any]:
+    if call.style == "vllm":
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+    if call.with_pieces:
+        return {"tokens": [{"id": i, "piece": text.piece(i)[0]} for i in ids]}
+    return {"tokens": ids}
+
+
+def detokenize_body(content: str) -> dict[str, Any]:
+    """Both peers' keys: llama-server reads `content`, vLLM `prompt`."""
+    return {"content": content, "prompt": content}

@@ -1,0 +1,320 @@
+"""/v1/completions, /tokenize, /detokenize, logprobs, logit_bias and n through the clients
+people point at a local server: openai-python, litellm, langchain-openai and the `llm` CLI, live
+on 127.0.0.1 over tiny-qwen3 (random weights: the tests check shapes, counts and the effect of
+each field, never the words)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from fermi.openai_server.loadtest import serve
+
+MODEL = "tiny-qwen3"
+USER = [{"role": "user", "content": "Hello there, how are you?"}]
+ENV = {"FERMI_API_KEY": "", "FERMI_DEFAULT_THINKING": "", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact):
+    with serve(str(tiny_artifact), env=ENV) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def greedy_chat(client, **kw):
+    kw.setdefault("max_tokens", 6)
+    return client.chat.completions.create(model=MODEL, messages=USER, temperature=0, **kw)
+
+
+def joined(tokens) -> str:
+    """The text of logprob entries from their bytes (a random model's tokens may split a
+    character, and such a token's `token` is spelled `bytes:\\x..`)."""
+    return b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", errors="replace")
+
+
+def tokenize(client, text: str) -> list[int]:
+    url = str(client.base_url).replace("/v1/", "/tokenize")
+    return httpx.post(url, json={"content": text}).json()["tokens"]
+
+
+# -- openai-python: chat -----------------------------------------------------------------------
+
+
+def test_chat_logprobs(client):
+    choice = greedy_chat(client, logprobs=True, top_logprobs=3).choices[0]
+    content = choice.logprobs.content
+    assert content and joined(content) == choice.message.content
+    for t in content:
+        assert t.logprob <= 0
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy
+        assert [x.logprob for x in t.top_logprobs] == sorted(
+            [x.logprob for x in t.top_logprobs], reverse=True
+        )
+    assert greedy_chat(client).choices[0].logprobs is None
+
+
+def test_chat_logprobs_streamed_with_each_chunk(client):
+    whole = greedy_chat(client, logprobs=True, top_logprobs=1).choices[0].logprobs.content
+    stream = greedy_chat(client, logprobs=True, top_logprobs=1, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in
+                c.choices[0].logprobs.content]  # fmt: skip
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [
+        (t.token, round(t.logprob, 5)) for t in whole
+    ]
+
+
+def test_chat_n_choices_streamed_by_index(client):
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=5, n=2, seed=3, temperature=1.0
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    singles = [
+        client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=5, seed=3 + i, temperature=1.0
+        )
+        for i in range(2)
+    ]
+    assert completion.usage.completion_tokens == sum(c.usage.completion_tokens for c in singles)
+    assert completion.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    for single, choice in zip(singles, completion.choices, strict=True):
+        assert single.choices[0].message.content == choice.message.content  # seed + index
+    texts = {0: "", 1: ""}
+    finishes = {}
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=5, n=2, seed=3, temperature=1.0, stream=True
+    ):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {c.index: c.message.content for c in completion.choices}
+    assert set(finishes) == {0, 1}
+
+
+def test_logit_bias_bans_and_forces(client):
+    first = greedy_chat(client, logprobs=True, top_logprobs=1).choices[0].logprobs.content[0]
+    [first_id] = tokenize(client, bytes(first.bytes).decode())
+    banned = greedy_chat(client, logprobs=True, logit_bias={str(first_id): -100})
+    assert banned.choices[0].logprobs.content[0].bytes != first.bytes
+    forced = greedy_chat(client, logit_bias={"264": 100}, max_tokens=4, logprobs=True)
+    url = str(client.base_url).replace("/v1/", "/detokenize")
+    piece = httpx.post(url, json={"tokens": [264]}).json()["content"]
+    content = forced.choices[0].logprobs.content
+    assert len(content) == 4 and forced.choices[0].message.content == piece * 4
+    assert all(bytes(t.bytes) == piece.encode() and t.logprob == 0 for t in content)
+
+
+def test_seed_minus_one_and_enable_thinking(client):
+    completion = greedy_chat(client, seed=-1, extra_body={"enable_thinking": False})
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+def test_refused_fields_name_their_param(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        greedy_chat(client, modalities=["text", "audio"])
+    assert e.value.body["param"] == "modalities"
+    with pytest.raises(openai.BadRequestError) as e:
+        greedy_chat(client, extra_body={"guided_json": {}})
+    assert e.value.body["param"] == "guided_json"
+    assert greedy_chat(client, store=True, metadata={"a": "b"}, user="u", service_tier="auto")
+
+
+# -- openai-python: completions and responses -------------------------------------------------
+
+
+def test_completions_logprobs_and_echo(client):
+    prompt = "The quick brown fox"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
+    choice = plain.choices[0]
+    assert plain.object == "text_completion" and choice.logprobs is None
+    prompt_ids = tokenize(client, prompt)
+    assert plain.usage.completion_tokens <= 5 and plain.usage.prompt_tokens == len(prompt_ids)
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True
+    ).choices[0]
+    assert scored.text == prompt + choice.text
+    lp = scored.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts it
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[: len(prompt_ids)]) == prompt
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert len(lp.tokens) == len(prompt_ids) + plain.usage.completion_tokens
+
+
+def test_completions_token_prompt_and_stop(client):
+    ids = tokenize(client, "one two three")
+    by_text = client.completions.create(model=MODEL, prompt="one two three", max_tokens=6,
+                                        temperature=0)  # fmt: skip
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert client.completions.create(model=MODEL, prompt=[ids], max_tokens=6, temperature=0)
+    text = by_text.choices[0].text
+    if len(text) > 2:
+        stop = text[1:3]
+        stopped = client.completions.create(
+            model=MODEL, prompt="one two three", max_tokens=6, temperature=0, stop=[stop]
+        ).choices[0]
+        assert stopped.finish_reason == "stop" and stop not in stopped.text
+
+
+def test_completions_streaming_n_and_usage(client):
+    whole = client.completions.create(model=MODEL, prompt="Once", max_tokens=6, n=2, seed=9,
+                                      temperature=1.0)  # fmt: skip
+    texts, finishes, usage = {0: "", 1: ""}, {}, None
+    for chunk in client.completions.create(
+        model=MODEL, prompt="Once", max_tokens=6, n=2, seed=9, temperature=1.0, stream=True,
+        stream_options={"include_usage": True}, logprobs=1,
+    ):  # fmt: skip
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.text:
+                assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) >= 1
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert set(finishes) == {0, 1} and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_refusals(client):
+    cases = [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "def f(", "suffix": "return 1"}, "suffix"),  # no FIM tokens in tiny-qwen3
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "extra_body": {"frobnicate": 1}}, "frobnicate"),
+        ({"prompt": 5}, "prompt"),
+    ]
+    for body, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, max_tokens=2, **body)  # type: ignore[call-overload]
+        assert e.value.body["param"] == param, body
+
+
+def test_responses_logprobs(client):
+    response = client.responses.create(
+        model=MODEL, input="Hi", max_output_tokens=5, temperature=0,
+        include=["message.output_text.logprobs"], top_logprobs=2,
+    )  # fmt: skip
+    part = response.output[-1].content[0]
+    assert part.logprobs and joined(part.logprobs) == part.text
+    assert all(len(t.top_logprobs) == 2 for t in part.logprobs)
+    deltas = [
+        e for e in client.responses.create(
+            model=MODEL, input="Hi", max_output_tokens=5, temperature=0, stream=True,
+            include=["message.output_text.logprobs"],
+        ) if e.type == "response.output_text.delta"
+    ]  # fmt: skip
+    assert [t.token for e in deltas for t in e.logprobs] == [t.token for t in part.logprobs]
+
+
+# -- tokenizer routes --------------------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize_in_both_shapes(http):
+    llama = http.post("/tokenize", json={"content": "Hello world", "with_pieces": True}).json()
+    pieces = llama["tokens"]
+    assert "".join(p["piece"] for p in pieces) == "Hello world"
+    vllm = http.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert vllm["tokens"] == [p["id"] for p in pieces]
+    assert vllm["count"] == len(pieces) and vllm["max_model_len"] == 4096
+    chat = http.post("/tokenize", json={"messages": USER}).json()
+    assert chat["count"] > len(pieces)
+    bare = http.post("/tokenize", json={"messages": USER, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == chat["tokens"][: bare["count"]] and bare["count"] < chat["count"]
+    back = http.post("/detokenize", json={"tokens": vllm["tokens"]}).json()
+    assert back == {"content": "Hello world", "prompt": "Hello world"}
+    bad = http.post("/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert http.post("/tokenize", json={"content": "x", "nope": 1}).status_code == 400
+    special = http.post("/tokenize", json={"content": "<|im_end|>", "parse_special": True})
+    assert len(special.json()["tokens"]) == 1
+    refused = http.post("/tokenize", json={"content": "x", "parse_special": False})
+    assert refused.json()["error"]["param"] == "parse_special"
+
+
+# -- other clients -----------------------------------------------------------------------------
+
+
+def test_litellm_text_completion(server, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    response = litellm.text_completion(
+        model=f"text-completion-openai/{MODEL}", api_base=server.url + "/v1", api_key="unused",
+        prompt="Once upon a time", max_tokens=5, temperature=0,
+    )  # fmt: skip
+    assert response.choices[0].text is not None
+    assert response.usage.completion_tokens <= 5
+
+
+def test_langchain_completions_llm_and_chat_logprobs(server):
+    from langchain_openai import ChatOpenAI, OpenAI
+
+    llm = OpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", max_tokens=5,
+                 temperature=0, max_retries=0)  # fmt: skip
+    text = llm.invoke("Once upon a time")
+    assert isinstance(text, str)
+    assert "".join(llm.stream("Once upon a time")) == text
+    chat = ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", max_tokens=5,
+                      temperature=0, max_retries=0).bind(logprobs=True, top_logprobs=2)  # fmt: skip
+    message = chat.invoke("Hello")
+    content = message.response_metadata["logprobs"]["content"]
+    assert b"".join(bytes(t["bytes"]) for t in content).decode(errors="replace") == message.content
+    assert all(len(t["top_logprobs"]) == 2 and t["logprob"] <= 0 for t in content)
+
+
+def test_llm_cli_completion_model(server, tmp_path):
+    program = shutil.which("llm", path=str(Path(sys.executable).parent))
+    assert program, "the llm CLI is part of the dev environment"
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: fermi-tiny-completion\n  model_name: {MODEL}\n"
+        f"  api_base: {server.url}/v1\n  completion: true\n"
+    )
+    env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "unused"}
+    for extra in ([], ["--no-stream"]):
+        out = subprocess.run(
+            [program, "-m", "fermi-tiny-completion", "-o", "max_tokens", "4",
+             "-o", "temperature", "0", *extra, "Once upon a time"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    logged = subprocess.run(
+        [program, "logs", "-n", "1", "--json"], env=env, capture_output=True, text=True
+    )
+    record = json.loads(logged.stdout)[0]
+    assert record["model"] == "fermi-tiny-completion" and record["prompt"] == "Once upon a time"
+    assert math.isfinite(len(record["response"]))
+
+
+def test_completions_stream_echo_matches_the_body(client):
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=4, temperature=0, logprobs=1,
+              echo=True)  # fmt: skip
+    body = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert chunks[0].text == "The quick brown fox"  # the echo comes first, in its own chunk
+    assert "".join(c.text for c in chunks) == body.text
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs]
+    assert streamed == body.logprobs.token_logprobs
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == body.logprobs.text_offset

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.rope import Rope, read_rope, rope_parameters
 from fermi.errors import UnsupportedArchitecture
 
 
@@ -45,6 +46,7 @@ class ModelConfig:
     rope_theta: float
     context_length: int
     tie_word_embeddings: bool
+    rope: Rope = Rope()  # scaling type and parameters (export/rope.py)
 
 
 def find_architecture(config: dict) -> Architecture:
@@ -60,21 +62,6 @@ def find_architecture(config: dict) -> Architecture:
     raise UnsupportedArchitecture(
         f"architecture {found} is not supported; fermi exports {', '.join(REGISTRY)}"
     )
-
-
-def _rope_theta(config: dict) -> float:
-    """Only plain RoPE is built. Older configs say `rope_theta` + `rope_scaling: null`; newer
-    transformers write `rope_parameters: {rope_type, rope_theta}`."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    rope_type = (
-        scaling.get("rope_type") or scaling.get("type") or params.get("rope_type", "default")
-    )
-    if rope_type != "default":
-        raise UnsupportedArchitecture(
-            f"rope type {rope_type!r} is not supported; only default RoPE (rope_scaling null) is"
-        )
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def model_config(config: dict) -> ModelConfig:
@@ -94,13 +81,19 @@ def model_config(config: dict) -> ModelConfig:
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         vocab_size=config["vocab_size"],
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(config),
+        rope_theta=(rope := read_rope(config)).theta,
         context_length=config.get("max_position_embeddings", 32768),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope=rope,
     )
 
 
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies over pairs of the head dim, as transformers computes them."""
-    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
-    return (1.0 / cfg.rope_theta**exponents).astype(np.float32)
+    """RoPE inverse frequencies over pairs of the head dim, (D/2,) float32, scaled as the
+    config's rope type asks (export/rope.py)."""
+    return rope_parameters(cfg.rope, cfg.head_dim, cfg.context_length)[0]
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor on cos and sin (1 except for YaRN)."""
+    return rope_parameters(cfg.rope, cfg.head_dim, cfg.context_length)[1]

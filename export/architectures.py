@@ -38,6 +38,8 @@ REGISTRY = {
         Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True, sampling_advice=QWEN3_SAMPLING),
         Architecture("Qwen2ForCausalLM", "qwen2", qk_norm=False),
         Architecture("LlamaForCausalLM", "llama", qk_norm=False),
+        # Mistral's decoder is Llama's; only checkpoints without a sliding window are built.
+        Architecture("MistralForCausalLM", "mistral", qk_norm=False),
     )
 }
 
@@ -75,13 +77,27 @@ def find_architecture(config: dict) -> Architecture:
     )
 
 
+def check_sliding_window(config: dict) -> None:
+    """Refuse sliding-window attention. Qwen2 configs carry a window switched off by
+    `use_sliding_window: false`; Mistral's `sliding_window` is null from v0.2 on, and a window at
+    least as long as the context never slides."""
+    if "use_sliding_window" in config:
+        sliding = bool(config["use_sliding_window"])
+    else:
+        window = config.get("sliding_window")
+        sliding = window is not None and window < config.get("max_position_embeddings", 32768)
+    if sliding:
+        raise UnsupportedArchitecture(
+            "sliding-window attention is not supported (sliding_window must be null)"
+        )
+
+
 def model_config(config: dict) -> ModelConfig:
     if config.get("hidden_act", "silu") != "silu":
         raise UnsupportedArchitecture(
             f"hidden_act {config['hidden_act']!r} is not supported; only silu is"
         )
-    if config.get("use_sliding_window"):
-        raise UnsupportedArchitecture("sliding-window attention is not supported")
+    check_sliding_window(config)
     heads = config["num_attention_heads"]
     return ModelConfig(
         hidden_size=config["hidden_size"],

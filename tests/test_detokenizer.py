@@ -227,3 +227,14 @@ def test_finalize_gives_out_an_unfinished_character(tokenizer):
     ids = tokenizer.encode("😀").ids[:-1]
     pieces = stream(tokenizer, ids)
     assert "".join(pieces) == tokenizer.decode(ids) and pieces[-1]
+
+
+def test_qwen3_real_vocabulary(qwen3_tokenizer_dir):
+    """Qwen3's own tokenizer.json: every sample, and all of them joined with its special and
+    think tokens, stream to exactly decode()."""
+    qwen = Tokenizer.from_file(str(qwen3_tokenizer_dir / "tokenizer.json"))
+    text = "<|im_start|>assistant\n<think>\n" + "\n".join(SAMPLES + CORPUS) + "</think><|im_end|>"
+    ids = qwen.encode(text).ids
+    pieces = stream(qwen, ids)
+    assert "".join(pieces) == qwen.decode(ids) and "<think>" in "".join(pieces)
+    assert not any("\ufffd" in p for p in pieces)

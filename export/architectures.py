@@ -10,7 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.rope import Rope, read_rope, rope_parameters
 from fermi.errors import UnsupportedArchitecture
+
+# Qwen3's advice (Qwen3 model cards, "Best Practices"): thinking mode T 0.6, top_p 0.95, top_k 20,
+# min_p 0 (do not decode greedily); non-thinking T 0.7, top_p 0.8, top_k 20, min_p 0. It applies
+# only when a checkpoint's generation_config.json sets no sampling values (fermi/family.py).
+QWEN3_SAMPLING = {
+    "thinking": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
+    "non_thinking": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
+}
 
 
 @dataclass(frozen=True)
@@ -18,14 +27,19 @@ class Architecture:
     name: str  # the `architectures` entry in config.json
     model_type: str
     qk_norm: bool  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    # The family's advised sampling defaults by mode ({"thinking": {...}, "non_thinking": {...}}),
+    # recorded in the manifest; None: the family advises nothing.
+    sampling_advice: dict | None = None
 
 
 REGISTRY = {
     arch.name: arch
     for arch in (
-        Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True),
+        Architecture("Qwen3ForCausalLM", "qwen3", qk_norm=True, sampling_advice=QWEN3_SAMPLING),
         Architecture("Qwen2ForCausalLM", "qwen2", qk_norm=False),
         Architecture("LlamaForCausalLM", "llama", qk_norm=False),
+        # Mistral's decoder is Llama's; only checkpoints without a sliding window are built.
+        Architecture("MistralForCausalLM", "mistral", qk_norm=False),
     )
 }
 
@@ -45,6 +59,7 @@ class ModelConfig:
     rope_theta: float
     context_length: int
     tie_word_embeddings: bool
+    rope: Rope = Rope()  # scaling type and parameters (export/rope.py)
 
 
 def find_architecture(config: dict) -> Architecture:
@@ -62,19 +77,19 @@ def find_architecture(config: dict) -> Architecture:
     )
 
 
-def _rope_theta(config: dict) -> float:
-    """Only plain RoPE is built. Older configs say `rope_theta` + `rope_scaling: null`; newer
-    transformers write `rope_parameters: {rope_type, rope_theta}`."""
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    rope_type = (
-        scaling.get("rope_type") or scaling.get("type") or params.get("rope_type", "default")
-    )
-    if rope_type != "default":
+def check_sliding_window(config: dict) -> None:
+    """Refuse sliding-window attention. Qwen2 configs carry a window switched off by
+    `use_sliding_window: false`; Mistral's `sliding_window` is null from v0.2 on, and a window at
+    least as long as the context never slides."""
+    if "use_sliding_window" in config:
+        sliding = bool(config["use_sliding_window"])
+    else:
+        window = config.get("sliding_window")
+        sliding = window is not None and window < config.get("max_position_embeddings", 32768)
+    if sliding:
         raise UnsupportedArchitecture(
-            f"rope type {rope_type!r} is not supported; only default RoPE (rope_scaling null) is"
+            "sliding-window attention is not supported (sliding_window must be null)"
         )
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def model_config(config: dict) -> ModelConfig:
@@ -82,8 +97,7 @@ def model_config(config: dict) -> ModelConfig:
         raise UnsupportedArchitecture(
             f"hidden_act {config['hidden_act']!r} is not supported; only silu is"
         )
-    if config.get("use_sliding_window"):
-        raise UnsupportedArchitecture("sliding-window attention is not supported")
+    check_sliding_window(config)
     heads = config["num_attention_heads"]
     return ModelConfig(
         hidden_size=config["hidden_size"],
@@ -94,13 +108,19 @@ def model_config(config: dict) -> ModelConfig:
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         vocab_size=config["vocab_size"],
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(config),
+        rope_theta=(rope := read_rope(config)).theta,
         context_length=config.get("max_position_embeddings", 32768),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope=rope,
     )
 
 
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies over pairs of the head dim, as transformers computes them."""
-    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
-    return (1.0 / cfg.rope_theta**exponents).astype(np.float32)
+    """RoPE inverse frequencies over pairs of the head dim, (D/2,) float32, scaled as the
+    config's rope type asks (export/rope.py)."""
+    return rope_parameters(cfg.rope, cfg.head_dim, cfg.context_length)[0]
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor on cos and sin (1 except for YaRN)."""
+    return rope_parameters(cfg.rope, cfg.head_dim, cfg.context_length)[1]

@@ -34,6 +34,7 @@ from fermi.artifact import (
     load_manifest,
 )
 from fermi.errors import ArtifactError, ModelNotFound
+from fermi.family import family_fields
 from fermi.settings import Settings, load_settings
 
 # Copied from the checkpoint when present; tokenizer.json and config.json are required.
@@ -149,7 +150,7 @@ def write_artifact(
         vocab_size=config.vocab_size,
         context_length=ops.context_length,
         eos_token_ids=eos_token_ids(directory),
-        supports_thinking=supports_thinking(directory),
+        supports_thinking=(thinking := supports_thinking(directory)),
         inputs=inputs,
         outputs=outputs,
         kv_dtype=compute_dtype(variant.precision, variant.target).name,
@@ -157,6 +158,7 @@ def write_artifact(
         io_mode=ops.io_mode,
         graph_options=variant.recorded,
         session_config=ops.session_config,
+        **family_fields(directory, thinking, architecture.sampling_advice),
     )
     manifest.save(directory)
 

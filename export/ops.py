@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from export.architectures import ModelConfig, inv_freq
+from export.architectures import ModelConfig, inv_freq, rope_attention_factor
 from export.graph import GraphBuilder
 
 FLOAT = TensorProto.FLOAT
@@ -66,7 +66,7 @@ class PortableOps:
         mask = b.input("attention_mask", INT64, ["batch", "total_seq"])
         positions = b.input("position_ids", INT64, ["batch", "seq"])
         return {
-            "rope": self.rope_tables(positions, inv_freq(self.cfg), "model.rotary_emb"),
+            "rope": self.rope_tables(positions, "model.rotary_emb"),
             "visible": self.attention_mask(mask, ids, "model/attention_mask"),
         }
 
@@ -126,18 +126,25 @@ class PortableOps:
             x = self.b.node("Add", [x, residual], f"{name}/Add_residual")
         return self.rms_norm(x, weight, eps, name), x
 
-    def rope_tables(self, position_ids: str, inv_freq: np.ndarray, name: str) -> tuple[str, str]:
-        """cos and sin of position * inv_freq, (B, 1, S, D), computed in float32 like
-        transformers does, then cast to the graph dtype."""
+    def rope_tables(self, position_ids: str, name: str) -> tuple[str, str]:
+        """cos and sin of position * inv_freq, (B, 1, S, D), times the rope type's attention
+        factor (YaRN's; 1 otherwise), computed in float32 like transformers does, then cast to
+        the graph dtype."""
         b = self.b
         pos = b.node("Cast", [position_ids], f"{name}/Cast", to=FLOAT)
         pos = b.node("Unsqueeze", [pos, b.const([-1])], f"{name}/Unsqueeze")  # (B, S, 1)
-        freqs = b.node("Mul", [pos, b.const(inv_freq, np.float32)], f"{name}/Mul")  # (B, S, D/2)
+        freqs = b.node(
+            "Mul", [pos, b.const(inv_freq(self.cfg), np.float32)], f"{name}/Mul"
+        )  # (B, S, D/2)
         emb = b.node("Concat", [freqs, freqs], f"{name}/Concat", axis=-1)  # (B, S, D)
         emb = b.node("Unsqueeze", [emb, b.const([1])], f"{name}/Unsqueeze_heads")  # (B, 1, S, D)
-        cos = self.from_float(b.node("Cos", [emb], f"{name}/Cos"), f"{name}/cos")
-        sin = self.from_float(b.node("Sin", [emb], f"{name}/Sin"), f"{name}/sin")
-        return cos, sin
+        cos, sin = b.node("Cos", [emb], f"{name}/Cos"), b.node("Sin", [emb], f"{name}/Sin")
+        factor = rope_attention_factor(self.cfg)
+        if factor != 1.0:
+            scale = b.const(factor, np.float32)
+            cos = b.node("Mul", [cos, scale], f"{name}/Mul_cos_scale")
+            sin = b.node("Mul", [sin, scale], f"{name}/Mul_sin_scale")
+        return self.from_float(cos, f"{name}/cos"), self.from_float(sin, f"{name}/sin")
 
     def negate(self, x: str, name: str) -> str:
         return self.b.node("Neg", [x], f"{name}/Neg")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.architectures import inv_freq
 from export.ops import FLOAT, INT64, PortableOps
 
 
@@ -56,7 +55,7 @@ class CoreMLOps(PortableOps):
         index = b.input("logits_index", INT64, ["logits_seq"])
         written = b.node("ReduceSum", [update, b.const([-1])], "model/cache/ReduceSum", keepdims=1)
         keep = b.node("Sub", [b.const(1.0, b.dtype), written], "model/cache/keep")  # (1, 1, W, 1)
-        rope = self.rope_tables(positions, inv_freq(self.cfg), "model.rotary_emb")
+        rope = self.rope_tables(positions, "model.rotary_emb")
         return {"rope": rope, "bias": bias, "update": update, "keep": keep, "index": index}
 
     def select_positions(self, x: str, ctx: dict) -> str:

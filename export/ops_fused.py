@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from export.architectures import inv_freq
+from export.architectures import inv_freq, rope_attention_factor
 from export.graph import convert
 from export.ops import INT64, PortableOps
 from fermi.errors import UnsupportedArchitecture
@@ -43,10 +43,11 @@ MS = "com.microsoft"
 
 
 def rope_cache(cfg, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of position * inv_freq for every position, (context, D/2), in float32 like
-    transformers, then cast to the graph dtype."""
+    """cos and sin of position * inv_freq for every position, (context, D/2), times the rope
+    type's attention factor, in float32 like transformers, then cast to the graph dtype."""
     freqs = np.arange(cfg.context_length, dtype=np.float32)[:, None] * inv_freq(cfg)[None, :]
-    return np.cos(freqs).astype(dtype), np.sin(freqs).astype(dtype)
+    factor = np.float32(rope_attention_factor(cfg))
+    return (np.cos(freqs) * factor).astype(dtype), (np.sin(freqs) * factor).astype(dtype)
 
 
 class FusedOps(PortableOps):
@@ -103,7 +104,7 @@ class FusedOps(PortableOps):
             [b.node("Unsqueeze", [past, b.const([1])], f"{name}/Unsqueeze"), steps],
             f"{name}/positions",
         )  # (B, S)
-        cos, sin = self.rope_tables(positions, inv_freq(self.cfg), name)  # (B, 1, S, D)
+        cos, sin = self.rope_tables(positions, name)  # (B, 1, S, D)
         return tuple(
             b.node("Transpose", [t], f"{name}/Transpose_{n}", perm=[0, 2, 1, 3])
             for t, n in ((cos, "cos"), (sin, "sin"))

@@ -42,6 +42,16 @@ class Manifest:
     io_mode: str = "concat"
     graph_options: dict = field(default_factory=dict)  # quantization block size, window ...
     session_config: dict = field(default_factory=dict)  # onnxruntime config entries to apply
+    # Model-family tags (None: unknown, inferred from the chat template when loaded).
+    reasoning_tags: list[str] | None = None  # [start, end], e.g. ["<think>", "</think>"]
+    tool_call_tags: list[str] | None = None  # e.g. ["<tool_call>", "</tool_call>"]
+    tool_call_format: str | None = None  # "hermes": {"name": ..., "arguments": ...} inside the tags
+    # More family knowledge (fermi/family.py); a manifest without these gets them inferred.
+    detokenizer: str | None = None  # "byte_level" | "sentencepiece" (tokenizer.json's decoder)
+    # The family's advised sampling defaults by mode: {"thinking": {...}, "non_thinking": {...}}
+    sampling_advice: dict | None = None
+    # Where default sampling values come from: "generation_config" | "family_advice" | "neutral"
+    sampling_defaults: str | None = None
     fermi_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -60,9 +70,33 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
             known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (ValueError, TypeError) as e:
+            data = {k: v for k, v in data.items() if k in known}
+            if not FAMILY_FIELDS <= data.keys():
+                data = {**_inferred_family(directory, data), **data}
+            return cls(**data)
+        except (ValueError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{path} is not a valid manifest: {e}") from None
+
+
+FAMILY_FIELDS = {
+    "detokenizer",
+    "reasoning_tags",
+    "tool_call_tags",
+    "tool_call_format",
+    "sampling_advice",
+    "sampling_defaults",
+}
+
+
+def _inferred_family(directory: Path, data: dict) -> dict:
+    """Family fields for a manifest written before they existed: inferred from the artifact's
+    tokenizer, chat template and generation config, the advice from the architecture spec."""
+    from export.architectures import REGISTRY
+    from fermi.family import family_fields
+
+    arch = REGISTRY.get(data.get("architecture", ""))
+    advice = arch.sampling_advice if arch else None
+    return family_fields(directory, bool(data.get("supports_thinking")), advice)
 
 
 def sha256_file(path: Path) -> str:

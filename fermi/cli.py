@@ -299,7 +299,9 @@ def chat(
     ctx_size: CtxSizeOpt = None,
     threads: ThreadsOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
-    repeat_penalty: Annotated[float, typer.Option(help="1.0 = off")] = 1.0,
+    repeat_penalty: Annotated[
+        float | None, typer.Option(help="1.0 = off; unset: the model's default")
+    ] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
     top_p: Annotated[float | None, typer.Option()] = None,
     top_k: Annotated[int | None, typer.Option()] = None,

@@ -1,14 +1,20 @@
-"""Streaming detokenizer for byte-level BPE tokenizers (Qwen, GPT-2 style).
+"""Streaming detokenizer over the tokenizer's own decoder, for every vocabulary kind: byte-level
+BPE (Qwen, Llama 3, SmolLM: GPT-2's byte map) and SentencePiece (Llama 2, Mistral: `▁` for
+spaces, `<0xNN>` byte fallback), through `tokenizers.decoders.DecodeStream`.
 
 Decoding the whole sequence again after every token costs O(n) per step and can split a
-multi-byte character (CJK, emoji) across two pieces. Instead every token id maps once to its
-bytes; the detokenizer accumulates bytes and emits the longest prefix that ends on a complete
-UTF-8 character, holding back at most 3 bytes. The pieces joined equal `tokenizer.decode(ids)`.
+multi-byte character (CJK, emoji) across two pieces. DecodeStream decodes only a short window of
+recent ids and holds its output while that ends in an unfinished UTF-8 character, so no piece
+ever holds half a character. The pieces joined equal `tokenizer.decode(ids)` (special tokens
+skipped, as there): `finalize` hands out what the stream still holds, U+FFFD for a character
+that never completed, as decode() does. One exception, in nonsense output only: SentencePiece's
+ByteFallback decoder replaces a whole run of byte tokens with U+FFFD when the run is not valid
+UTF-8, so a valid byte streamed before invalid ones stays visible where decode() replaces it.
 
-The byte table follows the `tokenizers` ByteLevel decoder: a token's characters go through the
-GPT-2 unicode->byte map when all of them are in it, else the token's own UTF-8 is used (that is
-how added tokens such as `<think>` come out). Special tokens (`<|im_end|>`) and ids the tokenizer
-does not know (random-weight models pad their vocab) produce no bytes.
+Ids the tokenizer does not know (random-weight models pad their vocab) produce nothing.
+
+`token_bytes_table` gives each id's own bytes in a byte-level vocabulary (what OpenAI's logprobs
+call a token's `bytes`); streaming text does not use it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,58 @@ from __future__ import annotations
 import functools
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+
+class StreamingDetokenizer:
+    """reset() / add_token(id) -> newly final text / finalize() -> the rest."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.reset()
+
+    def reset(self) -> None:
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []  # ids whose text the stream has not given out yet
+        self._context: list[int] = []  # the ids just before them (a leading `▁` is a space there)
+
+    def add_token(self, token_id: int) -> str:
+        if not 0 <= token_id < self._vocab_size:
+            return ""
+        self._held.append(token_id)
+        try:
+            text = self._stream.step(self._tokenizer, token_id)
+        except Exception:  # the library's own error for a prefix that decodes differently now
+            return self._restart()
+        if text is None:
+            return ""
+        self._context = (self._context + self._held)[-4:]
+        self._held = []
+        return text
+
+    def _restart(self) -> str:
+        """Give out the held ids' text and continue in a new stream primed with the ids before
+        them (DecodeStream raises when invalid bytes made its earlier output disagree with the
+        decode of the same ids; nonsense output only)."""
+        context = (self._context + self._held)[-1:]
+        text = self.finalize()
+        try:
+            self._stream.step(self._tokenizer, context[0])
+            self._context = context
+        except Exception:  # not even that one decodes alone: start afresh
+            self.reset()
+        return text
+
+    def finalize(self) -> str:
+        """Emit what is still held: the text the held ids add after the ones before them (or,
+        where those no longer decode to the text already given out, the held ids alone)."""
+        if not self._held:
+            return ""
+        held, before = self._held, self._tokenizer.decode(self._context)
+        full = self._tokenizer.decode(self._context + held)
+        self.reset()
+        return full[len(before) :] if full.startswith(before) else self._tokenizer.decode(held)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -51,46 +109,3 @@ def token_bytes_table(tokenizer: Tokenizer) -> tuple[bytes, ...]:
         if token_id not in special:
             table[token_id] = _token_bytes(token)
     return tuple(table)
-
-
-def _complete_prefix_length(buf: bytearray) -> int:
-    """Length of the longest prefix of `buf` that does not end inside a UTF-8 sequence that
-    later bytes could still complete. Invalid bytes count as complete (they decode to U+FFFD)."""
-    n = len(buf)
-    start = n - 1
-    while start >= 0 and n - start <= 4 and buf[start] & 0xC0 == 0x80:
-        start -= 1  # skip continuation bytes back to the last lead byte
-    if start < 0 or n - start > 4:
-        return n
-    lead = buf[start]
-    need = (
-        2 if lead & 0xE0 == 0xC0 else 3 if lead & 0xF0 == 0xE0 else 4 if lead & 0xF8 == 0xF0 else 1
-    )
-    return start if n - start < need else n
-
-
-class StreamingDetokenizer:
-    """reset() / add_token(id) -> newly final text / finalize() -> the rest."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._table = token_bytes_table(tokenizer)
-        self.reset()
-
-    def reset(self) -> None:
-        self._pending = bytearray()
-
-    def add_token(self, token_id: int) -> str:
-        if 0 <= token_id < len(self._table):
-            self._pending += self._table[token_id]
-        cut = _complete_prefix_length(self._pending)
-        if cut == 0:
-            return ""
-        text = self._pending[:cut].decode("utf-8", errors="replace")
-        del self._pending[:cut]
-        return text
-
-    def finalize(self) -> str:
-        """Emit what is still held (an unfinished character becomes U+FFFD, as decode() does)."""
-        text = self._pending.decode("utf-8", errors="replace")
-        self._pending.clear()
-        return text

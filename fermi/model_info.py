@@ -56,10 +56,10 @@ def capped_context(model_context: int, ctx_size: int) -> int:
 
 
 def supports_tools(manifest, template_source: str) -> bool:
-    """The manifest's tool-call tags when it records them, else whether the chat template
-    renders a `tools` list."""
+    """Whether the chat template in use renders a `tools` list and, when the manifest records
+    the model's tool-call tags, the model has them (a --chat-template override decides too)."""
     tags = getattr(manifest, "tool_call_tags", None)
-    return bool(tags) if tags is not None else "tools" in template_source
+    return (tags is None or bool(tags)) and "tools" in template_source
 
 
 def supports_thinking(settings: Settings, manifest) -> bool:

@@ -19,6 +19,9 @@ class Message:
     role: Literal["system", "user", "assistant", "tool"]
     content: str
     reasoning_content: str | None = None
+    # OpenAI's shapes: [{"id", "type": "function", "function": {"name", "arguments"}}, ...]
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
 
 
 @dataclass

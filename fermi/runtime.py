@@ -125,8 +125,9 @@ class Runtime:
             request.sampling,
             self.generation_config,
             thinking := resolve_thinking(
-                request.thinking, self.settings, self.model_id, self.manifest.supports_thinking
+                request.thinking, self.settings, self.manifest.supports_thinking
             ),
+            self.manifest.sampling_advice,
         )
         session = self.sessions.acquire(request.session_id)
         try:
@@ -204,9 +205,7 @@ class Runtime:
         self, messages: list[Message], thinking: str | None = None, add_generation_prompt=True
     ) -> list[int]:
         """The ids of `messages` rendered by the chat template, as a request would prompt."""
-        enabled = resolve_thinking(
-            thinking, self.settings, self.model_id, self.manifest.supports_thinking
-        )
+        enabled = resolve_thinking(thinking, self.settings, self.manifest.supports_thinking)
         prompt = self.template.render(messages, enabled, add_generation_prompt)
         return self.encode(prompt)
 

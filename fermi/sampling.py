@@ -1,4 +1,4 @@
-"""Token sampling: small pure logits transforms, request/model/Qwen default resolution, a Sampler.
+"""Token sampling: small pure logits transforms, request/model default resolution, a Sampler.
 
 Each `apply_*` function takes a 1-D float logits vector and returns a new one (the input is never
 modified; a transform that has nothing to do may return its input). Masked entries become -inf.
@@ -8,7 +8,7 @@ They raise ValueError naming the allowed range; requests are validated earlier, 
 Sampler interface (one Sampler per generation; it keeps the token counts the penalties need, so a
 step costs O(distinct tokens seen) instead of re-counting the whole sequence):
 
-    sampler = Sampler(resolve_sampling(params, generation_config, thinking), seed)
+    sampler = Sampler(resolve_sampling(params, generation_config, thinking, advice), seed)
     sampler.reset(prompt_ids)            # start a sequence
     token = sampler.sample_token(logits) # SampledToken(id, logprob, top_logprobs), recorded
     token_id = sampler.sample(logits)    # the same, the id only
@@ -41,9 +41,8 @@ TOP_P_SORT = 1024  # apply_top_p sorts at most this many candidates (histogram p
 TOP_P_BINS = 256
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
 
-# Qwen's advice (Qwen3 model cards): thinking mode / non-thinking mode.
-QWEN_THINKING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
-QWEN_NON_THINKING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+# Defaults when neither the model nor its family says anything: OpenAI's and vLLM's.
+NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 def apply_repetition_penalty(
@@ -250,39 +249,57 @@ def validate_sampling(params: SamplingParams) -> None:
             )
 
 
-def resolve_sampling(
-    params: SamplingParams, generation_config: Mapping[str, object] | None, thinking: bool
-) -> ResolvedSampling:
-    """Request values win; then the model's generation_config.json; then Qwen's advice.
+def sampling_defaults(
+    generation_config: Mapping[str, object] | None,
+    advice: Mapping[str, Mapping[str, float]] | None,
+    thinking: bool,
+) -> tuple[dict[str, float], str]:
+    """The model's default temperature, top_p, top_k, min_p and repetition_penalty for one
+    request mode, and their source; the one place this is decided.
 
-    generation_config.json holds the thinking-mode values (Qwen3 ships temperature 0.6, top_p
-    0.95, top_k 20), so with thinking off its temperature/top_p/top_k/min_p are not used: values
-    the request leaves unset come from Qwen's non-thinking advice instead. `do_sample: false` and
-    repetition_penalty are not mode-specific and apply in both modes. Invalid values in
-    generation_config.json are ignored (the advice is used), never blamed on the request.
+    1. "generation_config": the model's generation_config.json sets any of those values (or
+       `do_sample: false`, which means greedy); it wins in both thinking modes, and what it
+       leaves out is neutral.
+    2. "family_advice": else the family's advice by mode, `advice` = {"thinking": {...},
+       "non_thinking": {...}} (the manifest's sampling_advice, from the architecture spec).
+    3. "neutral": else NEUTRAL.
+    Values in generation_config.json outside the request ranges are ignored, never blamed on a
+    request.
     """
-    validate_sampling(params)
     config = dict(generation_config or {})
-    advice = QWEN_THINKING if thinking else QWEN_NON_THINKING
-    mode_specific = ("temperature", "top_p", "top_k", "min_p")
+    own = {name: config[name] for name in NEUTRAL if _valid(name, config.get(name))}
+    greedy = config.get("do_sample") is False
+    if own or greedy:
+        values = {**NEUTRAL, **own}
+        if greedy:
+            values["temperature"] = 0.0  # the model asks for greedy decoding
+        return values, "generation_config"
+    mode = (advice or {}).get("thinking" if thinking else "non_thinking")
+    if mode:
+        return {**NEUTRAL, **mode}, "family_advice"
+    return dict(NEUTRAL), "neutral"
 
-    def pick(name: str, fallback: float) -> float:
+
+def resolve_sampling(
+    params: SamplingParams,
+    generation_config: Mapping[str, object] | None,
+    thinking: bool,
+    advice: Mapping[str, Mapping[str, float]] | None = None,
+) -> ResolvedSampling:
+    """Request values win; the rest are the model's defaults (`sampling_defaults`)."""
+    validate_sampling(params)
+    defaults, _ = sampling_defaults(generation_config, advice, thinking)
+
+    def pick(name: str) -> float:
         requested = getattr(params, name)
-        if requested is not None:
-            return requested
-        if (thinking or name not in mode_specific) and _valid(name, config.get(name)):
-            return config[name]  # type: ignore[return-value]
-        return fallback
+        return requested if requested is not None else defaults[name]
 
-    temperature = pick("temperature", advice["temperature"])
-    if params.temperature is None and config.get("do_sample") is False:
-        temperature = 0.0  # the model asks for greedy decoding
     return ResolvedSampling(
-        temperature=float(temperature),
-        top_p=float(pick("top_p", advice["top_p"])),
-        top_k=int(pick("top_k", advice["top_k"])),
-        min_p=float(pick("min_p", advice["min_p"])),
-        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        temperature=float(pick("temperature")),
+        top_p=float(pick("top_p")),
+        top_k=int(pick("top_k")),
+        min_p=float(pick("min_p")),
+        repetition_penalty=float(pick("repetition_penalty")),
         presence_penalty=float(params.presence_penalty),
         frequency_penalty=float(params.frequency_penalty),
         logit_bias={int(k): float(v) for k, v in (params.logit_bias or {}).items()},

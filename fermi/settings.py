@@ -24,7 +24,7 @@ class Settings:
     offline: bool = False
     artifacts: str = "artifacts"
     default_thinking: str | None = None  # on | off | auto; None = off
-    supports_thinking: bool | None = None  # None = inferred from the model id
+    supports_thinking: bool | None = None  # None = the manifest says
     disable_think: bool = False
     engine_pool: int = 1
     max_queue: int = 64  # requests waiting for an engine beyond those running

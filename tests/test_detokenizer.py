@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 from fermi.detokenizer import StreamingDetokenizer, bytes_to_unicode, token_bytes_table
 
@@ -127,3 +136,105 @@ def test_byte_map_and_table_cache(tokenizer):
     table = bytes_to_unicode()
     assert len(set(table.values())) == 256 and table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"
     assert token_bytes_table(tokenizer) is token_bytes_table(tokenizer)
+
+
+# --- SentencePiece vocabularies (Llama 2, Mistral): `▁` for spaces, <0xNN> byte fallback --------
+
+
+@pytest.fixture(scope="module")
+def sentencepiece() -> Tokenizer:
+    """A llama-style tokenizer.json: BPE with byte fallback, `▁` prepended and for spaces, and
+    the decoder Llama 2 ships (Replace ▁, ByteFallback, Fuse, Strip one leading space). The
+    256 byte tokens are ordinary vocabulary entries, as in Llama's."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_tokens(ADDED)
+    return tok
+
+
+@pytest.mark.parametrize("text", [*SAMPLES, "Hello world", "x  y", " lead", "ünï 😀 end", "🦙 € 𝔘"])
+def test_sentencepiece_pieces_join_to_decode(sentencepiece, text):
+    ids = sentencepiece.encode(text).ids
+    pieces = stream(sentencepiece, ids)
+    assert "".join(pieces) == sentencepiece.decode(ids)
+    assert not any("\u2581" in p or "\ufffd" in p for p in pieces)
+
+
+def test_sentencepiece_spaces_stream_as_spaces(sentencepiece):
+    """The `▁Hello▁world` bug: each piece has real spaces, and the first word has none before it
+    (the decoder strips the prepended one)."""
+    ids = sentencepiece.encode("Hello world, this is a test.").ids
+    pieces = [p for p in stream(sentencepiece, ids) if p]
+    assert "".join(pieces) == "Hello world, this is a test."
+    assert any(p.startswith(" ") or p.endswith(" ") for p in pieces)
+
+
+def test_sentencepiece_byte_fallback_characters_are_never_split(sentencepiece):
+    ids = sentencepiece.encode("🦙").ids  # not in the training corpus: four byte tokens
+    assert sum(sentencepiece.id_to_token(i).startswith("<0x") for i in ids) == 4
+    pieces = stream(sentencepiece, ids)
+    assert [p for p in pieces if p] == ["🦙"]
+
+
+def test_sentencepiece_special_and_unknown_ids(sentencepiece):
+    bos, eos = sentencepiece.token_to_id("<s>"), sentencepiece.token_to_id("</s>")
+    size = sentencepiece.get_vocab_size(with_added_tokens=True)
+    ids = [bos, *sentencepiece.encode("ok 你好").ids, size + 3, eos]
+    assert "".join(stream(sentencepiece, ids)) == sentencepiece.decode(ids) == "ok 你好"
+
+
+def test_sentencepiece_random_id_sequences_match_decode(sentencepiece):
+    """Random ids without byte tokens match decode() exactly. Runs of byte tokens that are not
+    valid UTF-8 differ in one way only: ByteFallback replaces the whole run, while a character
+    already streamed before the run went wrong stays (the module docstring)."""
+    size = sentencepiece.get_vocab_size(with_added_tokens=True)
+    byte_ids = {i for i in range(size) if sentencepiece.id_to_token(i).startswith("<0x")}
+    words = [i for i in range(size) if i not in byte_ids]
+    rng = random.Random(1)
+    for _ in range(300):
+        ids = [rng.choice(words) for _ in range(rng.randrange(1, 20))]
+        assert "".join(stream(sentencepiece, ids)) == sentencepiece.decode(ids), ids
+    for _ in range(300):
+        ids = [rng.randrange(size) for _ in range(rng.randrange(1, 20))]
+        joined, expected = "".join(stream(sentencepiece, ids)), sentencepiece.decode(ids)
+        assert "\u2581" not in joined, ids
+        # Everything decode() shows as text appears, in order (a subsequence).
+        rest = iter(joined)
+        assert all(ch in rest for ch in expected.replace("\ufffd", "")), ids
+
+
+def test_finalize_gives_out_an_unfinished_character(tokenizer):
+    """A stream cut inside a character: finalize() hands out what decode() gives (U+FFFD)."""
+    ids = tokenizer.encode("😀").ids[:-1]
+    pieces = stream(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids) and pieces[-1]
+
+
+def test_qwen3_real_vocabulary(qwen3_tokenizer_dir):
+    """Qwen3's own tokenizer.json: every sample, and all of them joined with its special and
+    think tokens, stream to exactly decode()."""
+    qwen = Tokenizer.from_file(str(qwen3_tokenizer_dir / "tokenizer.json"))
+    text = "<|im_start|>assistant\n<think>\n" + "\n".join(SAMPLES + CORPUS) + "</think><|im_end|>"
+    ids = qwen.encode(text).ids
+    pieces = stream(qwen, ids)
+    assert "".join(pieces) == qwen.decode(ids) and "<think>" in "".join(pieces)
+    assert not any("\ufffd" in p for p in pieces)

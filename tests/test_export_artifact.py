@@ -178,17 +178,14 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_scaled_rope_is_refused(tmp_path):
+def test_unsupported_rope_scaling_is_refused(tmp_path):
     checkpoint = checkpoint_with_config(
         tmp_path,
-        rope_scaling={
-            "rope_type": "yarn",
-            "factor": 4.0,
-            "original_max_position_embeddings": 32768,
-        },
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
     )
-    with pytest.raises(UnsupportedArchitecture, match="yarn"):
+    with pytest.raises(UnsupportedArchitecture, match="longrope"):
         export_model(str(checkpoint), precision="fp32", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_directory_without_a_checkpoint(tmp_path):

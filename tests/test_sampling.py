@@ -8,8 +8,7 @@ import pytest
 from fermi.errors import InvalidRequest
 from fermi.requests import SamplingParams
 from fermi.sampling import (
-    QWEN_NON_THINKING,
-    QWEN_THINKING,
+    NEUTRAL,
     ResolvedSampling,
     Sampler,
     apply_min_p,
@@ -19,6 +18,7 @@ from fermi.sampling import (
     apply_top_k,
     apply_top_p,
     resolve_sampling,
+    sampling_defaults,
 )
 
 INF = np.inf
@@ -119,51 +119,72 @@ def test_transforms_reject_out_of_range(call, range_text):
 # --- resolve_sampling -----------------------------------------------------------------------
 
 QWEN_CONFIG = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+ADVICE = {
+    "thinking": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
+    "non_thinking": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0},
+}
 
 
 def test_request_values_win():
     params = SamplingParams(temperature=1.2, top_p=0.5, top_k=5, min_p=0.1, repetition_penalty=1.3)
-    r = resolve_sampling(params, {**QWEN_CONFIG, "repetition_penalty": 1.05}, thinking=True)
-    assert r == ResolvedSampling(1.2, 0.5, 5, 0.1, 1.3, 0.0, 0.0)
+    config = {**QWEN_CONFIG, "repetition_penalty": 1.05}
+    for thinking in (True, False):
+        r = resolve_sampling(params, config, thinking, ADVICE)
+        assert r == ResolvedSampling(1.2, 0.5, 5, 0.1, 1.3, 0.0, 0.0)
 
 
-def test_generation_config_used_when_thinking():
+@pytest.mark.parametrize("thinking", [True, False])
+def test_generation_config_wins_in_both_modes_over_family_advice(thinking):
     config = {"temperature": 0.9, "top_p": 0.85, "top_k": 40, "repetition_penalty": 1.1}
-    r = resolve_sampling(SamplingParams(top_k=7), config, thinking=True)
+    r = resolve_sampling(SamplingParams(top_k=7), config, thinking, ADVICE)
     assert (r.temperature, r.top_p, r.top_k, r.min_p, r.repetition_penalty) == (
         0.9,
         0.85,
         7,
-        QWEN_THINKING["min_p"],
+        0.0,  # not in the config: neutral, not the advice
         1.1,
     )
+    assert sampling_defaults(config, ADVICE, thinking)[1] == "generation_config"
 
 
-def test_non_thinking_ignores_generation_config_sampling_values():
-    config = {"temperature": 0.9, "top_p": 0.85, "top_k": 40, "repetition_penalty": 1.1}
-    r = resolve_sampling(SamplingParams(), config, thinking=False)
-    assert (r.temperature, r.top_p, r.top_k, r.min_p) == tuple(QWEN_NON_THINKING.values())
-    assert r.repetition_penalty == 1.1  # not mode-specific
-
-
-def test_qwen_advice_without_generation_config():
-    think = resolve_sampling(SamplingParams(), None, thinking=True)
+def test_family_advice_only_without_generation_config_values():
+    """Qwen3's advice applies to a model of that family that ships no sampling values (the eos
+    ids alone are not sampling values)."""
+    config = {"eos_token_id": [1, 2]}
+    think = resolve_sampling(SamplingParams(), config, True, ADVICE)
     assert (think.temperature, think.top_p, think.top_k, think.min_p) == (0.6, 0.95, 20, 0.0)
-    plain = resolve_sampling(SamplingParams(), {}, thinking=False)
+    plain = resolve_sampling(SamplingParams(), None, False, ADVICE)
     assert (plain.temperature, plain.top_p, plain.top_k, plain.min_p) == (0.7, 0.8, 20, 0.0)
     assert plain.repetition_penalty == 1.0 and not plain.greedy
+    assert sampling_defaults(config, ADVICE, True)[1] == "family_advice"
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_neutral_defaults_without_config_or_advice(thinking):
+    """A family that advises nothing (Llama) and a config without sampling values: OpenAI's and
+    vLLM's neutral values, whatever the thinking mode."""
+    r = resolve_sampling(SamplingParams(), {"bos_token_id": 1}, thinking)
+    assert (r.temperature, r.top_p, r.top_k, r.min_p, r.repetition_penalty) == (1, 1, 0, 0, 1)
+    assert sampling_defaults({}, None, thinking) == (NEUTRAL, "neutral")
 
 
 def test_do_sample_false_means_greedy_unless_request_sets_temperature():
     config = {"do_sample": False, "temperature": 0.6}
-    assert resolve_sampling(SamplingParams(), config, thinking=True).greedy
-    assert resolve_sampling(SamplingParams(), config, thinking=False).greedy
+    assert resolve_sampling(SamplingParams(), config, True, ADVICE).greedy
+    assert resolve_sampling(SamplingParams(), config, False, ADVICE).greedy
     assert resolve_sampling(SamplingParams(temperature=0.3), config, True).temperature == 0.3
+    assert resolve_sampling(SamplingParams(), {"do_sample": False}, False, ADVICE).greedy
 
 
-def test_invalid_generation_config_values_fall_back_to_advice():
-    r = resolve_sampling(SamplingParams(), {"temperature": 7.0, "top_p": "x"}, thinking=True)
-    assert (r.temperature, r.top_p) == (0.6, 0.95)
+def test_invalid_generation_config_values_are_ignored():
+    config = {"temperature": 7.0, "top_p": "x"}
+    assert sampling_defaults(config, ADVICE, True) == (
+        {**NEUTRAL, **ADVICE["thinking"]},
+        "family_advice",
+    )
+    config["top_k"] = 30
+    r = resolve_sampling(SamplingParams(), config, thinking=True, advice=ADVICE)
+    assert (r.temperature, r.top_p, r.top_k) == (1.0, 1.0, 30)
 
 
 @pytest.mark.parametrize(

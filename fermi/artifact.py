@@ -42,6 +42,10 @@ class Manifest:
     io_mode: str = "concat"
     graph_options: dict = field(default_factory=dict)  # quantization block size, window ...
     session_config: dict = field(default_factory=dict)  # onnxruntime config entries to apply
+    # Model-family tags (None: unknown, inferred from the chat template when loaded).
+    reasoning_tags: list[str] | None = None  # [start, end], e.g. ["<think>", "</think>"]
+    tool_call_tags: list[str] | None = None  # e.g. ["<tool_call>", "</tool_call>"]
+    tool_call_format: str | None = None  # "hermes": {"name": ..., "arguments": ...} inside the tags
     fermi_version: str = __version__
     format_version: int = FORMAT_VERSION
 

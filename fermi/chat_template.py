@@ -96,18 +96,26 @@ class ChatTemplate:
         return cls(source, bos_token=bos, eos_token=_token_text(config.get("eos_token")))
 
     def render(
-        self, messages: list[Message], enable_thinking: bool, add_generation_prompt: bool = True
+        self,
+        messages: list[Message],
+        enable_thinking: bool,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> str:
-        """The prompt text; a template's raise_exception becomes InvalidRequest("messages")."""
+        """The prompt text, as transformers' apply_chat_template renders it: `tools` (OpenAI
+        function tools) and each message's `tool_calls` / `tool_call_id` are passed to the
+        template unchanged. A template's raise_exception becomes InvalidRequest("messages")."""
         dicts = []
         for m in messages:
             d = {"role": m.role, "content": m.content}
-            if m.reasoning_content is not None:
-                d["reasoning_content"] = m.reasoning_content
+            for name in ("reasoning_content", "tool_calls", "tool_call_id"):
+                if getattr(m, name) is not None:
+                    d[name] = getattr(m, name)
             dicts.append(d)
         try:
             return self._template.render(
                 messages=dicts,
+                tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,
                 bos_token=self.bos_token or "",
@@ -117,9 +125,23 @@ class ChatTemplate:
             raise InvalidRequest(f"chat template: {e}", param="messages") from None
 
 
-def opens_think_block(prompt: str) -> bool:
-    """Whether the prompt ends inside an open <think> block (the model continues reasoning)."""
-    return prompt.rstrip().endswith("<think>")
+def opens_think_block(prompt: str, start_tag: str = "<think>") -> bool:
+    """Whether the prompt ends inside an open reasoning block (the model continues reasoning)."""
+    return prompt.rstrip().endswith(start_tag)
+
+
+def infer_reasoning_tags(source: str, supports_thinking: bool) -> list[str] | None:
+    """For artifacts whose manifest predates `reasoning_tags`: Qwen's tags when the model can
+    think or its template knows them."""
+    return ["<think>", "</think>"] if supports_thinking or "<think>" in source else None
+
+
+def infer_tool_call_tags(source: str) -> tuple[list[str] | None, str | None]:
+    """For artifacts whose manifest predates `tool_call_tags`: Hermes-style tags (Qwen2.5,
+    Qwen3) when the chat template writes them. Returns (tags, format)."""
+    if "<tool_call>" in source and "</tool_call>" in source:
+        return ["<tool_call>", "</tool_call>"], "hermes"
+    return None, None
 
 
 def parse_thinking(value: object) -> Thinking:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Thinking = Literal["on", "off", "auto"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 TextKind = Literal["reasoning", "answer"]
+ToolChoice = Literal["auto", "none", "required"] | str  # a str other than those: a function name
 
 
 @dataclass
@@ -16,6 +17,22 @@ class Message:
     role: Literal["system", "user", "assistant", "tool"]
     content: str
     reasoning_content: str | None = None
+    # OpenAI's shapes: [{"id", "type": "function", "function": {"name", "arguments"}}, ...]
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A constraint on the answer text (OpenAI's response_format, fermi's grammar extension).
+
+    kind: "json_object" (any JSON object), "json_schema" (`value` is the schema dict), "regex" or
+    "lark" (`value` is the grammar text). `param` names the request field that errors blame.
+    """
+
+    kind: Literal["json_object", "json_schema", "regex", "lark"]
+    value: dict | str | None = None
+    param: str = "response_format"
 
 
 @dataclass
@@ -45,6 +62,12 @@ class GenerationRequest:
     # append=False: `messages` are the whole conversation (OpenAI clients resend it every time).
     append: bool = False
     ignore_eos: bool = False  # benchmarks decode a fixed count
+    # OpenAI function tools: [{"type": "function", "function": {"name", "description",
+    # "parameters"}}]. They are rendered into the prompt by the model's chat template.
+    tools: list[dict] = field(default_factory=list)
+    tool_choice: ToolChoice = "auto"  # "required" and a named function are enforced by a grammar
+    parallel_tool_calls: bool = True
+    output_format: OutputFormat | None = None
 
 
 @dataclass
@@ -79,4 +102,16 @@ class Finished:
     dropped_turns: int = 0  # oldest turns dropped to fit the context
 
 
-Event = TextDelta | Finished
+@dataclass
+class ToolCallDelta:
+    """A piece of one tool call: the first piece of call `index` carries its id and name, the
+    rest carry fragments of its JSON arguments (joined, they are the arguments string)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    token_ids: list[int]
+
+
+Event = TextDelta | ToolCallDelta | Finished

@@ -23,18 +23,34 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from fermi.chat_template import ChatTemplate, opens_think_block, resolve_thinking
+from fermi.chat_template import (
+    ChatTemplate,
+    infer_reasoning_tags,
+    infer_tool_call_tags,
+    opens_think_block,
+    resolve_thinking,
+)
+from fermi.constraints import Constraint, GrammarCompiler, request_grammar
 from fermi.detokenizer import StreamingDetokenizer
 from fermi.engine import PRECISION, Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
 from fermi.generate import generate_tokens
 from fermi.models import resolve_artifact
-from fermi.requests import Event, Finished, GenerationRequest, Message, TextDelta, Usage
+from fermi.requests import (
+    Event,
+    Finished,
+    GenerationRequest,
+    Message,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from fermi.sampling import ResolvedSampling, Sampler, resolve_sampling
 from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.slots import Slots, Ticket
-from fermi.text_stream import ReasoningSplitter, StopMatcher
+from fermi.text_stream import OutputChannels, StopMatcher, channel_table
+from fermi.tool_calls import TOOL_CALL_FORMATS, HermesToolCalls
 
 MAX_STOP_STRINGS = 16
 
@@ -58,7 +74,9 @@ class Job:
     prompt_ids: list[int]
     max_new_tokens: int
     thinking: bool
-    opens_think: bool
+    channel: str  # the output's first state in the channel table: reasoning, start or answer
+    parse_tool_calls: bool
+    constraint: Constraint | None
     sampling: ResolvedSampling
     dropped_turns: int
 
@@ -75,6 +93,10 @@ class Runtime:
             json.loads(config_path.read_text()) if config_path.is_file() else {}
         )
         self.eos_ids = set(self.manifest.eos_token_ids)
+        self._family_tags()
+        self.grammars = GrammarCompiler(
+            self.tokenizer, self.manifest.vocab_size, self.manifest.eos_token_ids
+        )
         self.context_length = self.manifest.context_length
         source = self.manifest.source
         self.model_id = Path(source).name if Path(source).is_absolute() else source
@@ -86,6 +108,17 @@ class Runtime:
             )
         )
         self.slots = Slots(capacity=max(1, settings.engine_pool), max_waiting=settings.max_queue)
+
+    def _family_tags(self) -> None:
+        """Reasoning and tool-call tags from the manifest, else inferred from the template."""
+        manifest, source = self.manifest, self.template.source
+        self.reasoning_tags = manifest.reasoning_tags or infer_reasoning_tags(
+            source, bool(manifest.supports_thinking)
+        )
+        tags, fmt = manifest.tool_call_tags, manifest.tool_call_format
+        if not tags:
+            tags, fmt = infer_tool_call_tags(source)
+        self.tool_call_tags = tags if fmt in TOOL_CALL_FORMATS else None
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -139,6 +172,8 @@ class Runtime:
         prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
         room = self.context_length - len(prompt_ids)
         max_new = request.max_new_tokens or min(self.settings.max_new_tokens, room)
+        channel = self._first_channel(prompt, thinking)
+        constraint = self._constraint(request, channel)
         ticket = self.slots.reserve()
         return Job(
             request=request,
@@ -148,10 +183,42 @@ class Runtime:
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
             thinking=thinking,
-            opens_think=opens_think_block(prompt),
+            channel=channel,
+            parse_tool_calls=bool(
+                request.tools and request.tool_choice != "none" and self.tool_call_tags
+            ),
+            constraint=constraint,
             sampling=sampling,
             dropped_turns=dropped,
         )
+
+    def _first_channel(self, prompt: str, thinking: bool) -> str:
+        """Reasoning when the prompt opened the block; "start" (the output may open one) when
+        thinking is on; else the answer, never split."""
+        if self.reasoning_tags and opens_think_block(prompt, self.reasoning_tags[0]):
+            return "reasoning"
+        return "start" if thinking and self.reasoning_tags else "answer"
+
+    def _constraint(self, request: GenerationRequest, channel: str) -> Constraint | None:
+        """The request's grammar as a Constraint (InvalidRequest when it cannot be used)."""
+        if not (request.output_format or (request.tools and request.tool_choice != "auto")):
+            return None
+        terms = [self.grammars.tag_term(t) for t in self.tool_call_tags or []]
+        spec = request_grammar(request, terms or None)
+        if spec is None:
+            return None
+        reasoning = None
+        if channel != "answer":
+            ids = [self.grammars.single_token(t) for t in self.reasoning_tags]
+            if None in ids:
+                raise InvalidRequest(
+                    "constrained output needs thinking off on this model (its reasoning tags "
+                    "are not single tokens)",
+                    param="thinking",
+                )
+            reasoning = (ids[0], ids[1])
+        state = {"reasoning": "reasoning", "start": "start"}.get(channel, "grammar")
+        return Constraint(self.grammars.matcher(spec), self.manifest.vocab_size, state, reasoning)
 
     def _fit(self, conversation: list[Message], thinking: bool, request: GenerationRequest):
         """Render the prompt; when it does not fit, drop the oldest turns (session history only,
@@ -159,7 +226,9 @@ class Runtime:
         needed = request.max_new_tokens or 1
         dropped = 0
         while True:
-            prompt = self.template.render(conversation, enable_thinking=thinking)
+            prompt = self.template.render(
+                conversation, enable_thinking=thinking, tools=request.tools
+            )
             ids = self.encode(prompt)
             if len(ids) + needed <= self.context_length:
                 return prompt, ids, conversation, dropped
@@ -180,8 +249,18 @@ class Runtime:
         cache = session.cache if session.cache is not None else engine.new_cache()
         reused = _common_prefix(session.tokens, job.prompt_ids, len(job.prompt_ids) - 1)
         cache.trim(reused)
-        text = TextPipeline(StreamingDetokenizer(self.tokenizer), job.request.stop, job.opens_think)
-        sampler = Sampler(job.sampling, job.request.sampling.seed)
+        text = TextPipeline(
+            StreamingDetokenizer(self.tokenizer),
+            job.request.stop,
+            OutputChannels(
+                channel_table(
+                    self.reasoning_tags, self.tool_call_tags if job.parse_tool_calls else None
+                ),
+                job.channel,
+            ),
+            HermesToolCalls(tuple(self.tool_call_tags)) if job.parse_tool_calls else None,
+        )
+        sampler = Sampler(job.sampling, job.request.sampling.seed, constraint=job.constraint)
         eos = set() if job.request.ignore_eos else self.eos_ids
         generated: list[int] = []
         reasoning_tokens = 0
@@ -203,7 +282,7 @@ class Runtime:
                     finish = "stop"
                     break
                 deltas, stopped = text.add(token)
-                reasoning_tokens += text.splitter.last_kind == "reasoning"
+                reasoning_tokens += text.channels.last_kind == "reasoning"
                 yield from deltas
                 if stopped:
                     finish = "stop"
@@ -220,6 +299,8 @@ class Runtime:
             session.tokens = (job.prompt_ids + generated)[: cache.offset]
         if session.persistent:
             session.history = job.conversation + [text.as_message()]
+        if finish == "stop" and text.tool_calls:
+            finish = "tool_calls"
         yield self._finished(job, finish, len(generated), reasoning_tokens, reused)
 
     def _finished(
@@ -230,41 +311,91 @@ class Runtime:
 
 
 class TextPipeline:
-    """Token ids -> final text -> stop strings -> reasoning/answer deltas."""
+    """Token ids -> final text -> output channels (reasoning, answer, tool calls) -> stop strings
+    on the answer only -> events. Stop strings never look inside reasoning or tool calls."""
 
-    def __init__(self, detokenizer: StreamingDetokenizer, stops: list[str], in_reasoning: bool):
+    def __init__(
+        self,
+        detokenizer: StreamingDetokenizer,
+        stops: list[str],
+        channels: OutputChannels,
+        tool_calls: HermesToolCalls | None = None,
+    ):
         self.detokenizer = detokenizer
         self.stops = StopMatcher(stops)
-        self.splitter = ReasoningSplitter(start_in_reasoning=in_reasoning)
+        self.channels = channels
+        self.tool_parser = tool_calls
         self.pending: list[int] = []
-        self.parts = {"reasoning": [], "answer": []}
+        self.parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
         self.stopped = False
 
-    def add(self, token: int) -> tuple[list[TextDelta], bool]:
+    @property
+    def tool_calls(self) -> list:
+        return self.tool_parser.calls if self.tool_parser else []
+
+    def add(self, token: int) -> tuple[list[Event], bool]:
         self.pending.append(token)
-        safe, self.stopped = self.stops.feed(self.detokenizer.add_token(token))
-        return self._deltas(self.splitter.feed(safe)), self.stopped
+        events = self._events(self.channels.feed(self.detokenizer.add_token(token)))
+        return events, self.stopped
 
-    def finish(self) -> list[TextDelta]:
+    def finish(self) -> list[Event]:
+        if self.stopped:
+            return []
+        pieces = self.channels.feed(self.detokenizer.finalize()) + self.channels.flush()
+        if self.channels.table[self.channels.state].closes:  # the output ended inside a call
+            pieces.append(("tool_call_end", ""))
+        events = self._events(pieces)
         if not self.stopped:
-            safe, self.stopped = self.stops.feed(self.detokenizer.finalize())
-            tail = safe if self.stopped else safe + self.stops.flush()
-            return self._deltas(self.splitter.feed(tail) + self.splitter.flush())
-        return self._deltas(self.splitter.flush())
+            events += self._answer(self.stops.flush())
+        return events
 
-    def _deltas(self, pieces) -> list[TextDelta]:
-        deltas = []
+    def _events(self, pieces) -> list[Event]:
+        events: list[Event] = []
         for kind, piece in pieces:
-            if not piece:
-                continue
-            self.parts[kind].append(piece)
-            deltas.append(TextDelta(piece, kind, self.pending))
-            self.pending = []
-        return deltas
+            if self.stopped:
+                break
+            if kind == "reasoning":
+                events += self._text("reasoning", piece)
+            elif kind == "answer":
+                safe, self.stopped = self.stops.feed(piece)
+                events += self._answer(safe)
+            else:
+                events += self._answer(self.stops.flush())  # a tag ends held answer text
+                events += self._tool_call(kind, piece)
+        return events
+
+    def _tool_call(self, kind: str, piece: str) -> list[Event]:
+        if kind == "tool_call":
+            calls, plain = self.tool_parser.feed(piece), None
+        else:
+            calls, plain = self.tool_parser.end()
+        events: list[Event] = [
+            ToolCallDelta(c.index, c.id, c.name, c.arguments, self._take_pending()) for c in calls
+        ]
+        return events + self._answer(plain or "")
+
+    def _answer(self, text: str) -> list[Event]:
+        return self._text("answer", text)
+
+    def _text(self, kind: str, text: str) -> list[Event]:
+        if not text:
+            return []
+        self.parts[kind].append(text)
+        return [TextDelta(text, kind, self._take_pending())]
+
+    def _take_pending(self) -> list[int]:
+        pending, self.pending = self.pending, []
+        return pending
 
     def as_message(self) -> Message:
         reasoning = "".join(self.parts["reasoning"]) or None
-        return Message("assistant", "".join(self.parts["answer"]), reasoning_content=reasoning)
+        calls = [c.as_openai() for c in self.tool_calls] or None
+        return Message(
+            "assistant",
+            "".join(self.parts["answer"]),
+            reasoning_content=reasoning,
+            tool_calls=calls,
+        )
 
 
 class Generation:
@@ -355,6 +486,22 @@ def _validate(request: GenerationRequest) -> None:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
     if any(not s for s in request.stop):
         raise InvalidRequest("stop strings must not be empty", param="stop")
+    _validate_tools(request)
+
+
+def _validate_tools(request: GenerationRequest) -> None:
+    """tool_choice names a known function, or is auto / none / required (with tools)."""
+    choice = request.tool_choice
+    if choice in ("auto", "none"):
+        return
+    if not request.tools:
+        raise InvalidRequest(f"tool_choice {choice!r} needs tools", param="tool_choice")
+    names = {t["function"]["name"] for t in request.tools}
+    if choice != "required" and choice not in names:
+        raise InvalidRequest(
+            f"tool_choice names the function {choice!r}, which is not in tools",
+            param="tool_choice",
+        )
 
 
 def _merge(history: list[Message], new: list[Message]) -> list[Message]:

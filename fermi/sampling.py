@@ -13,6 +13,10 @@ step costs O(distinct tokens seen) instead of re-counting the whole sequence):
     token = sampler.sample(logits)       # picks a token and records it as generated
     sampler.accept(token_id)             # record a token that was not sampled (forced), if any
 
+A `constraint` (constrained decoding, fermi/constraints.py) is any object with `mask(logits)` ->
+logits (disallowed tokens at -inf) and `accept(token)`: the mask comes first, before the
+penalties, and every drawn token is passed to `accept`.
+
 Order of operations: repetition penalty, presence/frequency penalty, then greedy argmax when
 temperature is 0, else temperature, top-k, top-p, min-p and a draw from the softmax. After top-k
 the later steps work on the k candidates only, so a step avoids sorting the whole vocabulary.
@@ -217,8 +221,9 @@ def resolve_sampling(
 class Sampler:
     """Picks the next token; see the module docstring for the reset/sample/accept protocol."""
 
-    def __init__(self, resolved: ResolvedSampling, seed: int | None = None):
+    def __init__(self, resolved: ResolvedSampling, seed: int | None = None, constraint=None):
         self.resolved = resolved
+        self.constraint = constraint
         self.rng = np.random.default_rng(seed)  # seed None: fresh OS entropy
         self.reset([])
 
@@ -237,8 +242,13 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """Pick a token from a 1-D logits vector and record it."""
-        token = self._pick(np.asarray(logits, dtype=np.float32).reshape(-1))
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        token = self._pick(logits)
         self.accept(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         return token
 
     def _pick(self, logits: np.ndarray) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fermi.errors import InvalidRequest, ModelNotFound
+from fermi.openai_server import tool_schemas
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
 from fermi.sampling import validate_sampling
 
@@ -58,6 +59,8 @@ class ResponsesCall:
     instructions: str | None
     max_output_tokens: int | None
     generation: GenerationRequest
+    tools: list[dict[str, Any]] | None = None  # as sent (flat), echoed in the response
+    text_format: dict[str, Any] | None = None  # text.format as sent
 
 
 def parse_json(raw: bytes | None) -> dict[str, Any]:
@@ -230,7 +233,12 @@ def _message(f: Fields, roles: dict[str, str]) -> Message:
             param=f.param("role"),
         )
     content = _content(f, "content", required=role not in ("assistant", "tool"))
-    return Message(roles[role], content, reasoning_content=f.string("reasoning_content"))
+    message = Message(roles[role], content, reasoning_content=f.string("reasoning_content"))
+    if role == "assistant":
+        message.tool_calls = tool_schemas.assistant_tool_calls(f)
+    if role == "tool":
+        message.tool_call_id = f.string("tool_call_id")
+    return message
 
 
 # -- endpoints -----------------------------------------------------------------------------------
@@ -250,6 +258,7 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
     max_tokens = f.integer("max_completion_tokens", minimum=1) or legacy_max
     options = f.object("stream_options")
     effort = f.string("reasoning_effort", choices=set(EFFORT_THINKING))
+    tools = tool_schemas.chat_tools(f)
     return ChatCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
@@ -263,6 +272,10 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
             session_id=_session_id(f),
             append=False,  # OpenAI clients resend the whole conversation
             ignore_eos=bool(f.boolean("ignore_eos")),
+            tools=tools,
+            tool_choice=tool_schemas.tool_choice(f, tools, flat=False),
+            parallel_tool_calls=f.boolean("parallel_tool_calls") is not False,
+            output_format=tool_schemas.response_format(f),
         ),
     )
 
@@ -282,11 +295,15 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
     reasoning = f.object("reasoning")
     effort = reasoning.string("effort", choices=set(EFFORT_THINKING)) if reasoning else None
     max_output_tokens = f.integer("max_output_tokens", minimum=1)
+    tools = tool_schemas.responses_tools(f)
+    output_format = tool_schemas.text_format(f)
     return ResponsesCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
         instructions=instructions,
         max_output_tokens=max_output_tokens,
+        tools=f.data.get("tools") or [],
+        text_format=f.object("text").data.get("format") if output_format else None,
         generation=GenerationRequest(
             messages=messages,
             max_new_tokens=max_output_tokens,
@@ -296,13 +313,18 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
             session_id=_session_id(f),
             append=False,
             ignore_eos=bool(f.boolean("ignore_eos")),
+            tools=tools,
+            tool_choice=tool_schemas.tool_choice(f, tools, flat=True),
+            parallel_tool_calls=f.boolean("parallel_tool_calls") is not False,
+            output_format=output_format,
         ),
     )
 
 
 def _responses_input(f: Fields) -> list[Message]:
-    """`input` is a string (one user turn) or an array of message items; a reasoning item is
-    attached to the assistant message that follows it."""
+    """`input` is a string (one user turn) or an array of items: messages, reasoning (attached
+    to the assistant message that follows it), function_call (a tool call of the assistant turn)
+    and function_call_output (a tool message)."""
     value = f.data.get("input")
     if isinstance(value, str):
         return [Message("user", value)]
@@ -317,9 +339,19 @@ def _responses_input(f: Fields) -> list[Message]:
         if kind == "reasoning":
             reasoning = _content(item, "content", False, REASONING_PART_TYPES) or None
             continue
+        if kind == "function_call":
+            _add_function_call(messages, item, reasoning)
+            reasoning = None
+            continue
+        if kind == "function_call_output":
+            call_id = item.string("call_id", required=True)
+            output = _content(item, "output", required=True)
+            messages.append(Message("tool", output, tool_call_id=call_id))
+            continue
         if kind != "message":
             raise InvalidRequest(
-                f"input[{i}].type {kind!r} is not supported; only message and reasoning items",
+                f"input[{i}].type {kind!r} is not supported; only message, reasoning, "
+                "function_call and function_call_output items",
                 param=item.param("type"),
             )
         message = _message(item, RESPONSES_ROLES)
@@ -330,3 +362,20 @@ def _responses_input(f: Fields) -> list[Message]:
     if not messages:
         raise InvalidRequest("input holds no message", param="input")
     return messages
+
+
+def _add_function_call(messages: list[Message], item: Fields, reasoning: str | None) -> None:
+    """A function_call item joins the assistant turn just before it, or starts one."""
+    call = {
+        "id": item.string("call_id", required=True),
+        "type": "function",
+        "function": {
+            "name": item.string("name", required=True),
+            "arguments": item.string("arguments", required=True),
+        },
+    }
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant" and not reasoning:
+        last.tool_calls = (last.tool_calls or []) + [call]
+        return
+    messages.append(Message("assistant", "", reasoning_content=reasoning, tool_calls=[call]))

@@ -26,7 +26,7 @@ from fermi.openai_server import formatters as fmt
 from fermi.openai_server.errors import ModelLoading, Unauthorized, map_error
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
-from fermi.requests import Event, Finished, TextDelta
+from fermi.requests import Event, Finished
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.openai")
@@ -88,8 +88,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     generation = runtime.submit(call.generation)
     if call.stream:
         return await _stream(request, generation, fmt.ChatStream(meta, call.include_usage))
-    reasoning, answer, finished = await _collect(request, generation)
-    return _json(fmt.chat_completion(meta, reasoning, answer, finished), meta)
+    return _json(fmt.chat_completion(meta, await _collect(request, generation)), meta)
 
 
 @route("/v1/responses", "POST")
@@ -101,8 +100,7 @@ async def responses(request: Request) -> HTTPResponse | None:
     generation = runtime.submit(call.generation)
     if call.stream:
         return await _stream(request, generation, fmt.ResponseStream(meta, call))
-    reasoning, answer, finished = await _collect(request, generation)
-    return _json(fmt.response_final(meta, call, reasoning, answer, finished), meta)
+    return _json(fmt.response_final(meta, call, await _collect(request, generation)), meta)
 
 
 async def preflight(request: Request, **_: Any) -> HTTPResponse:
@@ -181,17 +179,13 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
         generation.close()
 
 
-async def _collect(request: Request, generation) -> tuple[str, str, Finished]:
-    parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
-    finished = None
+async def _collect(request: Request, generation) -> fmt.Collected:
+    result = fmt.Collected()
     async with _events(request, generation) as events:
         async for event in events:
-            if isinstance(event, TextDelta):
-                parts[event.kind].append(event.text)
-            else:
-                finished = event
-    assert finished is not None, "the runtime ends every generation with Finished"
-    return "".join(parts["reasoning"]), "".join(parts["answer"]), finished
+            result.add(event)
+    assert result.finished is not None, "the runtime ends every generation with Finished"
+    return result
 
 
 async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.ResponseStream):
@@ -204,8 +198,8 @@ async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.Res
         await response.send(frames.start())
         try:
             async for event in events:
-                is_text = isinstance(event, TextDelta)
-                await response.send(frames.text(event) if is_text else frames.finish(event))
+                done = isinstance(event, Finished)
+                await response.send(frames.finish(event) if done else frames.text(event))
         except Exception as e:
             log.exception("generation failed mid-stream")
             await response.send(frames.error(map_error(e)))

@@ -166,7 +166,11 @@ def test_responses_input_forms():
         ({}, "input"),
         ({"input": []}, "input"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-        ({"input": [{"type": "function_call"}]}, "input[0].type"),
+        ({"input": [{"type": "computer_call"}]}, "input[0].type"),
+        ({"input": [{"type": "function_call"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": "x", "text": {"format": {"type": "bogus"}}}, "text.format"),
         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
     ],
@@ -218,15 +222,20 @@ def frames(text: str) -> list[str]:
 
 def test_chat_completion_body():
     meta = fmt.Meta("chatcmpl-1", "tiny-qwen3", "s1")
-    body = fmt.chat_completion(meta, "let me see", "Hi!", Finished("stop", USAGE, "s1", True))
+    body = fmt.chat_completion(
+        meta, fmt.Collected("let me see", "Hi!", finished=Finished("stop", USAGE, "s1", True))
+    )
     parsed = ChatCompletion.model_validate(body)
     assert parsed.choices[0].message.content == "Hi!"
     assert body["choices"][0]["message"]["reasoning_content"] == "let me see"
+    assert body["choices"][0]["message"]["reasoning"] == "let me see"
     assert parsed.usage.total_tokens == 17
     assert parsed.usage.prompt_tokens_details.cached_tokens == 4
     assert parsed.usage.completion_tokens_details.reasoning_tokens == 2
     assert body["session_id"] == "s1"
-    plain = fmt.chat_completion(meta, "", "Hi", Finished("length", USAGE, "s1", False))
+    plain = fmt.chat_completion(
+        meta, fmt.Collected("", "Hi", finished=Finished("length", USAGE, "s1", False))
+    )
     assert "reasoning_content" not in plain["choices"][0]["message"]
 
 
@@ -295,7 +304,9 @@ def test_response_stream_without_text_still_has_a_message():
 def test_response_final_body():
     call = parse_responses({"input": "hi"})
     meta = fmt.Meta("resp_1", "tiny-qwen3", None)
-    body = fmt.response_final(meta, call, "think", "answer", Finished("stop", USAGE, "x", True))
+    body = fmt.response_final(
+        meta, call, fmt.Collected("think", "answer", finished=Finished("stop", USAGE, "x", True))
+    )
     parsed = Response.model_validate(body)
     assert parsed.status == "completed" and parsed.output_text == "answer"
     assert [o.type for o in parsed.output] == ["reasoning", "message"]

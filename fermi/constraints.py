@@ -97,11 +97,12 @@ class GrammarSpec:
 
 def request_grammar(request: GenerationRequest, tool_tags: list[str] | None) -> GrammarSpec | None:
     """The grammar a request asks for, if any: a forced tool call wins over an answer format.
-    `tool_tags` are the model's tool-call tags as Lark terms (GrammarCompiler.tag_term)."""
+    `tool_tags` are the model's tool-call tags as Lark terms (GrammarCompiler.tag_term).
+    Under tool_choice auto this is the grammar of the calls, for a lazy Constraint."""
     choice = request.tool_choice
-    if request.tools and choice not in ("auto", "none"):
+    if request.tools and choice != "none" and (choice != "auto" or not request.output_format):
         tools = request.tools
-        if choice != "required":
+        if choice not in ("auto", "required"):
             tools = [t for t in tools if t["function"]["name"] == choice]
         if not tool_tags:
             raise InvalidRequest(
@@ -167,9 +168,11 @@ class GrammarCompiler:
 class Constraint:
     """The sampler's hook: `mask(logits)` before a draw, `accept(token)` after it.
 
-    States: "start" (the output may open a reasoning block: the grammar's tokens and the
-    reasoning start token are allowed), "reasoning" (free until the end token), "grammar"
-    (masked), "done" (the matcher failed; nothing is masked any more).
+    States: "start" (the output may open a reasoning block: the reasoning start token is allowed
+    beside the grammar's tokens), "reasoning" (free until the end token), "grammar" (masked),
+    "lazy" (free until the `trigger` token, e.g. `<tool_call>` under tool_choice auto, which the
+    grammar then consumes and follows from), "done" (the matcher failed; nothing is masked any
+    more). After the reasoning the constraint goes to `after_reasoning` ("grammar" or "lazy").
     """
 
     def __init__(
@@ -178,10 +181,13 @@ class Constraint:
         vocab_size: int,
         state: str = "grammar",
         reasoning_tokens: tuple[int, int] | None = None,
+        trigger: int | None = None,
     ):
         self.matcher = matcher
-        self.state = state
         self.reasoning_tokens = reasoning_tokens
+        self.trigger = trigger
+        self.after_reasoning = "lazy" if trigger is not None else "grammar"
+        self.state = self.after_reasoning if state == "grammar" else state
         self._bits = allocate_token_bitmask(1, vocab_size)
         self._vocab = vocab_size
 
@@ -193,7 +199,8 @@ class Constraint:
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """(vocab,) logits -> a copy with disallowed tokens at -inf (the input when free)."""
-        if self.state in ("reasoning", "done"):
+        free = self.state in ("reasoning", "lazy", "done")
+        if free or (self.state == "start" and self.trigger is not None):
             return logits
         allowed = self.allowed()
         if self.state == "start" and self.reasoning_tokens is not None:
@@ -209,10 +216,14 @@ class Constraint:
             if self.reasoning_tokens is not None and token == self.reasoning_tokens[0]:
                 self.state = "reasoning"
                 return
-            self.state = "grammar"
+            self.state = self.after_reasoning
         if self.state == "reasoning":
             if self.reasoning_tokens is not None and token == self.reasoning_tokens[1]:
-                self.state = "grammar"
+                self.state = self.after_reasoning
             return
+        if self.state == "lazy":
+            if token != self.trigger:
+                return
+            self.state = "grammar"
         if self.state == "grammar" and not self.matcher.consume_token(token):
             self.state = "done"

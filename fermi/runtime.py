@@ -200,9 +200,21 @@ class Runtime:
         return "start" if thinking and self.reasoning_tags else "answer"
 
     def _constraint(self, request: GenerationRequest, channel: str) -> Constraint | None:
-        """The request's grammar as a Constraint (InvalidRequest when it cannot be used)."""
-        if not (request.output_format or (request.tools and request.tool_choice != "auto")):
+        """The request's grammar as a Constraint (InvalidRequest when it cannot be used).
+        Under tool_choice auto the calls' grammar applies lazily, from the model's own
+        tool-call start token on (when it is one token)."""
+        if request.tool_choice not in ("auto", "none") and not self.tool_call_tags:
+            raise InvalidRequest(
+                "this model has no tool-call format, so tool_choice cannot force a call",
+                param="tool_choice",
+            )
+        tools = request.tools and request.tool_choice != "none" and self.tool_call_tags
+        if not (request.output_format or tools):
             return None
+        lazy = bool(tools) and request.tool_choice == "auto" and not request.output_format
+        trigger = self.grammars.single_token(self.tool_call_tags[0]) if lazy else None
+        if lazy and trigger is None:
+            return None  # the calls are parsed, not constrained
         terms = [self.grammars.tag_term(t) for t in self.tool_call_tags or []]
         spec = request_grammar(request, terms or None)
         if spec is None:
@@ -218,7 +230,8 @@ class Runtime:
                 )
             reasoning = (ids[0], ids[1])
         state = {"reasoning": "reasoning", "start": "start"}.get(channel, "grammar")
-        return Constraint(self.grammars.matcher(spec), self.manifest.vocab_size, state, reasoning)
+        matcher = self.grammars.matcher(spec)
+        return Constraint(matcher, self.manifest.vocab_size, state, reasoning, trigger)
 
     def _fit(self, conversation: list[Message], thinking: bool, request: GenerationRequest):
         """Render the prompt; when it does not fit, drop the oldest turns (session history only,

@@ -180,3 +180,21 @@ def test_close_objects_keeps_explicit_additional_properties():
     assert closed["additionalProperties"] is True
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert "additionalProperties" not in schema["properties"]["a"]  # the input is not changed
+
+
+def test_under_auto_the_calls_grammar_starts_at_the_models_own_tag(compiler, tokenizer):
+    open_id = compiler.single_token("<tool_call>")
+    request = GenerationRequest([], tools=TOOLS, tool_choice="auto")
+    terms = [compiler.tag_term(t) for t in ("<tool_call>", "</tool_call>")]
+    constraint = Constraint(
+        compiler.matcher(request_grammar(request, terms)), VOCAB, "start", THINK, open_id
+    )
+    logits = np.zeros(VOCAB, dtype=np.float32)
+    assert np.isfinite(constraint.mask(logits)).all()  # free text first
+    for token in tokenizer.encode("Let me check.\n", add_special_tokens=False).ids:
+        constraint.accept(token)
+    assert constraint.state == "lazy" and np.isfinite(constraint.mask(logits)).all()
+    constraint.accept(open_id)
+    assert constraint.state == "grammar"
+    allowed = np.flatnonzero(np.isfinite(constraint.mask(logits)))
+    assert [tokenizer.decode([int(t)]) for t in allowed] == ["\n"]

@@ -356,7 +356,7 @@ class TextPipeline:
             return []
         pieces = self.channels.feed(self.detokenizer.finalize()) + self.channels.flush()
         if self.channels.table[self.channels.state].closes:  # the output ended inside a call
-            pieces.append(("tool_call_end", ""))
+            pieces.append(("tool_call_end", ""))  # no closing tag
         events = self._events(pieces)
         if not self.stopped:
             events += self._answer(self.stops.flush())
@@ -381,7 +381,7 @@ class TextPipeline:
         if kind == "tool_call":
             calls, plain = self.tool_parser.feed(piece), None
         else:
-            calls, plain = self.tool_parser.end()
+            calls, plain = self.tool_parser.end(closed=bool(piece))
         events: list[Event] = [
             ToolCallDelta(c.index, c.id, c.name, c.arguments, self._take_pending()) for c in calls
         ]

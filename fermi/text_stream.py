@@ -70,7 +70,7 @@ class State:
     tag. trim_at_end: drop trailing whitespace when the output ends here. decide_at_start: the
     state only looks at the very start of the output (after whitespace): an exit tag there is
     taken, anything else hands the text, verbatim, to `fallback`. A state with `closes` marks the
-    end of each of its blocks with a ("tool_call_end", "") piece.
+    end of each of its blocks with a ("tool_call_end", closing tag) piece.
     """
 
     channel: Channel
@@ -194,7 +194,7 @@ class OutputChannels:
             text = buf[:at]
             pieces.append((state.channel, text.rstrip() if state.trim_before_exit else text))
             if state.closes:
-                pieces.append(("tool_call_end", ""))
+                pieces.append(("tool_call_end", tag))
             self._enter(target)
             return buf[at + len(tag) :]
         keep = len(buf) - _partial_suffix(buf, tags)

@@ -94,12 +94,12 @@ class HermesToolCalls:
                 pieces.append(ToolCallPiece(self.index, None, None, fragment))
         return pieces
 
-    def end(self) -> tuple[list[ToolCallPiece], str | None]:
-        """The block closed (or the output ended inside it)."""
+    def end(self, closed: bool = True) -> tuple[list[ToolCallPiece], str | None]:
+        """The block closed (closed=False: the output ended inside it)."""
         buf, name, call_id, sent = self._buf, self._name, self._id, self._sent
         self._buf, self._name, self._id, self._sent = "", None, None, 0
         if name is None:
-            return self._whole(buf)
+            return self._whole(buf, closed)
         arguments = _without_outer_close(buf.lstrip())
         pieces = []
         if len(arguments) > sent:
@@ -107,14 +107,14 @@ class HermesToolCalls:
         self.calls.append(ParsedCall(call_id, name, arguments))
         return pieces, None
 
-    def _whole(self, text: str) -> tuple[list[ToolCallPiece], str | None]:
+    def _whole(self, text: str, closed: bool) -> tuple[list[ToolCallPiece], str | None]:
         """A block whose head did not stream in the usual order: parse it whole."""
         try:
             obj = json.loads(text)
         except ValueError:
             obj = None
         if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)):
-            return [], f"{self.tags[0]}{text}{self.tags[1]}"
+            return [], self.tags[0] + text + (self.tags[1] if closed else "")
         arguments = obj.get("arguments", obj.get("parameters", {}))
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, ensure_ascii=False)

@@ -178,7 +178,7 @@ def run_channels(table, initial: str, chunks: list[str]) -> list[tuple[str, str]
     pieces = [p for chunk in chunks for p in machine.feed(chunk)] + machine.flush()
     for kind, text in pieces:
         if kind == "tool_call_end":
-            out.append((kind, ""))
+            out.append((kind, text))
         elif out and out[-1][0] == kind:
             out[-1] = (kind, out[-1][1] + text)
         else:
@@ -191,12 +191,12 @@ BODY = '\n{"name": "f", "arguments": {"a": 1}}\n'
 CHANNEL_CASES = [
     # (initial state, output, expected pieces)
     ("start", f"<think>\nhm\n</think>\n\n{CALL}", [
-        ("reasoning", "hm"), ("tool_call", BODY), ("tool_call_end", "")]),
+        ("reasoning", "hm"), ("tool_call", BODY), ("tool_call_end", "</tool_call>")]),
     ("answer", f"I'll check.\n{CALL}\n{CALL}\n", [
-        ("answer", "I'll check."), ("tool_call", BODY), ("tool_call_end", ""),
-        ("tool_call", BODY), ("tool_call_end", "")]),
+        ("answer", "I'll check."), ("tool_call", BODY), ("tool_call_end", "</tool_call>"),
+        ("tool_call", BODY), ("tool_call_end", "</tool_call>")]),
     ("answer", f"{CALL}\n\nDone.", [
-        ("tool_call", BODY), ("tool_call_end", ""), ("answer", "Done.")]),
+        ("tool_call", BODY), ("tool_call_end", "</tool_call>"), ("answer", "Done.")]),
     ("answer", "No tools here, a < b.\n", [("answer", "No tools here, a < b.\n")]),
     ("answer", "<tool_call>\n{\"name\"", [("tool_call", '\n{"name"')]),
     ("reasoning", "<tool_call> inside reasoning</think>ok", [

@@ -64,3 +64,9 @@ def test_a_block_that_is_not_a_call_comes_back_as_text(block):
     pieces, plain = run(parser, [block])
     assert pieces == [] and plain == f"<tool_call>{block}</tool_call>"
     assert parser.calls == []
+
+
+def test_a_block_cut_short_comes_back_without_a_closing_tag():
+    parser = HermesToolCalls()
+    parser.feed('\n{"name": "')
+    assert parser.end(closed=False) == ([], '<tool_call>\n{"name": "')

@@ -114,11 +114,10 @@ def request_grammar(request: GenerationRequest, tool_tags: list[str] | None) -> 
         )
     if request.output_format is not None:
         output = request.output_format
-        schema_param = f"{output.param}.schema" if output.kind == "json_schema" else output.param
         try:
-            return GrammarSpec(format_grammar(output), schema_param)
+            return GrammarSpec(format_grammar(output), output.param)
         except (ValueError, TypeError) as e:
-            raise InvalidRequest(f"{schema_param}: {e}", param=schema_param) from None
+            raise InvalidRequest(f"{output.param}: {e}", param=output.param) from None
     return None
 
 

@@ -27,7 +27,8 @@ class OutputFormat:
     """A constraint on the answer text (OpenAI's response_format, fermi's grammar extension).
 
     kind: "json_object" (any JSON object), "json_schema" (`value` is the schema dict), "regex" or
-    "lark" (`value` is the grammar text). `param` names the request field that errors blame.
+    "lark" (`value` is the grammar text). `param` names the request field that holds the
+    schema or grammar (errors blame it), e.g. "response_format.json_schema.schema".
     """
 
     kind: Literal["json_object", "json_schema", "regex", "lark"]

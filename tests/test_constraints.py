@@ -144,7 +144,7 @@ def test_the_grammar_waits_for_the_reasoning_to_end(compiler):
 
 def test_bad_grammars_are_400s_naming_the_field(compiler):
     cases = [
-        (OutputFormat("json_schema", {"$ref": "#/nope"}, "response_format.json_schema"),
+        (OutputFormat("json_schema", {"$ref": "#/nope"}, "response_format.json_schema.schema"),
          "response_format.json_schema.schema"),
         (OutputFormat("regex", "[a-", "response_format.grammar"), "response_format.grammar"),
         (OutputFormat("lark", "start: missing_rule", "text.format.grammar"),
@@ -157,7 +157,9 @@ def test_bad_grammars_are_400s_naming_the_field(compiler):
 
 
 def test_an_unknown_schema_keyword_is_a_400(compiler):
-    output = OutputFormat("json_schema", {"not": {"type": "string"}}, "response_format.json_schema")
+    output = OutputFormat(
+        "json_schema", {"not": {"type": "string"}}, "response_format.json_schema.schema"
+    )
     with pytest.raises(InvalidRequest, match="not") as err:
         compiler.matcher(request_grammar(GenerationRequest([], output_format=output), None))
     assert err.value.param == "response_format.json_schema.schema"

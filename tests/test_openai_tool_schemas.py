@@ -61,7 +61,7 @@ def test_response_formats():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
     assert chat(response_format=fmt).output_format == OutputFormat(
-        "json_schema", schema, "response_format.json_schema"
+        "json_schema", schema, "response_format.json_schema.schema"
     )
     grammar = {"type": "grammar", "syntax": "regex", "grammar": "[0-9]+"}
     assert chat(response_format=grammar).output_format == OutputFormat(
@@ -110,5 +110,5 @@ def test_responses_function_items_become_chat_turns():
     assert call.generation.tools == [TOOL]
     assert call.generation.tool_choice == "get_weather"
     assert call.generation.output_format == OutputFormat(
-        "json_schema", {"type": "object"}, "text.format"
+        "json_schema", {"type": "object"}, "text.format.schema"
     )

@@ -150,7 +150,7 @@ def _schema_format(holder: Fields) -> OutputFormat:
     schema = holder.object("schema")
     if schema is None:  # no schema: any JSON object
         return OutputFormat("json_object", None, holder.where)
-    return OutputFormat("json_schema", schema.data, holder.where)
+    return OutputFormat("json_schema", schema.data, holder.param("schema"))
 
 
 def response_format(f: Fields) -> OutputFormat | None:

@@ -165,7 +165,7 @@ class GrammarCompiler:
 
 
 class Constraint:
-    """The sampler's hook: `mask(logits)` before a draw, `accept(token)` after it.
+    """The sampler's hook: `allowed_ids(vocab)` before a draw, `accept(token)` after it.
 
     States: "start" (the output may open a reasoning block: the reasoning start token is allowed
     beside the grammar's tokens), "reasoning" (free until the end token), "grammar" (masked),
@@ -196,17 +196,23 @@ class Constraint:
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
         return bits[: self._vocab].astype(bool)
 
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        """(vocab,) logits -> a copy with disallowed tokens at -inf (the input when free)."""
+    def allowed_ids(self, vocab: int) -> np.ndarray | None:
+        """The (n,) token ids (< vocab) allowed next, or None when the output is free."""
         free = self.state in ("reasoning", "lazy", "done")
         if free or (self.state == "start" and self.trigger is not None):
-            return logits
+            return None
         allowed = self.allowed()
         if self.state == "start" and self.reasoning_tokens is not None:
             allowed[self.reasoning_tokens[0]] = True
-        n = min(allowed.size, logits.size)
+        return np.flatnonzero(allowed[:vocab])
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """(vocab,) logits -> a copy with disallowed tokens at -inf (the input when free)."""
+        ids = self.allowed_ids(logits.size)
+        if ids is None:
+            return logits
         out = np.full_like(logits, NEG_INF)
-        out[:n] = np.where(allowed[:n], logits[:n], NEG_INF)
+        out[ids] = logits[ids]
         return out
 
     def accept(self, token: int) -> None:

@@ -13,9 +13,11 @@ step costs O(distinct tokens seen) instead of re-counting the whole sequence):
     token = sampler.sample(logits)       # picks a token and records it as generated
     sampler.accept(token_id)             # record a token that was not sampled (forced), if any
 
-A `constraint` (constrained decoding, fermi/constraints.py) is any object with `mask(logits)` ->
-logits (disallowed tokens at -inf) and `accept(token)`: the mask comes first, before the
-penalties, and every drawn token is passed to `accept`.
+A `constraint` (constrained decoding, fermi/constraints.py) is any object with
+`allowed_ids(vocab)` -> the (n,) int array of token ids allowed next, or None when anything goes,
+and `accept(token)`. After the penalties the draw works on the allowed ids only (a whole-vocab
+top-k over mostly -inf logits would be slow: numpy's argpartition degrades on ties), and every
+drawn token is passed to `accept`.
 
 Order of operations: repetition penalty, presence/frequency penalty, then greedy argmax when
 temperature is 0, else temperature, top-k, top-p, min-p and a draw from the softmax. After top-k
@@ -243,20 +245,30 @@ class Sampler:
     def sample(self, logits: np.ndarray) -> int:
         """Pick a token from a 1-D logits vector and record it."""
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        allowed = None
         if self.constraint is not None:
-            logits = self.constraint.mask(logits)
-        token = self._pick(logits)
+            allowed = self.constraint.allowed_ids(logits.size)
+        token = self._pick(logits, allowed)
         self.accept(token)
         if self.constraint is not None:
             self.constraint.accept(token)
         return token
 
-    def _pick(self, logits: np.ndarray) -> int:
+    def _pick(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """Penalties over the whole vocabulary, then a draw among the `allowed` ids (all when
+        None)."""
         r = self.resolved
         logits = apply_repetition_penalty(logits, self._seen_ids, r.repetition_penalty)
         logits = apply_presence_frequency_penalty(
             logits, self._counts, r.presence_penalty, r.frequency_penalty
         )
+        if allowed is None:
+            return self._draw(logits)
+        return int(allowed[self._draw(logits[allowed])])
+
+    def _draw(self, logits: np.ndarray) -> int:
+        """An index into `logits`: greedy, or top-k, temperature, top-p, min-p and a draw."""
+        r = self.resolved
         if r.greedy:
             return int(np.argmax(logits))
         # Narrow to the top-k candidates first so the rest works on k values, not the vocab.

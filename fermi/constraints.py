@@ -121,6 +121,45 @@ def request_grammar(request: GenerationRequest, tool_tags: list[str] | None) -> 
     return None
 
 
+def constraint_for(
+    request: GenerationRequest,
+    compiler: GrammarCompiler,
+    tool_tags: list[str] | None,
+    reasoning_tags: list[str] | None,
+    state: str,
+) -> Constraint | None:
+    """The request's grammar as a Constraint for one generation, or None when it asks for none.
+
+    `tool_tags`: the model's tool-call tags when this request's calls are parsed, else None.
+    `reasoning_tags`: the model's reasoning tags when the output may reason, else None.
+    `state`: the Constraint's first state ("grammar", "start" or "reasoning"). Under
+    tool_choice auto the calls' grammar applies lazily, from the model's own start tag on (when
+    that is one token). Raises InvalidRequest naming the field when the grammar is unusable.
+    """
+    lazy = bool(request.tools and tool_tags) and request.tool_choice == "auto"
+    lazy = lazy and not request.output_format
+    if not (request.output_format or (request.tools and tool_tags)):
+        return None
+    trigger = compiler.single_token(tool_tags[0]) if lazy else None
+    if lazy and trigger is None:
+        return None  # the calls are parsed, not constrained
+    terms = [compiler.tag_term(t) for t in tool_tags] if tool_tags else None
+    spec = request_grammar(request, terms)
+    if spec is None:
+        return None
+    reasoning = None
+    if reasoning_tags:
+        ids = [compiler.single_token(t) for t in reasoning_tags]
+        if None in ids:
+            raise InvalidRequest(
+                "constrained output needs thinking off on this model (its reasoning tags are "
+                "not single tokens)",
+                param="thinking",
+            )
+        reasoning = (ids[0], ids[1])
+    return Constraint(compiler.matcher(spec), compiler.vocab_size, state, reasoning, trigger)
+
+
 class GrammarCompiler:
     """The model's llguidance tokenizer (built once, lazily: about 1 s for a 151k vocabulary)
     and the checks that turn a bad grammar into InvalidRequest."""

@@ -30,7 +30,7 @@ from fermi.chat_template import (
     opens_think_block,
     resolve_thinking,
 )
-from fermi.constraints import Constraint, GrammarCompiler, request_grammar
+from fermi.constraints import Constraint, GrammarCompiler, constraint_for
 from fermi.detokenizer import StreamingDetokenizer
 from fermi.engine import PRECISION, Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
@@ -184,9 +184,7 @@ class Runtime:
             max_new_tokens=max_new,
             thinking=thinking,
             channel=channel,
-            parse_tool_calls=bool(
-                request.tools and request.tool_choice != "none" and self.tool_call_tags
-            ),
+            parse_tool_calls=self._parses_tool_calls(request),
             constraint=constraint,
             sampling=sampling,
             dropped_turns=dropped,
@@ -200,38 +198,23 @@ class Runtime:
         return "start" if thinking and self.reasoning_tags else "answer"
 
     def _constraint(self, request: GenerationRequest, channel: str) -> Constraint | None:
-        """The request's grammar as a Constraint (InvalidRequest when it cannot be used).
-        Under tool_choice auto the calls' grammar applies lazily, from the model's own
-        tool-call start token on (when it is one token)."""
+        return constraint_for(
+            request,
+            self.grammars,
+            self.tool_call_tags if self._parses_tool_calls(request) else None,
+            self.reasoning_tags if channel != "answer" else None,
+            {"reasoning": "reasoning", "start": "start"}.get(channel, "grammar"),
+        )
+
+    def _parses_tool_calls(self, request: GenerationRequest) -> bool:
+        """Tool calls are parsed (and may be constrained) when the request offers tools it
+        does not switch off and the model has a tool-call format; forcing a call needs one."""
         if request.tool_choice not in ("auto", "none") and not self.tool_call_tags:
             raise InvalidRequest(
                 "this model has no tool-call format, so tool_choice cannot force a call",
                 param="tool_choice",
             )
-        tools = request.tools and request.tool_choice != "none" and self.tool_call_tags
-        if not (request.output_format or tools):
-            return None
-        lazy = bool(tools) and request.tool_choice == "auto" and not request.output_format
-        trigger = self.grammars.single_token(self.tool_call_tags[0]) if lazy else None
-        if lazy and trigger is None:
-            return None  # the calls are parsed, not constrained
-        terms = [self.grammars.tag_term(t) for t in self.tool_call_tags or []]
-        spec = request_grammar(request, terms or None)
-        if spec is None:
-            return None
-        reasoning = None
-        if channel != "answer":
-            ids = [self.grammars.single_token(t) for t in self.reasoning_tags]
-            if None in ids:
-                raise InvalidRequest(
-                    "constrained output needs thinking off on this model (its reasoning tags "
-                    "are not single tokens)",
-                    param="thinking",
-                )
-            reasoning = (ids[0], ids[1])
-        state = {"reasoning": "reasoning", "start": "start"}.get(channel, "grammar")
-        matcher = self.grammars.matcher(spec)
-        return Constraint(matcher, self.manifest.vocab_size, state, reasoning, trigger)
+        return bool(request.tools and request.tool_choice != "none" and self.tool_call_tags)
 
     def _fit(self, conversation: list[Message], thinking: bool, request: GenerationRequest):
         """Render the prompt; when it does not fit, drop the oldest turns (session history only,

@@ -205,7 +205,7 @@ class OutputChannels:
         return ""
 
 
-def ReasoningSplitter(start_in_reasoning: bool = False) -> OutputChannels:  # noqa: N802
+def reasoning_splitter(start_in_reasoning: bool = False) -> OutputChannels:
     """Reasoning and answer only (Qwen's `<think>` tags): reasoning until `</think>` when the
     prompt opened the block, else a `<think>` at the very start opens it."""
     return OutputChannels(QWEN_TABLE, "reasoning" if start_in_reasoning else "start")

@@ -7,7 +7,12 @@ import random
 
 import pytest
 
-from fermi.text_stream import OutputChannels, ReasoningSplitter, StopMatcher, channel_table
+from fermi.text_stream import (
+    OutputChannels,
+    StopMatcher,
+    channel_table,
+    reasoning_splitter,
+)
 
 
 def chunkings(text: str, seed: int = 0, random_count: int = 50):
@@ -87,11 +92,11 @@ def test_stop_matcher_after_hit():
     assert matcher.flush() == ""
 
 
-# --- ReasoningSplitter ------------------------------------------------------------------------
+# --- reasoning_splitter ------------------------------------------------------------------------
 
 
 def run_split(start_in_reasoning: bool, chunks: list[str]) -> tuple[str, str]:
-    splitter = ReasoningSplitter(start_in_reasoning)
+    splitter = reasoning_splitter(start_in_reasoning)
     parts = {"reasoning": "", "answer": ""}
     for chunk in chunks:
         for kind, text in splitter.feed(chunk):
@@ -142,7 +147,7 @@ def test_reasoning_splitter_every_chunking(start, text, reasoning, answer):
 
 def test_reasoning_splitter_token_kinds():
     tokens = ["<think>", "\n", "Hmm", ".", "\n", "</think>", "\n\n", "Hi", "!"]
-    splitter = ReasoningSplitter(False)
+    splitter = reasoning_splitter(False)
     kinds = []
     for token in tokens:
         splitter.feed(token)
@@ -152,14 +157,14 @@ def test_reasoning_splitter_token_kinds():
 
 
 def test_reasoning_splitter_prompt_opened_block_counts_as_reasoning():
-    splitter = ReasoningSplitter(True)
+    splitter = reasoning_splitter(True)
     assert splitter.in_reasoning
     assert splitter.feed("a") == [("reasoning", "a")]
     assert splitter.last_kind == "reasoning"
 
 
 def test_reasoning_splitter_holds_whitespace_before_a_possible_close():
-    splitter = ReasoningSplitter(True)
+    splitter = reasoning_splitter(True)
     assert splitter.feed("step one\n") == [("reasoning", "step one")]
     assert splitter.feed("</thi") == []
     assert splitter.feed("nk>\n\nok") == [("answer", "ok")]

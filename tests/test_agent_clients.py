@@ -479,3 +479,68 @@ def chat_requests(server) -> float:
             if sample.name == "fermi_http_requests_total" and sample.labels == labels:
                 return sample.value
     return 0.0
+
+
+# -- reasoning under both names ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reasoning_stub():
+    """An HTTP server on 127.0.0.1 that answers every chat request with fermi's own formatters
+    and a scripted reasoning turn (the random tiny model never reasons)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from fermi.openai_server import formatters as fmt
+    from fermi.requests import Finished, TextDelta, Usage
+
+    finished = Finished("stop", Usage(5, 3, 2, 0), "s", True)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            meta = fmt.Meta("chatcmpl-1", MODEL, None)
+            if body.get("stream"):
+                frames = fmt.ChatStream(meta, include_usage=True)
+                deltas = [
+                    TextDelta("Let me see.", "reasoning", [1]),
+                    TextDelta("Hi", "answer", [2]),
+                ]
+                out = frames.start() + "".join(map(frames.text, deltas)) + frames.finish(finished)
+                kind = "text/event-stream"
+            else:
+                result = fmt.Collected("Let me see.", "Hi", finished=finished)
+                out, kind = json.dumps(fmt.chat_completion(meta, result)), "application/json"
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_reasoning_under_both_names_breaks_no_client(reasoning_stub):
+    """fermi sends reasoning as `reasoning_content` and `reasoning`: each client reads the one
+    it knows, none fails, none copies it into the answer."""
+    import litellm
+    from langchain_openai import ChatOpenAI
+
+    client = openai.OpenAI(base_url=reasoning_stub, api_key="unused", max_retries=0)
+    message = client.chat.completions.create(model=MODEL, messages=USER).choices[0].message
+    assert message.content == "Hi" and message.model_extra["reasoning"] == "Let me see."
+    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi"
+    common = dict(model=f"openai/{MODEL}", api_base=reasoning_stub, api_key="unused", messages=USER)
+    answer = litellm.completion(**common).choices[0].message
+    assert (answer.content, answer.reasoning_content) == ("Hi", "Let me see.")
+    pieces = list(litellm.completion(**common, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == "Hi"
+    chat = ChatOpenAI(model=MODEL, base_url=reasoning_stub, api_key="unused", max_retries=0)
+    assert chat.invoke("x").content == "Hi"
+    assert "".join(m.content for m in chat.stream("x")) == "Hi"

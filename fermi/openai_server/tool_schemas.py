@@ -40,7 +40,7 @@ def _function(f: Fields, name_field: str = "name") -> dict[str, Any]:
     return function
 
 
-def _unique(tools: list[dict], f: Fields) -> list[dict]:
+def _unique(tools: list[dict]) -> list[dict]:
     names = [t["function"]["name"] for t in tools]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
@@ -60,7 +60,7 @@ def chat_tools(f: Fields) -> list[dict]:
         if function is None:
             raise InvalidRequest(f"tools[{i}].function is required", f"tools[{i}].function")
         tools.append({"type": "function", "function": _function(function)})
-    return _unique(tools, f)
+    return _unique(tools)
 
 
 def responses_tools(f: Fields) -> list[dict]:
@@ -77,7 +77,7 @@ def responses_tools(f: Fields) -> list[dict]:
                 param=f"tools[{i}].type",
             )
         tools.append({"type": "function", "function": _function(item)})
-    return _unique(tools, f)
+    return _unique(tools)
 
 
 def tool_choice(f: Fields, tools: list[dict], flat: bool) -> str:

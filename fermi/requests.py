@@ -10,8 +10,9 @@ if TYPE_CHECKING:
     from fermi.sampling import SampledToken
 
 Thinking = Literal["on", "off", "auto"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
 TextKind = Literal["reasoning", "answer"]
+ToolChoice = Literal["auto", "none", "required"] | str  # a str other than those: a function name
 
 
 @dataclass
@@ -22,6 +23,20 @@ class Message:
     # OpenAI's shapes: [{"id", "type": "function", "function": {"name", "arguments"}}, ...]
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A constraint on the answer text (OpenAI's response_format, fermi's grammar extension).
+
+    kind: "json_object" (any JSON object), "json_schema" (`value` is the schema dict), "regex" or
+    "lark" (`value` is the grammar text). `param` names the request field that holds the
+    schema or grammar (errors blame it), e.g. "response_format.json_schema.schema".
+    """
+
+    kind: Literal["json_object", "json_schema", "regex", "lark"]
+    value: dict | str | None = None
+    param: str = "response_format"
 
 
 @dataclass
@@ -59,6 +74,12 @@ class GenerationRequest:
     n: int = 1  # choices, generated one after another with seeds seed, seed + 1, ...
     logprobs: int | None = None  # None: none; k: each token's logprob and its k best rivals
     prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
+    # OpenAI function tools: [{"type": "function", "function": {"name", "description",
+    # "parameters"}}]. They are rendered into the prompt by the model's chat template.
+    tools: list[dict] = field(default_factory=list)
+    tool_choice: ToolChoice = "auto"  # "required" and a named function are enforced by a grammar
+    parallel_tool_calls: bool = True
+    output_format: OutputFormat | None = None
 
 
 @dataclass
@@ -107,4 +128,16 @@ class Finished:
     finish_reasons: list[FinishReason] = field(default_factory=list)
 
 
-Event = TextDelta | PromptLogprobs | Finished
+@dataclass
+class ToolCallDelta:
+    """A piece of one tool call: the first piece of call `index` carries its id and name, the
+    rest carry fragments of its JSON arguments (joined, they are the arguments string)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    token_ids: list[int]
+
+
+Event = TextDelta | ToolCallDelta | PromptLogprobs | Finished

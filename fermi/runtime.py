@@ -23,7 +23,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from fermi.chat_template import ChatTemplate, opens_think_block, resolve_thinking
+from fermi.chat_template import (
+    ChatTemplate,
+    infer_reasoning_tags,
+    infer_tool_call_tags,
+    opens_think_block,
+    resolve_thinking,
+)
+from fermi.constraints import Constraint, GrammarCompiler, constraint_for
 from fermi.detokenizer import StreamingDetokenizer
 from fermi.engine import PRECISION, Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
@@ -38,6 +45,7 @@ from fermi.requests import (
     Message,
     PromptLogprobs,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 from fermi.sampling import (
@@ -52,8 +60,9 @@ from fermi.sampling import (
 from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.slots import Slots, Ticket
-from fermi.text_stream import ReasoningSplitter, StopMatcher
+from fermi.text_stream import OutputChannels, StopMatcher, channel_table
 from fermi.token_text import TokenText
+from fermi.tool_calls import TOOL_CALL_FORMATS, HermesToolCalls
 from fermi.tracing import GenerationTrace
 
 MAX_STOP_STRINGS = 16
@@ -79,7 +88,9 @@ class Job:
     prompt_ids: list[int]
     max_new_tokens: int
     thinking: bool
-    opens_think: bool
+    channel: str  # the output's first state in the channel table: reasoning, start or answer
+    parse_tool_calls: bool
+    constraint: Constraint | None  # the first choice's; each further choice builds its own
     sampling: ResolvedSampling
     dropped_turns: int
     trace: GenerationTrace = field(default_factory=GenerationTrace)  # parent: the submitter's
@@ -99,6 +110,10 @@ class Runtime:
             json.loads(config_path.read_text()) if config_path.is_file() else {}
         )
         self.eos_ids = set(self.manifest.eos_token_ids)
+        self._family_tags()
+        self.grammars = GrammarCompiler(
+            self.tokenizer, self.manifest.vocab_size, self.manifest.eos_token_ids
+        )
         self.info = describe(settings, self.manifest, self.template.source)
         self.context_length = self.info.context_length  # --ctx-size caps the model's
         self.model_id = self.info.id
@@ -110,6 +125,17 @@ class Runtime:
             )
         )
         self.slots = Slots(capacity=max(1, settings.engine_pool), max_waiting=settings.max_queue)
+
+    def _family_tags(self) -> None:
+        """Reasoning and tool-call tags from the manifest, else inferred from the template."""
+        manifest, source = self.manifest, self.template.source
+        self.reasoning_tags = manifest.reasoning_tags or infer_reasoning_tags(
+            source, bool(manifest.supports_thinking)
+        )
+        tags, fmt = manifest.tool_call_tags, manifest.tool_call_format
+        if not tags:
+            tags, fmt = infer_tool_call_tags(source)
+        self.tool_call_tags = tags if fmt in TOOL_CALL_FORMATS else None
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -170,6 +196,10 @@ class Runtime:
             prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
         room = self.context_length - len(prompt_ids)
         max_new = request.max_new_tokens or min(self.settings.max_new_tokens, room)
+        # A raw prompt's output stays verbatim: never split into reasoning or tool calls.
+        channel = self._first_channel(prompt, thinking) if request.prompt is None else "answer"
+        parse_tool_calls = request.prompt is None and self._parses_tool_calls(request)
+        constraint = self._constraint(request, channel, parse_tool_calls)
         ticket = self.slots.reserve()
         return Job(
             request=request,
@@ -179,10 +209,40 @@ class Runtime:
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
             thinking=thinking,
-            opens_think=opens_think_block(prompt),
+            channel=channel,
+            parse_tool_calls=parse_tool_calls,
+            constraint=constraint,
             sampling=sampling,
             dropped_turns=dropped,
         )
+
+    def _first_channel(self, prompt: str, thinking: bool) -> str:
+        """Reasoning when the prompt opened the block; "start" (the output may open one) when
+        thinking is on; else the answer, never split."""
+        if self.reasoning_tags and opens_think_block(prompt, self.reasoning_tags[0]):
+            return "reasoning"
+        return "start" if thinking and self.reasoning_tags else "answer"
+
+    def _constraint(
+        self, request: GenerationRequest, channel: str, parse_tool_calls: bool
+    ) -> Constraint | None:
+        return constraint_for(
+            request,
+            self.grammars,
+            self.tool_call_tags if parse_tool_calls else None,
+            self.reasoning_tags if channel != "answer" else None,
+            {"reasoning": "reasoning", "start": "start"}.get(channel, "grammar"),
+        )
+
+    def _parses_tool_calls(self, request: GenerationRequest) -> bool:
+        """Tool calls are parsed (and may be constrained) when the request offers tools it
+        does not switch off and the model has a tool-call format; forcing a call needs one."""
+        if request.tool_choice not in ("auto", "none") and not self.tool_call_tags:
+            raise InvalidRequest(
+                "this model has no tool-call format, so tool_choice cannot force a call",
+                param="tool_choice",
+            )
+        return bool(request.tools and request.tool_choice != "none" and self.tool_call_tags)
 
     def _raw_prompt(self, request: GenerationRequest) -> list[int]:
         """The completions path: the prompt's ids as given, or its text encoded with the
@@ -227,7 +287,9 @@ class Runtime:
         needed = request.max_new_tokens or 1
         dropped = 0
         while True:
-            prompt = self.template.render(conversation, enable_thinking=thinking)
+            prompt = self.template.render(
+                conversation, enable_thinking=thinking, tools=request.tools
+            )
             ids = self.encode(prompt)
             if len(ids) + needed <= self.context_length:
                 return prompt, ids, conversation, dropped
@@ -278,12 +340,25 @@ class Runtime:
         text = TextPipeline(
             StreamingDetokenizer(self.tokenizer),
             request.stop,
-            job.opens_think,
+            OutputChannels(
+                channel_table(
+                    self.reasoning_tags, self.tool_call_tags if job.parse_tool_calls else None
+                ),
+                job.channel,
+            ),
+            HermesToolCalls(tuple(self.tool_call_tags)) if job.parse_tool_calls else None,
             index,
-            split_reasoning=request.prompt is None,  # a raw prompt's output stays verbatim
+        )
+        constraint = (
+            job.constraint
+            if index == 0
+            else self._constraint(request, job.channel, job.parse_tool_calls)
         )
         sampler = Sampler(
-            job.sampling, _choice_seed(request.sampling.seed, index), request.logprobs
+            job.sampling,
+            _choice_seed(request.sampling.seed, index),
+            request.logprobs,
+            constraint=constraint,
         )
         eos = set() if request.ignore_eos else self.eos_ids
         prompt_entries: list[SampledToken | None] = [None]  # nothing predicts token 0
@@ -319,7 +394,7 @@ class Runtime:
                     finish = "stop"
                     break
                 deltas, stopped = text.add(sampled)
-                reasoning_tokens += text.splitter.last_kind == "reasoning"
+                reasoning_tokens += text.channels.last_kind == "reasoning"
                 yield from deltas
                 if stopped:
                     finish = "stop"
@@ -335,6 +410,8 @@ class Runtime:
             # (done, cancelled, abandoned, failed) it holds exactly these tokens.
             session.cache = cache
             session.tokens = (job.prompt_ids + generated)[: cache.offset]
+        if finish == "stop" and text.tool_calls:
+            finish = "tool_calls"
         return _Choice(finish, len(generated), reasoning_tokens, reused, text)
 
     def _finished(
@@ -381,65 +458,96 @@ class _PromptScorer:
 
 
 class TextPipeline:
-    """Token ids -> final text -> stop strings -> reasoning/answer deltas."""
+    """Token ids -> final text -> output channels (reasoning, answer, tool calls) -> stop strings
+    on the answer only -> events. Stop strings never look inside reasoning or tool calls."""
 
     def __init__(
         self,
         detokenizer: StreamingDetokenizer,
         stops: list[str],
-        in_reasoning: bool,
+        channels: OutputChannels,
+        tool_calls: HermesToolCalls | None = None,
         index: int = 0,
-        split_reasoning: bool = True,
     ):
         self.detokenizer = detokenizer
         self.stops = StopMatcher(stops)
-        self.splitter = (
-            ReasoningSplitter(start_in_reasoning=in_reasoning) if split_reasoning else Verbatim()
-        )
-        self.index = index
+        self.channels = channels
+        self.tool_parser = tool_calls
+        self.index = index  # the choice (n > 1)
         self.pending: list[SampledToken] = []
-        self.parts = {"reasoning": [], "answer": []}
+        self.parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
         self.stopped = False
 
-    def add(self, token: SampledToken) -> tuple[list[TextDelta], bool]:
+    @property
+    def tool_calls(self) -> list:
+        return self.tool_parser.calls if self.tool_parser else []
+
+    def add(self, token: SampledToken) -> tuple[list[Event], bool]:
         self.pending.append(token)
-        safe, self.stopped = self.stops.feed(self.detokenizer.add_token(token.id))
-        return self._deltas(self.splitter.feed(safe)), self.stopped
+        events = self._events(self.channels.feed(self.detokenizer.add_token(token.id)))
+        return events, self.stopped
 
-    def finish(self) -> list[TextDelta]:
+    def finish(self) -> list[Event]:
+        if self.stopped:
+            return []
+        pieces = self.channels.feed(self.detokenizer.finalize()) + self.channels.flush()
+        if self.channels.table[self.channels.state].closes:  # the output ended inside a call
+            pieces.append(("tool_call_end", ""))  # no closing tag
+        events = self._events(pieces)
         if not self.stopped:
-            safe, self.stopped = self.stops.feed(self.detokenizer.finalize())
-            tail = safe if self.stopped else safe + self.stops.flush()
-            return self._deltas(self.splitter.feed(tail) + self.splitter.flush())
-        return self._deltas(self.splitter.flush())
+            events += self._answer(self.stops.flush())
+        return events
 
-    def _deltas(self, pieces) -> list[TextDelta]:
-        deltas = []
+    def _events(self, pieces) -> list[Event]:
+        events: list[Event] = []
         for kind, piece in pieces:
-            if not piece:
-                continue
-            self.parts[kind].append(piece)
-            ids = [t.id for t in self.pending]
-            logprobs = [t for t in self.pending if t.logprob is not None]
-            deltas.append(TextDelta(piece, kind, ids, logprobs, self.index))
-            self.pending = []
-        return deltas
+            if self.stopped:
+                break
+            if kind == "reasoning":
+                events += self._text("reasoning", piece)
+            elif kind == "answer":
+                safe, self.stopped = self.stops.feed(piece)
+                events += self._answer(safe)
+            else:
+                events += self._answer(self.stops.flush())  # a tag ends held answer text
+                events += self._tool_call(kind, piece)
+        return events
+
+    def _tool_call(self, kind: str, piece: str) -> list[Event]:
+        if kind == "tool_call":
+            calls, plain = self.tool_parser.feed(piece), None
+        else:
+            calls, plain = self.tool_parser.end(closed=bool(piece))
+        events: list[Event] = [
+            ToolCallDelta(c.index, c.id, c.name, c.arguments, self._take_pending()[0])
+            for c in calls
+        ]
+        return events + self._answer(plain or "")
+
+    def _answer(self, text: str) -> list[Event]:
+        return self._text("answer", text)
+
+    def _text(self, kind: str, text: str) -> list[Event]:
+        if not text:
+            return []
+        self.parts[kind].append(text)
+        ids, logprobs = self._take_pending()
+        return [TextDelta(text, kind, ids, logprobs, self.index)]
+
+    def _take_pending(self) -> tuple[list[int], list[SampledToken]]:
+        """The ids of the tokens since the last event, and those with logprobs."""
+        pending, self.pending = self.pending, []
+        return [t.id for t in pending], [t for t in pending if t.logprob is not None]
 
     def as_message(self) -> Message:
         reasoning = "".join(self.parts["reasoning"]) or None
-        return Message("assistant", "".join(self.parts["answer"]), reasoning_content=reasoning)
-
-
-class Verbatim:
-    """The ReasoningSplitter's interface for output that is all answer, tags included."""
-
-    last_kind = "answer"
-
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        return [("answer", text)] if text else []
-
-    def flush(self) -> list[tuple[str, str]]:
-        return []
+        calls = [c.as_openai() for c in self.tool_calls] or None
+        return Message(
+            "assistant",
+            "".join(self.parts["answer"]),
+            reasoning_content=reasoning,
+            tool_calls=calls,
+        )
 
 
 class Generation:
@@ -538,6 +646,25 @@ def _validate(request: GenerationRequest) -> None:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
     if any(not s for s in request.stop):
         raise InvalidRequest("stop strings must not be empty", param="stop")
+    _validate_tools(request)
+
+
+def _validate_tools(request: GenerationRequest) -> None:
+    """tool_choice names a known function, or is auto / none / required (with tools); tools
+    are for chat prompts, one choice at a time."""
+    if request.tools and (request.prompt is not None or request.n > 1):
+        raise InvalidRequest("tools cannot be combined with n > 1", param="n")
+    choice = request.tool_choice
+    if choice in ("auto", "none"):
+        return
+    if not request.tools:
+        raise InvalidRequest(f"tool_choice {choice!r} needs tools", param="tool_choice")
+    names = {t["function"]["name"] for t in request.tools}
+    if choice != "required" and choice not in names:
+        raise InvalidRequest(
+            f"tool_choice names the function {choice!r}, which is not in tools",
+            param="tool_choice",
+        )
 
 
 def _merge(history: list[Message], new: list[Message]) -> list[Message]:

@@ -14,15 +14,21 @@ step costs O(distinct tokens seen) instead of re-counting the whole sequence):
     token_id = sampler.sample(logits)    # the same, the id only
     sampler.accept(token_id)             # record a token that was not sampled (forced), if any
 
-Order of operations: repetition penalty, presence/frequency penalty, logit_bias, then greedy
-argmax when temperature is 0, else temperature, top-k, top-p, min-p and a draw from the softmax.
-After top-k the later steps work on the k candidates only, and top-p selects its nucleus by
-histogram passes, so no step sorts the whole vocabulary.
+A `constraint` (constrained decoding, fermi/constraints.py) is any object with
+`allowed_ids(vocab)` -> the (n,) int array of token ids allowed next, or None when anything goes,
+and `accept(token)`. After the penalties and logit_bias the draw works on the allowed ids only (a
+whole-vocab top-k over mostly -inf logits would be slow: numpy's argpartition degrades on ties),
+and every drawn token is passed to `accept`.
+
+Order of operations: repetition penalty, presence/frequency penalty, logit_bias, the
+constraint's allowed ids, then greedy argmax when temperature is 0, else temperature, top-k,
+top-p, min-p and a draw from the softmax. After top-k the later steps work on the k candidates
+only, and top-p selects its nucleus by histogram passes, so no step sorts the whole vocabulary.
 
 Logprobs (when the Sampler is built with `logprobs` set) come from the distribution the token was
-drawn from: the log-softmax of the logits after penalties, logit_bias, temperature and the
-top-k/top-p/min-p filters (vLLM's `processed_logprobs`). Tokens the filters removed have no
-probability and are never listed. Greedy decoding (temperature 0) reports the penalised, biased
+drawn from: the log-softmax of the logits after penalties, logit_bias, the constraint, temperature
+and the top-k/top-p/min-p filters (vLLM's `processed_logprobs`). Tokens the filters removed have
+no probability and are never listed. Greedy decoding (temperature 0) reports the penalised, biased
 distribution at temperature 1 with no filters, since a one-hot distribution says nothing.
 """
 
@@ -321,13 +327,18 @@ class Sampler:
     """Picks the next token; see the module docstring for the reset/sample/accept protocol.
 
     `logprobs`: None computes none; k in [0, MAX_LOGPROBS] gives each SampledToken its logprob
-    and the k most probable alternatives."""
+    and the k most probable alternatives. `constraint`: see the module docstring."""
 
     def __init__(
-        self, resolved: ResolvedSampling, seed: int | None = None, logprobs: int | None = None
+        self,
+        resolved: ResolvedSampling,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        constraint=None,
     ):
         self.resolved = resolved
         self.logprobs = logprobs
+        self.constraint = constraint
         # seed None or -1: fresh OS entropy
         self.rng = np.random.default_rng(None if seed is None or seed < 0 else seed)
         self.reset([])
@@ -352,22 +363,39 @@ class Sampler:
     def sample_token(self, logits: np.ndarray) -> SampledToken:
         """Pick a token from a 1-D logits vector (V,), record it, and return it with its
         logprobs when the Sampler was asked for them."""
-        values, candidates = self._distribution(np.asarray(logits, dtype=np.float32).reshape(-1))
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        allowed = None if self.constraint is None else self.constraint.allowed_ids(logits.size)
+        values, candidates = self._distribution(logits, allowed)
         index = self._draw(values)
         token = int(candidates[index]) if candidates is not None else index
         self.accept(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self.logprobs is None:
             return SampledToken(token)
         return _with_logprobs(token, index, values, candidates, self.logprobs)
 
-    def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The processed logits the draw uses, over `candidates` (None: the whole vocab)."""
+    def _distribution(
+        self, logits: np.ndarray, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The processed logits the draw uses, over `candidates` (None: the whole vocab):
+        penalties and logit_bias over the whole vocabulary, then the filters over the `allowed`
+        ids (all when None)."""
         r = self.resolved
         logits = apply_repetition_penalty(logits, self._seen_ids, r.repetition_penalty)
         logits = apply_presence_frequency_penalty(
             logits, self._counts, r.presence_penalty, r.frequency_penalty
         )
         logits = apply_logit_bias(logits, r.logit_bias)
+        if allowed is None:
+            return self._filter(logits)
+        values, candidates = self._filter(logits[allowed])
+        return values, allowed if candidates is None else allowed[candidates]
+
+    def _filter(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Greedy keeps every logit; else top-k, temperature, top-p and min-p, returning the
+        surviving values and their indices into `logits` (None: all of them)."""
+        r = self.resolved
         if r.greedy:
             return logits, None
         # Narrow to the top-k candidates first so the rest works on k values, not the vocab.

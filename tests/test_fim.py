@@ -11,6 +11,7 @@ from fermi.errors import InvalidRequest
 from fermi.fim import fim_tokens, render_fim
 from fermi.runtime import TextPipeline
 from fermi.sampling import SampledToken
+from fermi.text_stream import OutputChannels, channel_table
 
 
 def test_qwen3_vocab_has_fim_tokens_and_renders_psm(qwen3_tokenizer_dir):
@@ -39,7 +40,9 @@ def test_starcoder_spelling_and_no_fim():
 def test_raw_output_keeps_think_tags_verbatim(qwen3_tokenizer_dir):
     tokenizer = Tokenizer.from_file(str(qwen3_tokenizer_dir / "tokenizer.json"))
     ids = tokenizer.encode("<think>x</think> y", add_special_tokens=False).ids
-    raw = TextPipeline(StreamingDetokenizer(tokenizer), [], False, split_reasoning=False)
+    # The runtime gives a raw prompt's output one channel, the answer, whatever its tags.
+    channels = OutputChannels(channel_table(("<think>", "</think>"), None), "answer")
+    raw = TextPipeline(StreamingDetokenizer(tokenizer), [], channels)
     deltas = [d for i in ids for d in raw.add(SampledToken(i))[0]] + raw.finish()
     assert {d.kind for d in deltas} == {"answer"}
     assert "".join(d.text for d in deltas) == "<think>x</think> y"

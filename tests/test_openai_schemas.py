@@ -188,7 +188,11 @@ def test_responses_input_forms():
         ({}, "input"),
         ({"input": []}, "input"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-        ({"input": [{"type": "function_call"}]}, "input[0].type"),
+        ({"input": [{"type": "computer_call"}]}, "input[0].type"),
+        ({"input": [{"type": "function_call"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": "x", "text": {"format": {"type": "bogus"}}}, "text.format"),
         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
     ],
@@ -245,6 +249,7 @@ def test_chat_completion_body():
     parsed = ChatCompletion.model_validate(body)
     assert parsed.choices[0].message.content == "Hi!"
     assert body["choices"][0]["message"]["reasoning_content"] == "let me see"
+    assert body["choices"][0]["message"]["reasoning"] == "let me see"
     assert parsed.usage.total_tokens == 17
     assert parsed.usage.prompt_tokens_details.cached_tokens == 4
     assert parsed.usage.completion_tokens_details.reasoning_tokens == 2

@@ -7,7 +7,12 @@ import random
 
 import pytest
 
-from fermi.text_stream import ReasoningSplitter, StopMatcher
+from fermi.text_stream import (
+    OutputChannels,
+    StopMatcher,
+    channel_table,
+    reasoning_splitter,
+)
 
 
 def chunkings(text: str, seed: int = 0, random_count: int = 50):
@@ -87,11 +92,11 @@ def test_stop_matcher_after_hit():
     assert matcher.flush() == ""
 
 
-# --- ReasoningSplitter ------------------------------------------------------------------------
+# --- reasoning_splitter ------------------------------------------------------------------------
 
 
 def run_split(start_in_reasoning: bool, chunks: list[str]) -> tuple[str, str]:
-    splitter = ReasoningSplitter(start_in_reasoning)
+    splitter = reasoning_splitter(start_in_reasoning)
     parts = {"reasoning": "", "answer": ""}
     for chunk in chunks:
         for kind, text in splitter.feed(chunk):
@@ -142,7 +147,7 @@ def test_reasoning_splitter_every_chunking(start, text, reasoning, answer):
 
 def test_reasoning_splitter_token_kinds():
     tokens = ["<think>", "\n", "Hmm", ".", "\n", "</think>", "\n\n", "Hi", "!"]
-    splitter = ReasoningSplitter(False)
+    splitter = reasoning_splitter(False)
     kinds = []
     for token in tokens:
         splitter.feed(token)
@@ -152,15 +157,72 @@ def test_reasoning_splitter_token_kinds():
 
 
 def test_reasoning_splitter_prompt_opened_block_counts_as_reasoning():
-    splitter = ReasoningSplitter(True)
+    splitter = reasoning_splitter(True)
     assert splitter.in_reasoning
     assert splitter.feed("a") == [("reasoning", "a")]
     assert splitter.last_kind == "reasoning"
 
 
 def test_reasoning_splitter_holds_whitespace_before_a_possible_close():
-    splitter = ReasoningSplitter(True)
+    splitter = reasoning_splitter(True)
     assert splitter.feed("step one\n") == [("reasoning", "step one")]
     assert splitter.feed("</thi") == []
     assert splitter.feed("nk>\n\nok") == [("answer", "ok")]
     assert splitter.flush() == []
+
+
+# --- OutputChannels with tool calls ---------------------------------------------------------
+
+TOOL_TABLE = channel_table(("<think>", "</think>"), ("<tool_call>", "</tool_call>"))
+
+
+def run_channels(table, initial: str, chunks: list[str]) -> list[tuple[str, str]]:
+    """Joined pieces per channel, in order; each tool call block as its own entry."""
+    machine = OutputChannels(table, initial)
+    out: list[tuple[str, str]] = []
+    pieces = [p for chunk in chunks for p in machine.feed(chunk)] + machine.flush()
+    for kind, text in pieces:
+        if kind == "tool_call_end":
+            out.append((kind, text))
+        elif out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+    return out
+
+
+CALL = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+BODY = '\n{"name": "f", "arguments": {"a": 1}}\n'
+CHANNEL_CASES = [
+    # (initial state, output, expected pieces)
+    ("start", f"<think>\nhm\n</think>\n\n{CALL}", [
+        ("reasoning", "hm"), ("tool_call", BODY), ("tool_call_end", "</tool_call>")]),
+    ("answer", f"I'll check.\n{CALL}\n{CALL}\n", [
+        ("answer", "I'll check."), ("tool_call", BODY), ("tool_call_end", "</tool_call>"),
+        ("tool_call", BODY), ("tool_call_end", "</tool_call>")]),
+    ("answer", f"{CALL}\n\nDone.", [
+        ("tool_call", BODY), ("tool_call_end", "</tool_call>"), ("answer", "Done.")]),
+    ("answer", "No tools here, a < b.\n", [("answer", "No tools here, a < b.\n")]),
+    ("answer", "<tool_call>\n{\"name\"", [("tool_call", '\n{"name"')]),
+    ("reasoning", "<tool_call> inside reasoning</think>ok", [
+        ("reasoning", "<tool_call> inside reasoning"), ("answer", "ok")]),
+    # A literal <think> when the prompt neither opened nor allowed a block stays answer.
+    ("answer", "<think>x</think> is XML", [("answer", "<think>x</think> is XML")]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("initial, text, expected", CHANNEL_CASES)
+def test_channels_every_chunking(initial, text, expected):
+    for chunks in chunkings(text, random_count=20):
+        assert run_channels(TOOL_TABLE, initial, chunks) == expected, chunks
+
+
+def test_a_table_without_tool_tags_never_opens_a_tool_call():
+    table = channel_table(("<think>", "</think>"), None)
+    assert run_channels(table, "answer", [CALL]) == [("answer", CALL)]
+
+
+def test_a_model_without_reasoning_tags_has_no_start_state():
+    table = channel_table(None, None)
+    assert set(table) == {"answer", "after"}
+    assert run_channels(table, "answer", ["<think>a</think>b"]) == [("answer", "<think>a</think>b")]

@@ -24,41 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65rmi/grpc_server/fermi.proto\x12\x05\x66\x65rmi\"\xc4\x02\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x16\n\x0erepeat_penalty\x18\x04 \x01(\x02\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12!\n\x08sampling\x18\x08 \x01(\x0b\x32\x0f.fermi.Sampling\x12\x0c\n\x04stop\x18\t \x03(\t\x12!\n\x08thinking\x18\n \x01(\x0e\x32\x0f.fermi.Thinking\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xeb\x01\n\x10GenerateResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x04kind\x18\x04 \x01(\x0e\x32\x0f.fermi.TextKind\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12*\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x13.fermi.FinishReason\x12\x1b\n\x05usage\x18\x07 \x01(\x0b\x32\x0c.fermi.Usage\x12\x10\n\x08thinking\x18\x08 \x01(\x08\x12\x15\n\rdropped_turns\x18\t \x01(\r\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14ResetSessionResponse\"\x13\n\x11ListModelsRequest\"\xd0\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x19\n\x11supports_thinking\x18\x05 \x01(\x08\x12\x1b\n\x0esupports_tools\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x13\n\x06target\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07\x61liases\x18\x08 \x03(\tB\x11\n\x0f_supports_toolsB\t\n\x07_target\"2\n\x12ListModelsResponse\x12\x1c\n\x06models\x18\x01 \x03(\x0b\x32\x0c.fermi.Model\"\x11\n\x0fGetStatsRequest\"\x82\x02\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x03 \x01(\r\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstreams_stop\x18\x05 \x01(\x04\x12\x16\n\x0estreams_length\x18\x06 \x01(\x04\x12\x19\n\x11streams_cancelled\x18\x07 \x01(\x04\x12!\n\x19streams_deadline_exceeded\x18\x08 \x01(\x04\x12\x16\n\x0estreams_failed\x18\t \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\x04*Z\n\x08Thinking\x12\x18\n\x14THINKING_UNSPECIFIED\x10\x00\x12\x11\n\rTHINKING_AUTO\x10\x01\x12\x0f\n\x0bTHINKING_ON\x10\x02\x12\x10\n\x0cTHINKING_OFF\x10\x03*T\n\x08TextKind\x12\x19\n\x15TEXT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10TEXT_KIND_ANSWER\x10\x01\x12\x17\n\x13TEXT_KIND_REASONING\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8f\x02\n\x05\x46\x65rmi\x12=\n\x08Generate\x12\x16.fermi.GenerateRequest\x1a\x17.fermi.GenerateResponse0\x01\x12G\n\x0cResetSession\x12\x1a.fermi.ResetSessionRequest\x1a\x1b.fermi.ResetSessionResponse\x12\x41\n\nListModels\x12\x18.fermi.ListModelsRequest\x1a\x19.fermi.ListModelsResponse\x12;\n\x08GetStats\x12\x16.fermi.GetStatsRequest\x1a\x17.fermi.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65rmi/grpc_server/fermi.proto\x12\x05\x66\x65rmi\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"3\n\nToolResult\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xc4\x02\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xb1\x03\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x16\n\x0erepeat_penalty\x18\x04 \x01(\x02\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12!\n\x08sampling\x18\x08 \x01(\x0b\x32\x0f.fermi.Sampling\x12\x0c\n\x04stop\x18\t \x03(\t\x12!\n\x08thinking\x18\n \x01(\x0e\x32\x0f.fermi.Thinking\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x1a\n\x05tools\x18\x0c \x03(\x0b\x32\x0b.fermi.Tool\x12\x13\n\x0btool_choice\x18\r \x01(\t\x12 \n\x13parallel_tool_calls\x18\x0e \x01(\x08H\x00\x88\x01\x01\x12\'\n\x0ctool_results\x18\x0f \x03(\x0b\x32\x11.fermi.ToolResult\x12\x13\n\x0bjson_schema\x18\x10 \x01(\tB\x16\n\x14_parallel_tool_calls\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\x8f\x02\n\x10GenerateResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x1d\n\x04kind\x18\x04 \x01(\x0e\x32\x0f.fermi.TextKind\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12*\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x13.fermi.FinishReason\x12\x1b\n\x05usage\x18\x07 \x01(\x0b\x32\x0c.fermi.Usage\x12\x10\n\x08thinking\x18\x08 \x01(\x08\x12\x15\n\rdropped_turns\x18\t \x01(\r\x12\"\n\ttool_call\x18\n \x01(\x0b\x32\x0f.fermi.ToolCall\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14ResetSessionResponse\"\x13\n\x11ListModelsRequest\"\xd0\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x19\n\x11supports_thinking\x18\x05 \x01(\x08\x12\x1b\n\x0esupports_tools\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x13\n\x06target\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x0f\n\x07\x61liases\x18\x08 \x03(\tB\x11\n\x0f_supports_toolsB\t\n\x07_target\"2\n\x12ListModelsResponse\x12\x1c\n\x06models\x18\x01 \x03(\x0b\x32\x0c.fermi.Model\"\x11\n\x0fGetStatsRequest\"\x82\x02\n\x10GetStatsResponse\x12\x13\n\x0bqueue_depth\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x03 \x01(\r\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cstreams_stop\x18\x05 \x01(\x04\x12\x16\n\x0estreams_length\x18\x06 \x01(\x04\x12\x19\n\x11streams_cancelled\x18\x07 \x01(\x04\x12!\n\x19streams_deadline_exceeded\x18\x08 \x01(\x04\x12\x16\n\x0estreams_failed\x18\t \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\n \x01(\x04*Z\n\x08Thinking\x12\x18\n\x14THINKING_UNSPECIFIED\x10\x00\x12\x11\n\rTHINKING_AUTO\x10\x01\x12\x0f\n\x0bTHINKING_ON\x10\x02\x12\x10\n\x0cTHINKING_OFF\x10\x03*m\n\x08TextKind\x12\x19\n\x15TEXT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10TEXT_KIND_ANSWER\x10\x01\x12\x17\n\x13TEXT_KIND_REASONING\x10\x02\x12\x17\n\x13TEXT_KIND_TOOL_CALL\x10\x03*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\x8f\x02\n\x05\x46\x65rmi\x12=\n\x08Generate\x12\x16.fermi.GenerateRequest\x1a\x17.fermi.GenerateResponse0\x01\x12G\n\x0cResetSession\x12\x1a.fermi.ResetSessionRequest\x1a\x1b.fermi.ResetSessionResponse\x12\x41\n\nListModels\x12\x18.fermi.ListModelsRequest\x1a\x19.fermi.ListModelsResponse\x12;\n\x08GetStats\x12\x16.fermi.GetStatsRequest\x1a\x17.fermi.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fermi.grpc_server.fermi_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_THINKING']._serialized_start=1611
-  _globals['_THINKING']._serialized_end=1701
-  _globals['_TEXTKIND']._serialized_start=1703
-  _globals['_TEXTKIND']._serialized_end=1787
-  _globals['_FINISHREASON']._serialized_start=1789
-  _globals['_FINISHREASON']._serialized_end=1884
-  _globals['_SAMPLING']._serialized_start=41
-  _globals['_SAMPLING']._serialized_end=365
-  _globals['_GENERATEREQUEST']._serialized_start=368
-  _globals['_GENERATEREQUEST']._serialized_end=632
-  _globals['_USAGE']._serialized_start=634
-  _globals['_USAGE']._serialized_end=740
-  _globals['_GENERATERESPONSE']._serialized_start=743
-  _globals['_GENERATERESPONSE']._serialized_end=978
-  _globals['_RESETSESSIONREQUEST']._serialized_start=980
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1021
-  _globals['_RESETSESSIONRESPONSE']._serialized_start=1023
-  _globals['_RESETSESSIONRESPONSE']._serialized_end=1045
-  _globals['_LISTMODELSREQUEST']._serialized_start=1047
-  _globals['_LISTMODELSREQUEST']._serialized_end=1066
-  _globals['_MODEL']._serialized_start=1069
-  _globals['_MODEL']._serialized_end=1277
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1279
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1329
-  _globals['_GETSTATSREQUEST']._serialized_start=1331
-  _globals['_GETSTATSREQUEST']._serialized_end=1348
-  _globals['_GETSTATSRESPONSE']._serialized_start=1351
-  _globals['_GETSTATSRESPONSE']._serialized_end=1609
-  _globals['_FERMI']._serialized_start=1887
-  _globals['_FERMI']._serialized_end=2158
+  _globals['_THINKING']._serialized_start=2009
+  _globals['_THINKING']._serialized_end=2099
+  _globals['_TEXTKIND']._serialized_start=2101
+  _globals['_TEXTKIND']._serialized_end=2210
+  _globals['_FINISHREASON']._serialized_start=2212
+  _globals['_FINISHREASON']._serialized_end=2337
+  _globals['_TOOL']._serialized_start=40
+  _globals['_TOOL']._serialized_end=106
+  _globals['_TOOLRESULT']._serialized_start=108
+  _globals['_TOOLRESULT']._serialized_end=159
+  _globals['_TOOLCALL']._serialized_start=161
+  _globals['_TOOLCALL']._serialized_end=231
+  _globals['_SAMPLING']._serialized_start=234
+  _globals['_SAMPLING']._serialized_end=558
+  _globals['_GENERATEREQUEST']._serialized_start=561
+  _globals['_GENERATEREQUEST']._serialized_end=994
+  _globals['_USAGE']._serialized_start=996
+  _globals['_USAGE']._serialized_end=1102
+  _globals['_GENERATERESPONSE']._serialized_start=1105
+  _globals['_GENERATERESPONSE']._serialized_end=1376
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1378
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1419
+  _globals['_RESETSESSIONRESPONSE']._serialized_start=1421
+  _globals['_RESETSESSIONRESPONSE']._serialized_end=1443
+  _globals['_LISTMODELSREQUEST']._serialized_start=1445
+  _globals['_LISTMODELSREQUEST']._serialized_end=1464
+  _globals['_MODEL']._serialized_start=1467
+  _globals['_MODEL']._serialized_end=1675
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1677
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1727
+  _globals['_GETSTATSREQUEST']._serialized_start=1729
+  _globals['_GETSTATSREQUEST']._serialized_end=1746
+  _globals['_GETSTATSRESPONSE']._serialized_start=1749
+  _globals['_GETSTATSRESPONSE']._serialized_end=2007
+  _globals['_FERMI']._serialized_start=2340
+  _globals['_FERMI']._serialized_end=2611
 # @@protoc_insertion_point(module_scope)

@@ -19,12 +19,14 @@ class TextKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEXT_KIND_UNSPECIFIED: _ClassVar[TextKind]
     TEXT_KIND_ANSWER: _ClassVar[TextKind]
     TEXT_KIND_REASONING: _ClassVar[TextKind]
+    TEXT_KIND_TOOL_CALL: _ClassVar[TextKind]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_TOOL_CALLS: _ClassVar[FinishReason]
 THINKING_UNSPECIFIED: Thinking
 THINKING_AUTO: Thinking
 THINKING_ON: Thinking
@@ -32,9 +34,41 @@ THINKING_OFF: Thinking
 TEXT_KIND_UNSPECIFIED: TextKind
 TEXT_KIND_ANSWER: TextKind
 TEXT_KIND_REASONING: TextKind
+TEXT_KIND_TOOL_CALL: TextKind
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_TOOL_CALLS: FinishReason
+
+class Tool(_message.Message):
+    __slots__ = ("name", "description", "parameters_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    parameters_json: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+
+class ToolResult(_message.Message):
+    __slots__ = ("tool_call_id", "content")
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    tool_call_id: str
+    content: str
+    def __init__(self, tool_call_id: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("index", "id", "name", "arguments")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    id: str
+    name: str
+    arguments: str
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed")
@@ -57,7 +91,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "max_new_tokens", "repeat_penalty", "system_prompt", "temperature", "top_p", "sampling", "stop", "thinking", "ignore_eos")
+    __slots__ = ("session_id", "prompt", "max_new_tokens", "repeat_penalty", "system_prompt", "temperature", "top_p", "sampling", "stop", "thinking", "ignore_eos", "tools", "tool_choice", "parallel_tool_calls", "tool_results", "json_schema")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +103,11 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     THINKING_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: str
     max_new_tokens: int
@@ -80,7 +119,12 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     thinking: Thinking
     ignore_eos: bool
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., repeat_penalty: _Optional[float] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., thinking: _Optional[_Union[Thinking, str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    tool_choice: str
+    parallel_tool_calls: bool
+    tool_results: _containers.RepeatedCompositeFieldContainer[ToolResult]
+    json_schema: str
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., repeat_penalty: _Optional[float] = ..., system_prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., thinking: _Optional[_Union[Thinking, str]] = ..., ignore_eos: _Optional[bool] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., parallel_tool_calls: _Optional[bool] = ..., tool_results: _Optional[_Iterable[_Union[ToolResult, _Mapping]]] = ..., json_schema: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens")
@@ -95,7 +139,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "token_id", "session_id", "kind", "token_ids", "finish_reason", "usage", "thinking", "dropped_turns")
+    __slots__ = ("token", "token_id", "session_id", "kind", "token_ids", "finish_reason", "usage", "thinking", "dropped_turns", "tool_call")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +149,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     THINKING_FIELD_NUMBER: _ClassVar[int]
     DROPPED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     token: str
     token_id: int
     session_id: str
@@ -114,7 +159,8 @@ class GenerateResponse(_message.Message):
     usage: Usage
     thinking: bool
     dropped_turns: int
-    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., session_id: _Optional[str] = ..., kind: _Optional[_Union[TextKind, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., thinking: _Optional[bool] = ..., dropped_turns: _Optional[int] = ...) -> None: ...
+    tool_call: ToolCall
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., session_id: _Optional[str] = ..., kind: _Optional[_Union[TextKind, str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., thinking: _Optional[bool] = ..., dropped_turns: _Optional[int] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ...) -> None: ...
 
 class ResetSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -16,6 +16,7 @@ beyond that for unary RPCs (health, ResetSession, ...).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -40,7 +41,15 @@ from fermi.errors import (
 from fermi.exposure import exposure_warning
 from fermi.grpc_server import fermi_pb2 as pb
 from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
-from fermi.requests import Finished, GenerationRequest, Message, SamplingParams, TextDelta
+from fermi.requests import (
+    Finished,
+    GenerationRequest,
+    Message,
+    OutputFormat,
+    SamplingParams,
+    TextDelta,
+    ToolCallDelta,
+)
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.grpc")
@@ -121,7 +130,11 @@ THINKING = {
     pb.THINKING_OFF: "off",
 }
 KIND = {"answer": pb.TEXT_KIND_ANSWER, "reasoning": pb.TEXT_KIND_REASONING}
-FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+}
 
 
 def _f32(value: float) -> float:
@@ -137,13 +150,51 @@ def _sampled(request: pb.GenerateRequest, name: str, legacy: str | None = None) 
     return _f32(value) if value else None
 
 
+def _tools(request: pb.GenerateRequest) -> list[dict]:
+    """The request's tools in OpenAI's shape (what chat templates read)."""
+    tools = []
+    for i, tool in enumerate(request.tools):
+        function: dict = {"name": tool.name}
+        if not tool.name:
+            raise InvalidRequest(f"tools[{i}].name must not be empty", param=f"tools[{i}].name")
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters_json:
+            function["parameters"] = _json_object(
+                tool.parameters_json, f"tools[{i}].parameters_json"
+            )
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _json_object(text: str, param: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidRequest(f"{param} is not valid JSON: {e}", param=param) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{param} must be a JSON object", param=param)
+    return value
+
+
 def to_generation_request(request: pb.GenerateRequest, session_id: str) -> GenerationRequest:
-    if not request.prompt.strip():
+    results = [
+        Message("tool", r.content, tool_call_id=r.tool_call_id) for r in request.tool_results
+    ]
+    if not (request.prompt.strip() or results):
         raise InvalidRequest("prompt must not be empty", param="prompt")
     if request.thinking not in THINKING:
         raise InvalidRequest(f"thinking: unknown value {request.thinking}", param="thinking")
     messages = [Message("system", request.system_prompt)] if request.system_prompt else []
-    messages.append(Message("user", request.prompt))
+    messages += results
+    if request.prompt.strip():
+        messages.append(Message("user", request.prompt))
+    schema = request.json_schema
+    output = (
+        OutputFormat("json_schema", _json_object(schema, "json_schema"), "json_schema")
+        if schema
+        else None
+    )
     s = request.sampling
     sampling = SamplingParams(
         temperature=_sampled(request, "temperature", "temperature"),
@@ -164,10 +215,26 @@ def to_generation_request(request: pb.GenerateRequest, session_id: str) -> Gener
         session_id=session_id,
         append=True,  # the server keeps the history: the prompt is a new turn
         ignore_eos=request.ignore_eos,
+        tools=_tools(request),
+        tool_choice=request.tool_choice or "auto",
+        parallel_tool_calls=not request.HasField("parallel_tool_calls")
+        or request.parallel_tool_calls,
+        output_format=output,
     )
 
 
-def delta_message(session_id: str, delta: TextDelta) -> pb.GenerateResponse:
+def delta_message(session_id: str, delta: TextDelta | ToolCallDelta) -> pb.GenerateResponse:
+    if isinstance(delta, ToolCallDelta):
+        return pb.GenerateResponse(
+            token_id=delta.token_ids[-1] if delta.token_ids else 0,
+            session_id=session_id,
+            kind=pb.TEXT_KIND_TOOL_CALL,
+            token_ids=delta.token_ids,
+            tool_call=pb.ToolCall(
+                index=delta.index, id=delta.id or "", name=delta.name or "",
+                arguments=delta.arguments,
+            ),
+        )  # fmt: skip
     return pb.GenerateResponse(
         token=delta.text,
         token_id=delta.token_ids[-1] if delta.token_ids else 0,
@@ -284,7 +351,7 @@ class FermiServicer(pb_grpc.FermiServicer):
             for event in events:  # to exhaustion: the runtime saves the session's KV last
                 if isinstance(event, Finished):
                     done = event
-                elif event.text:
+                elif isinstance(event, ToolCallDelta) or event.text:
                     yield delta_message(session_id, event)
         finally:
             span.end()
@@ -371,6 +438,8 @@ def _outcome(done: Finished | None, stop_reason: str | None) -> str:
     """How a stream ended, for ServerStats."""
     if done is None:
         return "failed"  # an exception inside generation
+    if done.finish_reason == "tool_calls":
+        return "stop"  # the model ended its turn
     if done.finish_reason != "cancelled":
         return done.finish_reason  # "stop" | "length", even if a stop signal raced the end
     return STOP_OUTCOME.get(stop_reason, "failed")

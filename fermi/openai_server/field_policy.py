@@ -3,8 +3,7 @@
 Every field a route's parser reads is honoured (the parser marks it as used). Of the others:
 - INFORMATIONAL fields change nothing a local server does (`store`, `metadata`, `user`, ...):
   accepted, logged at debug level, ignored.
-- PENDING fields belong to features being built elsewhere in the codebase (tools, structured
-  output); today they are accepted and ignored, as they always were.
+- PENDING fields (none today) would be accepted and ignored while a feature is being built.
 - Any other field is refused with 400 naming it: a known OpenAI field fermi cannot honour
   (`audio`, `prediction`, `web_search_options`, ...) and a field no API defines alike. vLLM
   instead ignores unknown fields with a warning; a 400 is what tells a client that the thing it
@@ -23,16 +22,15 @@ INFORMATIONAL = frozenset(
     {"store", "metadata", "user", "safety_identifier", "prompt_cache_key",
      "prompt_cache_retention"}
 )  # fmt: skip
-PENDING = {
-    "chat": frozenset(
-        {"tools", "tool_choice", "parallel_tool_calls", "response_format", "functions",
-         "function_call"}
-    ),
-    "responses": frozenset({"tools", "tool_choice", "parallel_tool_calls", "text"}),
+PENDING: dict[str, frozenset[str]] = {
+    "chat": frozenset(),
+    "responses": frozenset(),
     "completions": frozenset(),
-}  # fmt: skip
+}
 # Known OpenAI fields fermi cannot honour, with the reason a 400 gives.
 UNSUPPORTED = {
+    "functions": "the deprecated functions API is not supported; send tools instead",
+    "function_call": "the deprecated functions API is not supported; send tool_choice instead",
     "audio": "audio output is not supported",
     "modalities": 'only ["text"] output is supported',
     "prediction": "predicted outputs are not supported",

@@ -12,7 +12,7 @@ from typing import Any
 from fermi.openai_server.errors import ApiError
 from fermi.openai_server.logprobs import token_entries
 from fermi.openai_server.schemas import ResponsesCall
-from fermi.requests import Finished, TextDelta, Usage
+from fermi.requests import Finished, TextDelta, ToolCallDelta, Usage
 from fermi.sampling import SampledToken
 from fermi.token_text import TokenText
 
@@ -96,14 +96,33 @@ def chat_usage(usage: Usage) -> dict[str, Any]:
     }
 
 
+def reasoning_fields(text: str) -> dict[str, str]:
+    """Reasoning under both names clients read: `reasoning_content` (llama-server, DeepSeek,
+    older vLLM, LiteLLM) and `reasoning` (current vLLM, Ollama, OpenRouter)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
 @dataclass
 class ChoiceText:
-    """One choice's collected output; `tokens`: the answer's tokens with logprobs."""
+    """One choice's collected output; `tokens`: the answer's tokens with logprobs;
+    `tool_calls`: its calls in OpenAI's shape."""
 
     index: int
     reasoning: str = ""
     answer: str = ""
     tokens: list[SampledToken] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_tool_call(self, event: ToolCallDelta) -> None:
+        if event.id is not None:
+            self.tool_calls.append(
+                {
+                    "id": event.id,
+                    "type": "function",
+                    "function": {"name": event.name, "arguments": ""},
+                }
+            )
+        self.tool_calls[event.index]["function"]["arguments"] += event.arguments
 
 
 def choice_finish_reason(finished: Finished, index: int) -> str:
@@ -136,9 +155,12 @@ def chat_completion(
 
 
 def _message(choice: ChoiceText) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": choice.answer}
+    content = choice.answer if choice.answer or not choice.tool_calls else None
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     if choice.reasoning:
-        message["reasoning_content"] = choice.reasoning
+        message.update(reasoning_fields(choice.reasoning))
+    if choice.tool_calls:
+        message["tool_calls"] = choice.tool_calls
     return message
 
 
@@ -191,12 +213,15 @@ class ChatStream:
             self.chunk({"role": "assistant", "content": ""}, index=i) for i in range(self.n)
         )
 
-    def text(self, delta: TextDelta) -> str:
-        key = "reasoning_content" if delta.kind == "reasoning" else "content"
+    def text(self, delta: TextDelta | ToolCallDelta) -> str:
+        if isinstance(delta, ToolCallDelta):
+            return self.chunk({"tool_calls": [tool_call_delta(delta)]})
+        if delta.kind == "reasoning":
+            return self.chunk(reasoning_fields(delta.text), index=delta.index)
         logprobs = None
-        if self.token_text is not None and delta.kind == "answer":
+        if self.token_text is not None:
             logprobs = _chat_logprobs(self.token_text, delta.logprobs)
-        return self.chunk({key: delta.text}, index=delta.index, logprobs=logprobs)
+        return self.chunk({"content": delta.text}, index=delta.index, logprobs=logprobs)
 
     def finish(self, finished: Finished) -> str:
         frames = [
@@ -211,7 +236,26 @@ class ChatStream:
         return sse(error_body(err)) + DONE
 
 
+def tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """OpenAI's streamed tool call: index, id, type and name first, then arguments pieces."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    return {
+        "index": delta.index,
+        "id": delta.id,
+        "type": "function",
+        "function": {"name": delta.name, "arguments": delta.arguments},
+    }
+
+
 # -- responses -----------------------------------------------------------------------------------
+
+
+def function_call_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str
+) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}  # fmt: skip
 
 
 def output_text_part(text: str, logprobs: list | None = None) -> dict[str, Any]:
@@ -246,7 +290,7 @@ def responses_usage(usage: Usage) -> dict[str, Any]:
 
 
 def response_status(finished: Finished) -> tuple[str, dict[str, str] | None]:
-    if finished.finish_reason == "stop":
+    if finished.finish_reason in ("stop", "tool_calls"):
         return "completed", None
     if finished.finish_reason == "length":
         return "incomplete", {"reason": "max_output_tokens"}
@@ -274,10 +318,10 @@ def response_object(
         "max_output_tokens": call.max_output_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
-        "parallel_tool_calls": False,
-        "tool_choice": "auto",
-        "tools": [],
-        "text": {"format": {"type": "text"}},
+        "parallel_tool_calls": call.generation.parallel_tool_calls,
+        "tool_choice": _tool_choice_echo(call.generation.tool_choice),
+        "tools": call.tools or [],
+        "text": {"format": call.text_format or {"type": "text"}},
         "truncation": "disabled",
         "store": False,
         "background": False,
@@ -288,6 +332,12 @@ def response_object(
         "usage": responses_usage(finished.usage) if finished else None,
         **_session(meta),
     }
+
+
+def _tool_choice_echo(choice: str) -> str | dict[str, str]:
+    if choice in ("auto", "none", "required"):
+        return choice
+    return {"type": "function", "name": choice}
 
 
 def err_code(err: ApiError) -> str:
@@ -301,30 +351,43 @@ def response_final(
     finished: Finished,
     text: TokenText | None = None,
 ) -> dict[str, Any]:
-    """The non-streaming /v1/responses body; `text` given: output_text carries logprobs."""
+    """The non-streaming /v1/responses body: reasoning, message and function_call items;
+    `text` given: output_text carries logprobs."""
     status, _ = response_status(finished)
     output = []
     if choice.reasoning:
         output.append(output_item("reasoning", new_id("rs_"), choice.reasoning, "completed"))
-    logprobs = token_entries(text, choice.tokens) if text is not None else None
-    output.append(output_item("message", new_id("msg_"), choice.answer, status, logprobs))
+    if choice.answer or not choice.tool_calls:
+        logprobs = token_entries(text, choice.tokens) if text is not None else None
+        output.append(output_item("message", new_id("msg_"), choice.answer, status, logprobs))
+    for tool_call in choice.tool_calls:
+        function = tool_call["function"]
+        output.append(
+            function_call_item(
+                new_id("fc_"), tool_call["id"], function["name"], function["arguments"], status
+            )
+        )
     return response_object(meta, call, status, output, finished)
 
 
 @dataclass
 class _OpenItem:
-    kind: str  # reasoning | message
+    kind: str  # reasoning | message | function_call
     id: str
     index: int
     texts: list[str] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    call_id: str = ""
+    name: str = ""
 
 
 class ResponseStream:
     """The `event:`-named frames of one /v1/responses stream, numbered by sequence_number:
     created, in_progress, per output item (reasoning, then message): output_item.added,
     content_part.added, *_text.delta..., *_text.done, content_part.done, output_item.done;
-    then completed or incomplete (or error + failed)."""
+    per function call: output_item.added, function_call_arguments.delta...,
+    function_call_arguments.done, output_item.done; then completed or incomplete (or error +
+    failed)."""
 
     def __init__(self, meta: Meta, call: ResponsesCall, text: TokenText | None = None):
         self.meta = meta
@@ -334,6 +397,7 @@ class ResponseStream:
         self.output: list[dict[str, Any]] = []  # finished items
         self.item: _OpenItem | None = None
         self.has_message = False
+        self.has_calls = False
 
     def event(self, kind: str, **fields: Any) -> str:
         """The one event builder."""
@@ -347,7 +411,9 @@ class ResponseStream:
             "response.in_progress", response=response
         )
 
-    def text(self, delta: TextDelta) -> str:
+    def text(self, delta: TextDelta | ToolCallDelta) -> str:
+        if isinstance(delta, ToolCallDelta):
+            return self._tool_call(delta)
         kind = "reasoning" if delta.kind == "reasoning" else "message"
         frames = ""
         if self.item is None or self.item.kind != kind:
@@ -367,7 +433,9 @@ class ResponseStream:
 
     def finish(self, finished: Finished) -> str:
         status, _ = response_status(finished)
-        frames = "" if self.has_message else self._close("completed") + self._open("message")
+        frames = ""
+        if not (self.has_message or self.has_calls):
+            frames = self._close("completed") + self._open("message")
         frames += self._close(status)
         response = response_object(self.meta, self.call, status, self.output, finished)
         return frames + self.event(f"response.{status}", response=response)
@@ -390,11 +458,41 @@ class ResponseStream:
             item=output_item(kind, item.id, None, "in_progress"),
         ) + self.event("response.content_part.added", **where, part=part)
 
+    def _tool_call(self, delta: ToolCallDelta) -> str:
+        frames = ""
+        if delta.id is not None:
+            frames = self._close("completed")
+            self.item = item = _OpenItem("function_call", new_id("fc_"), len(self.output))
+            item.call_id, item.name = delta.id, delta.name or ""
+            self.has_calls = True
+            added = function_call_item(item.id, item.call_id, item.name, "", "in_progress")
+            frames += self.event("response.output_item.added", output_index=item.index, item=added)
+        item = self.item
+        if not delta.arguments:
+            return frames
+        item.texts.append(delta.arguments)
+        return frames + self.event(
+            "response.function_call_arguments.delta",
+            item_id=item.id,
+            output_index=item.index,
+            delta=delta.arguments,
+        )
+
     def _close(self, status: str) -> str:
         item, self.item = self.item, None
         if item is None:
             return ""
         text = "".join(item.texts)
+        if item.kind == "function_call":
+            done = function_call_item(item.id, item.call_id, item.name, text, status)
+            self.output.append(done)
+            return self.event(
+                "response.function_call_arguments.done",
+                item_id=item.id,
+                output_index=item.index,
+                name=item.name,
+                arguments=text,
+            ) + self.event("response.output_item.done", output_index=item.index, item=done)
         where = {"item_id": item.id, "output_index": item.index, "content_index": 0}
         if item.kind == "reasoning":
             frames = self.event("response.reasoning_text.done", **where, text=text)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from fermi.requests import Event, Finished, TextDelta
+from fermi.requests import Event, Finished, TextDelta, ToolCallDelta
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -69,7 +69,7 @@ class Metrics:
         first = True
         try:
             async for event in events:
-                if isinstance(event, TextDelta):
+                if isinstance(event, TextDelta | ToolCallDelta):
                     now = time.perf_counter()
                     if first:
                         self.ttft.observe(now - start)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fermi.errors import InvalidRequest, ModelNotFound
+from fermi.openai_server import tool_schemas
 from fermi.openai_server.field_policy import UNSUPPORTED, check_fields
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
 from fermi.sampling import MAX_LOGPROBS, validate_sampling
@@ -68,6 +69,8 @@ class ResponsesCall:
     max_output_tokens: int | None
     generation: GenerationRequest
     logprobs: bool = False  # output_text parts and deltas carry logprobs
+    tools: list[dict[str, Any]] | None = None  # as sent (flat), echoed in the response
+    text_format: dict[str, Any] | None = None  # text.format as sent
 
 
 def parse_json(raw: bytes | None) -> dict[str, Any]:
@@ -299,7 +302,12 @@ def _message(f: Fields, roles: dict[str, str]) -> Message:
             param=f.param("role"),
         )
     content = _content(f, "content", required=role not in ("assistant", "tool"))
-    return Message(roles[role], content, reasoning_content=f.string("reasoning_content"))
+    message = Message(roles[role], content, reasoning_content=f.string("reasoning_content"))
+    if role == "assistant":
+        message.tool_calls = tool_schemas.assistant_tool_calls(f)
+    if role == "tool":
+        message.tool_call_id = f.string("tool_call_id")
+    return message
 
 
 # -- endpoints -----------------------------------------------------------------------------------
@@ -320,6 +328,7 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
     if top_logprobs is not None and not logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     _common_options(f)
+    tools = tool_schemas.chat_tools(f)
     call = ChatCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
@@ -336,6 +345,10 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
             ignore_eos=bool(f.boolean("ignore_eos")),
             n=_choices(f),
             logprobs=(top_logprobs or 0) if logprobs else None,
+            tools=tools,
+            tool_choice=tool_schemas.tool_choice(f, tools, flat=False),
+            parallel_tool_calls=f.boolean("parallel_tool_calls") is not False,
+            output_format=tool_schemas.response_format(f),
         ),
     )
     check_fields(body, f.used, "chat")
@@ -362,12 +375,16 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
     _common_options(f)
     _only(f, "background", (False,))
     _only(f, "truncation", ("disabled",))
+    tools = tool_schemas.responses_tools(f)
+    output_format = tool_schemas.text_format(f)
     call = ResponsesCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
         instructions=instructions,
         max_output_tokens=max_output_tokens,
         logprobs=logprobs,
+        tools=f.raw("tools") or [],
+        text_format=f.object("text").data.get("format") if output_format else None,
         generation=GenerationRequest(
             messages=messages,
             max_new_tokens=max_output_tokens,
@@ -378,6 +395,10 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
             append=False,
             ignore_eos=bool(f.boolean("ignore_eos")),
             logprobs=(top_logprobs or 0) if logprobs else None,
+            tools=tools,
+            tool_choice=tool_schemas.tool_choice(f, tools, flat=True),
+            parallel_tool_calls=f.boolean("parallel_tool_calls") is not False,
+            output_format=output_format,
         ),
     )
     check_fields(body, f.used, "responses")
@@ -398,8 +419,9 @@ def _responses_include(f: Fields) -> bool:
 
 
 def _responses_input(f: Fields) -> list[Message]:
-    """`input` is a string (one user turn) or an array of message items; a reasoning item is
-    attached to the assistant message that follows it."""
+    """`input` is a string (one user turn) or an array of items: messages, reasoning (attached
+    to the assistant message that follows it), function_call (a tool call of the assistant turn)
+    and function_call_output (a tool message)."""
     value = f.raw("input")
     if isinstance(value, str):
         return [Message("user", value)]
@@ -414,9 +436,19 @@ def _responses_input(f: Fields) -> list[Message]:
         if kind == "reasoning":
             reasoning = _content(item, "content", False, REASONING_PART_TYPES) or None
             continue
+        if kind == "function_call":
+            _add_function_call(messages, item, reasoning)
+            reasoning = None
+            continue
+        if kind == "function_call_output":
+            call_id = item.string("call_id", required=True)
+            output = _content(item, "output", required=True)
+            messages.append(Message("tool", output, tool_call_id=call_id))
+            continue
         if kind != "message":
             raise InvalidRequest(
-                f"input[{i}].type {kind!r} is not supported; only message and reasoning items",
+                f"input[{i}].type {kind!r} is not supported; only message, reasoning, "
+                "function_call and function_call_output items",
                 param=item.param("type"),
             )
         message = _message(item, RESPONSES_ROLES)
@@ -427,3 +459,20 @@ def _responses_input(f: Fields) -> list[Message]:
     if not messages:
         raise InvalidRequest("input holds no message", param="input")
     return messages
+
+
+def _add_function_call(messages: list[Message], item: Fields, reasoning: str | None) -> None:
+    """A function_call item joins the assistant turn just before it, or starts one."""
+    call = {
+        "id": item.string("call_id", required=True),
+        "type": "function",
+        "function": {
+            "name": item.string("name", required=True),
+            "arguments": item.string("arguments", required=True),
+        },
+    }
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant" and not reasoning:
+        last.tool_calls = (last.tool_calls or []) + [call]
+        return
+    messages.append(Message("assistant", "", reasoning_content=reasoning, tool_calls=[call]))

@@ -31,7 +31,7 @@ from fermi.openai_server import formatters as fmt
 from fermi.openai_server.errors import ModelLoading, ServerDraining, Unauthorized, map_error
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
-from fermi.requests import Event, Finished, PromptLogprobs, TextDelta
+from fermi.requests import Event, Finished, PromptLogprobs, TextDelta, ToolCallDelta
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.openai")
@@ -252,14 +252,16 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
 async def _collect(
     request: Request, generation, n: int
 ) -> tuple[list[fmt.ChoiceText], list[Event], Finished]:
-    """Every event of a generation, and the text of each of its `n` choices."""
+    """Every event of a generation, and the text and tool calls of each of its `n` choices."""
     choices = [fmt.ChoiceText(i) for i in range(n)]
     parts = [{"reasoning": [], "answer": []} for _ in range(n)]
     events: list[Event] = []
     async with _events(request, generation) as stream:
         async for event in stream:
             events.append(event)
-            if isinstance(event, TextDelta):
+            if isinstance(event, ToolCallDelta):
+                choices[0].add_tool_call(event)
+            elif isinstance(event, TextDelta):
                 parts[event.index][event.kind].append(event.text)
                 if event.kind == "answer":
                     choices[event.index].tokens.extend(event.logprobs)
@@ -300,7 +302,7 @@ async def _stream(request: Request, generation, frames):
 
 
 def _frame(frames, event: Event) -> str:
-    if isinstance(event, TextDelta):
+    if isinstance(event, TextDelta | ToolCallDelta):
         return frames.text(event)
     if isinstance(event, PromptLogprobs):
         return frames.prompt(event) if hasattr(frames, "prompt") else ""

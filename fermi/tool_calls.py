@@ -1,0 +1,131 @@
+"""Tool calls in the model's output: the text inside the tool-call tags, parsed as it streams.
+
+Hermes format (Qwen2.5, Qwen3, NousResearch Hermes; vLLM's `hermes` parser): each block holds
+one JSON object `{"name": "...", "arguments": {...}}`. While a block streams, the name is sent as
+soon as it is complete, then the arguments' JSON text fragment by fragment (the closing brace of
+the outer object is held back until more text shows it was not the last one). When the block
+closes, the whole object is parsed; a block that is not such an object is given back as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+TOOL_CALL_FORMATS = ("hermes",)
+# `{"name": "<json string>", "arguments": ` with any JSON whitespace.
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+
+
+def new_call_id() -> str:
+    """OpenAI-style tool call id: `call_` and 24 hex digits."""
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass
+class ToolCallPiece:
+    """What one feed produces for call `index`: header (id, name) and/or argument text."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass
+class ParsedCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+    def as_openai(self) -> dict:
+        """OpenAI's shape of an assistant message's tool call."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass
+class HermesToolCalls:
+    """Parses successive tool-call blocks (the text between the tags) of one output.
+
+    feed(text) -> pieces to stream now; end() closes the current block and returns
+    (pieces, None) or, when the block is not a tool call, ([], its raw text with the tags).
+    `calls` lists the complete calls so far.
+    """
+
+    tags: tuple[str, str] = ("<tool_call>", "</tool_call>")
+    calls: list[ParsedCall] = field(default_factory=list)
+    _buf: str = ""
+    _id: str | None = None
+    _name: str | None = None
+    _sent: int = 0  # characters of arguments text already sent
+
+    @property
+    def index(self) -> int:
+        return len(self.calls)
+
+    def feed(self, text: str) -> list[ToolCallPiece]:
+        self._buf += text
+        pieces = []
+        if self._name is None:
+            head = _HEAD.match(self._buf)
+            if head is None:
+                return []
+            try:
+                name = json.loads(head.group(1))
+            except ValueError:
+                return []
+            self._id, self._name = new_call_id(), name
+            self._buf = self._buf[head.end() :]
+            pieces.append(ToolCallPiece(self.index, self._id, name, ""))
+        if self._sent == 0:
+            self._buf = self._buf.lstrip()
+        ready = _without_outer_close(self._buf)
+        if len(ready) > self._sent:
+            fragment, self._sent = ready[self._sent :], len(ready)
+            if pieces:
+                pieces[0].arguments = fragment
+            else:
+                pieces.append(ToolCallPiece(self.index, None, None, fragment))
+        return pieces
+
+    def end(self, closed: bool = True) -> tuple[list[ToolCallPiece], str | None]:
+        """The block closed (closed=False: the output ended inside it)."""
+        buf, name, call_id, sent = self._buf, self._name, self._id, self._sent
+        self._buf, self._name, self._id, self._sent = "", None, None, 0
+        if name is None:
+            return self._whole(buf, closed)
+        arguments = _without_outer_close(buf.lstrip())
+        pieces = []
+        if len(arguments) > sent:
+            pieces.append(ToolCallPiece(self.index, None, None, arguments[sent:]))
+        self.calls.append(ParsedCall(call_id, name, arguments))
+        return pieces, None
+
+    def _whole(self, text: str, closed: bool) -> tuple[list[ToolCallPiece], str | None]:
+        """A block whose head did not stream in the usual order: parse it whole."""
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)):
+            return [], self.tags[0] + text + (self.tags[1] if closed else "")
+        arguments = obj.get("arguments", obj.get("parameters", {}))
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        call = ParsedCall(new_call_id(), obj["name"], arguments)
+        self.calls.append(call)
+        return [ToolCallPiece(len(self.calls) - 1, call.id, call.name, arguments)], None
+
+
+def _without_outer_close(text: str) -> str:
+    """The arguments text without the `}` that closes the outer object, if it ends the text."""
+    body = text.rstrip()
+    if body.endswith("}"):
+        body = body[:-1].rstrip()
+    return body

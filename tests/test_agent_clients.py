@@ -1,0 +1,547 @@
+"""Tools and structured output through the clients people point at a local server, against a
+live `fermi serve openai` on 127.0.0.1: openai-python (chat and Responses), litellm,
+langchain-openai and the `llm` CLI.
+
+tiny-qwen3 has random weights: what it says is gibberish, but under constrained decoding its
+tool calls and JSON answers are valid, so these tests check validity against the schemas, never
+the words. Where a client cannot ask for a forced call (`llm --functions` sends tool_choice auto)
+or gives no schema (langchain's json_mode), the test first finds, over HTTP, a seed with which
+the model calls on its own / ends its JSON, then hands the client that seed: the server is
+deterministic for a given request and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
+
+from fermi.constraints import close_objects
+from fermi.openai_server.loadtest import serve
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm: no fetch at import
+
+MODEL = "tiny-qwen3"
+ENV = {"FERMI_API_KEY": "", "FERMI_DEFAULT_THINKING": "", "HF_HUB_OFFLINE": "1"}
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather of a city.",
+            "parameters": WEATHER,
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The time in a timezone.",
+            "parameters": {
+                "type": "object",
+                "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
+                "required": ["tz"],
+            },
+        },
+    },
+]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+class Weather(BaseModel):
+    """A weather report."""
+
+    city: str = Field(max_length=12)
+    hot: bool
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact):
+    with serve(str(tiny_artifact), env=ENV) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def check_call(name: str, arguments: str) -> dict:
+    """A call names a known function and its arguments validate against its schema (objects
+    closed, as constrained decoding reads them)."""
+    parsed = json.loads(arguments)
+    jsonschema.validate(parsed, close_objects(PARAMETERS[name]))
+    return parsed
+
+
+def find_seed(server, body: dict, done, limit: int = 400) -> int:
+    """The first seed with which the server's answer to `body` satisfies `done`, twice in a
+    row (so that the client, sending the same request, gets it too)."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+
+        def ok(seed: int) -> bool:
+            answer = http.post("/v1/chat/completions", json={**body, "seed": seed}).json()
+            return done(answer["choices"][0])
+
+        for seed in range(limit):
+            if ok(seed) and ok(seed):
+                return seed
+    raise AssertionError(f"no seed in {limit} gave the answer wanted")
+
+
+# -- openai-python: chat -------------------------------------------------------------------------
+
+
+def test_required_tool_calls_validate(client):
+    for seed in range(3):
+        completion = client.chat.completions.create(
+            model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=200,
+            seed=seed,
+        )  # fmt: skip
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            assert call.id.startswith("call_") and call.type == "function"
+            check_call(call.function.name, call.function.arguments)
+
+
+def test_a_named_function_is_called_once_without_parallel_calls(client):
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        parallel_tool_calls=False,
+        max_tokens=200,
+    )
+    calls = completion.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_time"]
+    assert check_call("get_time", calls[0].function.arguments)["tz"] in ("UTC", "CET")
+
+
+def test_streamed_tool_calls_come_as_openai_deltas(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=200,
+        stream=True, seed=1,
+    )  # fmt: skip
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        assert not delta.content  # no tag text leaks into the answer
+        for piece in delta.tool_calls or []:
+            if piece.index not in calls:  # the first delta of a call: id, type and name
+                assert piece.id.startswith("call_") and piece.type == "function"
+                assert piece.function.name in PARAMETERS
+                calls[piece.index] = {"name": piece.function.name, "arguments": ""}
+            else:
+                assert piece.id is None and piece.function.name is None
+            calls[piece.index]["arguments"] += piece.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and sorted(calls) == list(range(len(calls))) and calls
+    for call in calls.values():
+        check_call(call["name"], call["arguments"])
+
+
+def test_tools_and_replayed_calls_reach_the_prompt(client):
+    def prompt_tokens(**fields) -> int:
+        completion = client.chat.completions.create(model=MODEL, max_tokens=1, **fields)
+        return completion.usage.prompt_tokens
+
+    plain = prompt_tokens(messages=USER)
+    assert prompt_tokens(messages=USER, tools=TOOLS) > plain + 100
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+    }
+    history = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+    ]
+    without_call = [*USER, {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"}]
+    assert prompt_tokens(messages=history, tools=TOOLS) > prompt_tokens(
+        messages=without_call, tools=TOOLS
+    )
+
+
+def test_parse_with_a_pydantic_model(client):
+    for seed in range(3):
+        completion = client.chat.completions.parse(
+            model=MODEL, messages=USER, response_format=Weather, max_tokens=200, seed=seed
+        )
+        parsed = completion.choices[0].message.parsed
+        assert isinstance(parsed, Weather)
+
+
+def test_json_schema_and_json_object(client):
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+        "required": ["ok", "n"],
+    }
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        max_tokens=200,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": schema, "strict": True},
+        },
+    )
+    jsonschema.validate(json.loads(completion.choices[0].message.content), schema)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=300, seed=0,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    assert isinstance(json.loads(completion.choices[0].message.content), dict)
+
+
+def test_grammar_extension(client):
+    regex = {"type": "grammar", "syntax": "regex", "grammar": r"(yes|no), [0-9]{2}"}
+    lark = {"type": "grammar", "syntax": "lark", "grammar": 'start: "color: " ("red" | "blue")'}
+    answers = [
+        client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=50, extra_body={"response_format": fmt}
+        )
+        .choices[0]
+        .message.content
+        for fmt in (regex, lark)
+    ]
+    assert re.fullmatch(r"(yes|no), [0-9]{2}", answers[0])
+    assert answers[1] in ("color: red", "color: blue")
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"response_format": {"type": "bogus"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema",
+                                 "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": {"type": "grammar", "grammar": "start: nothing"}},
+         "response_format.grammar"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ],
+)  # fmt: skip
+def test_bad_agent_fields_are_400s_naming_the_field(server, fields, param):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 4, **fields}
+    response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+# -- openai-python: Responses --------------------------------------------------------------------
+
+FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def test_responses_function_calls_and_their_outputs(client):
+    response = client.responses.create(
+        model=MODEL, input="What is the weather in Paris?", tools=FLAT_TOOLS,
+        tool_choice="required", max_output_tokens=200,
+    )  # fmt: skip
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert response.status == "completed" and calls
+    for call in calls:
+        assert call.call_id.startswith("call_")
+        check_call(call.name, call.arguments)
+    follow_up = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            *[
+                {"type": "function_call", "call_id": c.call_id, "name": c.name,
+                 "arguments": c.arguments}
+                for c in calls
+            ],
+            *[{"type": "function_call_output", "call_id": c.call_id, "output": "sunny"}
+              for c in calls],
+        ],
+        tools=FLAT_TOOLS,
+        tool_choice="none",
+        max_output_tokens=5,
+    )  # fmt: skip
+    assert [item.type for item in follow_up.output] == ["message"]
+    assert follow_up.usage.input_tokens > response.usage.input_tokens
+
+
+def test_responses_stream_function_call_events(client):
+    events = list(
+        client.responses.create(
+            model=MODEL, input="Weather?", tools=FLAT_TOOLS,
+            tool_choice={"type": "function", "name": "get_weather"},
+            parallel_tool_calls=False, max_output_tokens=200, stream=True,
+        )
+    )  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert set(kinds[3:-3]) == {"response.function_call_arguments.delta"}
+    added, done = events[2].item, events[-2].item
+    assert added.type == "function_call" and added.name == "get_weather" and added.arguments == ""
+    arguments = "".join(e.delta for e in events if e.type.endswith("arguments.delta"))
+    assert arguments == events[-3].arguments == done.arguments
+    check_call("get_weather", arguments)
+    assert events[-1].response.output[0].call_id == added.call_id
+
+
+def test_responses_text_format(client):
+    response = client.responses.create(
+        model=MODEL,
+        input="Weather?",
+        max_output_tokens=200,
+        text={"format": {"type": "json_schema", "name": "weather", "strict": True,
+                         "schema": Weather.model_json_schema()}},
+    )  # fmt: skip
+    Weather.model_validate_json(response.output_text)
+    assert response.text.format.type == "json_schema"
+
+
+# -- litellm ---------------------------------------------------------------------------------
+
+
+def test_litellm_tool_calls(server):
+    import litellm
+
+    common = dict(
+        model=f"openai/{MODEL}", api_base=server.url + "/v1", api_key="unused",
+        messages=USER, tools=TOOLS, tool_choice="required", max_tokens=200,
+    )  # fmt: skip
+    response = litellm.completion(**common)
+    assert response.choices[0].finish_reason == "tool_calls"
+    for call in response.choices[0].message.tool_calls:
+        check_call(call.function.name, call.function.arguments)
+    chunks = list(litellm.completion(**common, stream=True))
+    rebuilt = litellm.stream_chunk_builder(chunks)
+    assert rebuilt.choices[0].finish_reason == "tool_calls"
+    for call in rebuilt.choices[0].message.tool_calls:
+        check_call(call.function.name, call.function.arguments)
+
+
+# -- langchain-openai ----------------------------------------------------------------------------
+
+
+class GetWeather(BaseModel):
+    """The current weather of a city."""
+
+    city: str = Field(max_length=12)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+def langchain_model(server, **fields):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model=MODEL, base_url=server.url + "/v1", api_key="unused", max_tokens=200, max_retries=0,
+        **fields,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def chat_model(server):
+    return langchain_model(server)
+
+
+def test_langchain_bind_tools(chat_model):
+    message = chat_model.bind_tools([GetWeather], tool_choice="required").invoke("Weather?")
+    assert message.tool_calls and {c["name"] for c in message.tool_calls} == {"GetWeather"}
+    for call in message.tool_calls:
+        assert set(call["args"]) == {"city", "unit"} and call["id"].startswith("call_")
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+def test_langchain_structured_output_with_a_schema(chat_model, method):
+    report = chat_model.with_structured_output(Weather, method=method).invoke("Weather?")
+    assert isinstance(report, Weather)
+
+
+def test_langchain_structured_output_json_mode(server):
+    """json_mode sends no schema (only response_format json_object), so the answer is any JSON
+    object: the seed is one with which the model closes its object within max_tokens."""
+    prompt = "Weather? Reply in JSON."
+    seed = find_seed(
+        server,
+        {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 200,
+         "response_format": {"type": "json_object"}},
+        lambda choice: choice["finish_reason"] == "stop",
+    )  # fmt: skip
+    schema = {"title": "anything", "type": "object"}
+    model = langchain_model(server, seed=seed)
+    structured = model.with_structured_output(schema, method="json_mode")
+    assert isinstance(structured.invoke(prompt), dict)
+
+
+# -- the llm CLI ---------------------------------------------------------------------------------
+
+LLM = [sys.executable, "-m", "llm"]
+FUNCTION = """
+def get_weather(city: str) -> str:
+    "Get the weather of a city."
+    open(CALLED, "w").write(city)
+    return "sunny"
+"""
+
+
+@pytest.fixture
+def llm_env(server, tmp_path):
+    """A user dir whose extra-openai-models.yaml points `llm` at the live server."""
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: fermi-tiny\n  model_name: {MODEL}\n  api_base: {server.url}/v1\n"
+        "  supports_tools: true\n  supports_schema: true\n"
+    )
+    return {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "unused"}
+
+
+def run_llm(env, *args: str, check: bool = True) -> str:
+    done = subprocess.run([*LLM, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 or not check, done.stderr
+    return done.stdout
+
+
+def test_llm_schema(llm_env):
+    schema = json.dumps(Weather.model_json_schema())  # llm takes a JSON schema or its DSL
+    output = run_llm(
+        llm_env, "-m", "fermi-tiny", "--schema", schema, "-o", "max_tokens", "200", "Hi"
+    )  # fmt: skip
+    answer = json.loads(output)
+    assert set(answer) == {"city", "hot"} and isinstance(answer["hot"], bool)
+
+
+def test_llm_functions_run_the_tool_loop(server, llm_env, tmp_path):
+    """llm sends tool_choice auto; with the seed found here the model calls on its own, the
+    call is valid (the grammar applies from the model's <tool_call> on), llm runs the function
+    and sends its result back."""
+    called = tmp_path / "called.txt"
+    prompt = "What is the weather in Paris?"
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather of a city.",
+            "parameters": {
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "type": "object",
+            },
+        },
+    }  # as llm builds it from FUNCTION's signature
+    seed = find_seed(
+        server,
+        {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "tools": [tool],
+         "max_tokens": 200},
+        lambda choice: choice["finish_reason"] == "tool_calls",
+    )  # fmt: skip
+    code = f"CALLED = {str(called)!r}\n{FUNCTION}"
+    # With the same seed the random model may call again after the result: llm then stops the
+    # chain at its limit (exit 1), after running the function and sending its result back.
+    before = chat_requests(server)
+    run_llm(llm_env, "-m", "fermi-tiny", "--functions", code, "-o", "seed", str(seed),
+            "-o", "max_tokens", "200", "--chain-limit", "2", prompt, check=False)  # fmt: skip
+    assert called.is_file()  # llm ran the function the model called
+    assert chat_requests(server) == before + 2  # and sent its result back
+
+
+def chat_requests(server) -> float:
+    """Answered POST /v1/chat/completions so far, from /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = {"route": "/v1/chat/completions", "status": "200"}
+            if sample.name == "fermi_http_requests_total" and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+# -- reasoning under both names ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reasoning_stub():
+    """An HTTP server on 127.0.0.1 that answers every chat request with fermi's own formatters
+    and a scripted reasoning turn (the random tiny model never reasons)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from fermi.openai_server import formatters as fmt
+    from fermi.requests import Finished, TextDelta, Usage
+
+    finished = Finished("stop", Usage(5, 3, 2, 0), "s", True)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            meta = fmt.Meta("chatcmpl-1", MODEL, None)
+            if body.get("stream"):
+                frames = fmt.ChatStream(meta, include_usage=True)
+                deltas = [
+                    TextDelta("Let me see.", "reasoning", [1]),
+                    TextDelta("Hi", "answer", [2]),
+                ]
+                out = frames.start() + "".join(map(frames.text, deltas)) + frames.finish(finished)
+                kind = "text/event-stream"
+            else:
+                choice = fmt.ChoiceText(0, "Let me see.", "Hi")
+                body = fmt.chat_completion(meta, [choice], finished)
+                out, kind = json.dumps(body), "application/json"
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_reasoning_under_both_names_breaks_no_client(reasoning_stub):
+    """fermi sends reasoning as `reasoning_content` and `reasoning`: each client reads the one
+    it knows, none fails, none copies it into the answer."""
+    import litellm
+    from langchain_openai import ChatOpenAI
+
+    client = openai.OpenAI(base_url=reasoning_stub, api_key="unused", max_retries=0)
+    message = client.chat.completions.create(model=MODEL, messages=USER).choices[0].message
+    assert message.content == "Hi" and message.model_extra["reasoning"] == "Let me see."
+    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hi"
+    common = dict(model=f"openai/{MODEL}", api_base=reasoning_stub, api_key="unused", messages=USER)
+    answer = litellm.completion(**common).choices[0].message
+    assert (answer.content, answer.reasoning_content) == ("Hi", "Let me see.")
+    pieces = list(litellm.completion(**common, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == "Hi"
+    chat = ChatOpenAI(model=MODEL, base_url=reasoning_stub, api_key="unused", max_retries=0)
+    assert chat.invoke("x").content == "Hi"
+    assert "".join(m.content for m in chat.stream("x")) == "Hi"

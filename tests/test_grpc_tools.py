@@ -1,0 +1,83 @@
+"""Tools and structured output over gRPC, through a real grpc client and the live server of
+tests/test_grpc.py: tool calls are their own message kind, their results go back as the next
+turn of the session, and a JSON schema constrains the answer."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import jsonschema
+import pytest
+
+from fermi.constraints import close_objects
+from fermi.grpc_server import fermi_pb2 as pb
+from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
+from tests.test_grpc import OPTIONS, rpc_error, server_address  # noqa: F401 (fixture)
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "hot": {"type": "boolean"}},
+    "required": ["city", "hot"],
+}
+TOOL = pb.Tool(
+    name="get_weather", description="The weather of a city.", parameters_json=json.dumps(WEATHER)
+)
+
+
+@pytest.fixture(scope="module")
+def stub(server_address):  # noqa: F811
+    with grpc.insecure_channel(server_address, options=OPTIONS) as channel:
+        yield pb_grpc.FermiStub(channel)
+
+
+def generate(stub, **fields) -> list[pb.GenerateResponse]:
+    fields.setdefault("thinking", pb.THINKING_OFF)
+    fields.setdefault("max_new_tokens", 200)
+    return list(stub.Generate(pb.GenerateRequest(**fields), timeout=120))
+
+
+def test_a_forced_call_streams_as_tool_call_messages_and_its_result_continues(stub):
+    *pieces, last = generate(stub, prompt="Weather in Paris?", tools=[TOOL], tool_choice="required")
+    assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert pieces and all(p.kind == pb.TEXT_KIND_TOOL_CALL and not p.token for p in pieces)
+    calls: dict[int, dict] = {}
+    for piece in pieces:
+        call = piece.tool_call
+        if call.id:
+            assert call.id.startswith("call_") and call.name == "get_weather"
+            calls[call.index] = {"id": call.id, "arguments": ""}
+        calls[call.index]["arguments"] += call.arguments
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["arguments"]), close_objects(WEATHER))
+    results = [pb.ToolResult(tool_call_id=c["id"], content="sunny") for c in calls.values()]
+    *_, after = generate(
+        stub, session_id=last.session_id, tool_results=results, tools=[TOOL],
+        tool_choice="none", max_new_tokens=4, ignore_eos=True,
+    )  # fmt: skip
+    assert after.finish_reason == pb.FINISH_REASON_LENGTH
+    assert after.usage.cached_tokens > 0  # the same session, its calls in the history
+
+
+def test_json_schema_constrains_the_answer(stub):
+    *pieces, last = generate(stub, prompt="Weather?", json_schema=json.dumps(WEATHER))
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    answer = json.loads("".join(p.token for p in pieces))
+    jsonschema.validate(answer, close_objects(WEATHER))
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"prompt": "x", "json_schema": "{not json"}, "json_schema"),
+        ({"prompt": "x", "json_schema": '{"$ref": "#/nope"}'}, "json_schema"),
+        ({"prompt": "x", "tools": [pb.Tool(name="f", parameters_json="[]")]},
+         "tools[0].parameters_json"),
+        ({"prompt": "x", "tools": [TOOL], "tool_choice": "other"}, "tool_choice"),
+        ({"prompt": ""}, "prompt"),
+    ],
+)  # fmt: skip
+def test_bad_agent_fields_are_invalid_argument(stub, fields, field):
+    error = rpc_error(lambda: generate(stub, **fields))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.details()

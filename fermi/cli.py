@@ -182,19 +182,30 @@ def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not port.isdigit():
         raise InvalidRequest(f"address {addr!r} is not HOST:PORT")
-    return host or "0.0.0.0", int(port)
+    return host or "127.0.0.1", int(port)
 
 
-def _serve(kind: str, model: str | None, device: str | None, host: str | None, port: int | None):
+def _serve(
+    kind: str,
+    model: str | None,
+    device: str | None,
+    host: str | None,
+    port: int | None,
+    **overrides,
+):
     from importlib import import_module
 
+    from fermi.security import exposure_warning, keys_from_settings
     from fermi.settings import load_settings
 
     try:
-        settings = load_settings().replace(model=model, device=device)
+        settings = load_settings().replace(model=model, device=device, **overrides)
         default_host, default_port = _split_addr(getattr(settings, f"{kind}_addr"))
+        host = host or default_host
+        if warning := exposure_warning(host, keys_from_settings(settings)):
+            typer.echo(warning, err=True)
         server = import_module(f"fermi.{kind}_server.server")
-        server.run(settings, host or default_host, port or default_port)
+        server.run(settings, host, port or default_port)
     except FermiError as e:
         raise fail(str(e)) from None
 
@@ -203,16 +214,26 @@ def _serve(kind: str, model: str | None, device: str | None, host: str | None, p
 def serve_openai(
     model: ModelOpt = None, device: DeviceOpt = None, host: HostOpt = None, port: PortOpt = None
 ) -> None:
-    """OpenAI-compatible HTTP server (default 0.0.0.0:8000, FERMI_OPENAI_ADDR)."""
+    """OpenAI-compatible HTTP server (default 127.0.0.1:8000, FERMI_OPENAI_ADDR)."""
     _serve("openai", model, device, host, port)
 
 
 @serve_app.command("grpc")
 def serve_grpc(
-    model: ModelOpt = None, device: DeviceOpt = None, host: HostOpt = None, port: PortOpt = None
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate chain for TLS [env FERMI_GRPC_TLS_CERT]")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="PEM private key for TLS [env FERMI_GRPC_TLS_KEY]")
+    ] = None,
 ) -> None:
-    """Token-streaming gRPC server (default 0.0.0.0:50051, FERMI_GRPC_ADDR)."""
-    _serve("grpc", model, device, host, port)
+    """Token-streaming gRPC server (default 127.0.0.1:50051, FERMI_GRPC_ADDR)."""
+    cert, key = (str(p) if p else None for p in (tls_cert, tls_key))
+    _serve("grpc", model, device, host, port, grpc_tls_cert=cert, grpc_tls_key=key)
 
 
 if __name__ == "__main__":

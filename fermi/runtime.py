@@ -31,6 +31,7 @@ from fermi.generate import generate_tokens
 from fermi.models import resolve_artifact
 from fermi.requests import Event, Finished, GenerationRequest, Message, TextDelta, Usage
 from fermi.sampling import ResolvedSampling, Sampler, resolve_sampling
+from fermi.security import ANONYMOUS, short_id, validate_session_id
 from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.slots import Slots, Ticket
@@ -83,8 +84,10 @@ class Runtime:
                 ttl_s=settings.session_ttl_s,
                 max_sessions=settings.session_max,
                 max_kv_bytes=settings.kv_cache_mb * 1024 * 1024,
+                unclaimed_ttl_s=settings.session_unclaimed_ttl_s,
             )
         )
+        self.sessions.start_reaper()
         self.slots = Slots(capacity=max(1, settings.engine_pool), max_waiting=settings.max_queue)
 
     @classmethod
@@ -96,6 +99,9 @@ class Runtime:
     # -- requests ------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Generation:
+        """Validate and queue a request. Its session is looked up in the namespace of
+        `request.tenant` only. A refused request (any exception raised here) leaves no session
+        and no queue place behind."""
         _validate(request)
         sampling = resolve_sampling(
             request.sampling,
@@ -104,16 +110,26 @@ class Runtime:
                 request.thinking, self.settings, self.model_id, self.manifest.supports_thinking
             ),
         )
-        session = self.sessions.acquire(request.session_id)
+        session = self.sessions.acquire(
+            request.session_id, tenant=request.tenant, mint=request.keep_session
+        )
         try:
             job = self._prepare(request, session, thinking, sampling)
         except BaseException:
             self.sessions.release(session)
             raise
+        self.sessions.commit(session)
         return Generation(self, job)
 
-    def reset_session(self, session_id: str) -> None:
-        self.sessions.reset(session_id)
+    def reset_session(self, session_id: str, tenant: str = ANONYMOUS) -> None:
+        """Forget a session of `tenant`; SessionNotFound when that tenant has none by this id
+        (whether or not another tenant has one), SessionBusy while it generates."""
+        validate_session_id(session_id)
+        self.sessions.reset(session_id, tenant)
+
+    def close(self) -> None:
+        """Stop the background session reaper (the process is ending)."""
+        self.sessions.stop_reaper()
 
     def stats(self) -> RuntimeStats:
         return RuntimeStats(
@@ -309,7 +325,8 @@ class Generation:
                 post(_Failure(e))
             post(_END)
 
-        threading.Thread(target=pump, name=f"generate-{self.session_id[:8]}", daemon=True).start()
+        name = f"generate-{short_id(self.session_id)}"
+        threading.Thread(target=pump, name=name, daemon=True).start()
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, _Failure):
@@ -355,6 +372,7 @@ def _validate(request: GenerationRequest) -> None:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
     if any(not s for s in request.stop):
         raise InvalidRequest("stop strings must not be empty", param="stop")
+    validate_session_id(request.session_id)
 
 
 def _merge(history: list[Message], new: list[Message]) -> list[Message]:

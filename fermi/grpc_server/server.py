@@ -20,7 +20,6 @@ import logging
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, fields
@@ -38,7 +37,9 @@ from fermi.errors import (
 )
 from fermi.grpc_server import fermi_pb2 as pb
 from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
+from fermi.grpc_server.guard import GuardInterceptor, server_credentials, tenant_of
 from fermi.requests import Finished, GenerationRequest, Message, SamplingParams, TextDelta
+from fermi.security import KeyRing, keys_from_settings, short_id
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.grpc")
@@ -135,7 +136,9 @@ def _sampled(request: pb.GenerateRequest, name: str, legacy: str | None = None) 
     return _f32(value) if value else None
 
 
-def to_generation_request(request: pb.GenerateRequest, session_id: str) -> GenerationRequest:
+def to_generation_request(request: pb.GenerateRequest, session_id: str | None) -> GenerationRequest:
+    """The runtime request of a Generate call; with no session_id the runtime mints one and
+    keeps the session (unclaimed until the client sends the id back)."""
     if not request.prompt.strip():
         raise InvalidRequest("prompt must not be empty", param="prompt")
     if request.thinking not in THINKING:
@@ -160,6 +163,7 @@ def to_generation_request(request: pb.GenerateRequest, session_id: str) -> Gener
         stop=list(request.stop),
         thinking=THINKING[request.thinking],
         session_id=session_id,
+        keep_session=session_id is None,
         append=True,  # the server keeps the history: the prompt is a new turn
         ignore_eos=request.ignore_eos,
     )
@@ -250,9 +254,10 @@ class _Stopper:
 
 
 class FermiServicer(pb_grpc.FermiServicer):
-    def __init__(self, settings: Settings, stats: ServerStats) -> None:
+    def __init__(self, settings: Settings, stats: ServerStats, keys: KeyRing) -> None:
         self.settings = settings
         self.stats = stats
+        self.keys = keys
         self.runtime = None  # set by GrpcServer once Runtime.load returns
 
     def _runtime(self):
@@ -261,14 +266,16 @@ class FermiServicer(pb_grpc.FermiServicer):
         return self.runtime
 
     def Generate(self, request, context):
-        session_id = request.session_id or uuid.uuid4().hex
+        tenant = tenant_of(context, self.keys)
         with error_status(context):
             try:
-                gen = self._runtime().submit(to_generation_request(request, session_id))
+                call = to_generation_request(request, request.session_id or None)
+                call.tenant = tenant
+                gen = self._runtime().submit(call)
             except Exception:
                 self.stats.count("failed")
                 raise
-            yield from self._stream(gen, session_id, context)
+            yield from self._stream(gen, gen.session_id, context)
 
     def _stream(self, gen, session_id: str, context) -> Iterator[pb.GenerateResponse]:
         started = time.perf_counter()
@@ -306,7 +313,8 @@ class FermiServicer(pb_grpc.FermiServicer):
         with error_status(context):
             if not request.session_id:
                 raise InvalidRequest("session_id must not be empty", param="session_id")
-            self._runtime().reset_session(request.session_id)
+            tenant = tenant_of(context, self.keys)
+            self._runtime().reset_session(request.session_id, tenant=tenant)
             return pb.ResetSessionResponse()
 
     def ListModels(self, request, context):
@@ -371,12 +379,13 @@ def _outcome(done: Finished | None, stop_reason: str | None) -> str:
 def _log_end(session_id: str, outcome: str, done: Finished | None, started: float) -> None:
     elapsed = time.perf_counter() - started
     if done is None:
-        log.info("session %s: %s after %.2fs", session_id, outcome, elapsed)
+        log.info("session %s: %s after %.2fs", short_id(session_id), outcome, elapsed)
         return
     u = done.usage
     log.info(
         "session %s: %s, %d prompt (%d cached) + %d completion tokens in %.2fs",
-        session_id, outcome, u.prompt_tokens, u.cached_tokens, u.completion_tokens, elapsed,
+        short_id(session_id), outcome, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+        elapsed,
     )  # fmt: skip
 
 
@@ -391,7 +400,9 @@ class GrpcServer:
         self.settings = settings
         self._load = load or _load_runtime
         self.stats = ServerStats()
-        self.servicer = FermiServicer(settings, self.stats)
+        self.keys = keys_from_settings(settings)
+        self.credentials = server_credentials(settings.grpc_tls_cert, settings.grpc_tls_key)
+        self.servicer = FermiServicer(settings, self.stats, self.keys)
         self.health = health.HealthServicer()
         self.load_error: BaseException | None = None
         self._stopped = threading.Event()
@@ -401,6 +412,8 @@ class GrpcServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fermi-grpc"),
             options=[("grpc.so_reuseport", 0)],  # a taken port is an error, not a shared one
+            interceptors=[GuardInterceptor(self.keys)],
+            maximum_concurrent_rpcs=workers,  # beyond: RESOURCE_EXHAUSTED, not a growing backlog
         )
         pb_grpc.add_FermiServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -417,13 +430,19 @@ class GrpcServer:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = self.server.add_insecure_port(address)
+            if self.credentials is not None:
+                bound = self.server.add_secure_port(address, self.credentials)
+            else:
+                bound = self.server.add_insecure_port(address)
         except RuntimeError as e:
             raise FermiError(f"cannot listen on {address}: {e}") from None
         if not bound:
             raise FermiError(f"cannot listen on {address}")
         self.server.start()
-        log.info("fermi gRPC listening on %s:%d; loading %s", host, bound, self.settings.model)
+        tls = "TLS" if self.credentials is not None else "plaintext"
+        log.info(
+            "fermi gRPC listening on %s:%d (%s); loading %s", host, bound, tls, self.settings.model
+        )
         threading.Thread(target=self._load_in_background, name="fermi-load", daemon=True).start()
         return bound
 

@@ -27,6 +27,14 @@ class ModelLoading(FermiError):
     """The runtime is still loading (or failed to load)."""
 
 
+class UriTooLong(FermiError):
+    """The request line is longer than the server reads (414)."""
+
+
+class HeadersTooLarge(FermiError):
+    """The request's header block is larger than the server reads (431)."""
+
+
 @dataclass(frozen=True)
 class ApiError:
     status: int
@@ -57,6 +65,10 @@ def map_error(exc: BaseException) -> ApiError:
             return ApiError(429, message, "rate_limit_error", code="queue_full", headers=RETRY)
         case Unauthorized():
             return ApiError(401, message, code="invalid_api_key")
+        case UriTooLong():
+            return ApiError(414, message, code="uri_too_long")
+        case HeadersTooLarge():
+            return ApiError(431, message, code="request_header_fields_too_large")
         case ModelLoading():
             return ApiError(503, message, "server_error", code="model_loading", headers=RETRY)
         case SanicException():

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fermi.errors import InvalidRequest, ModelNotFound
+from fermi.openai_server.hostile import MAX_DEPTH, check_body
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
 from fermi.sampling import validate_sampling
+from fermi.security import validate_session_id
 
 CHAT_ROLES = {
     "system": "system",
@@ -36,7 +38,6 @@ EFFORT_THINKING = {
     "high": "on",
     "xhigh": "on",
 }
-MAX_SESSION_ID = 256
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,11 @@ def parse_json(raw: bytes | None) -> dict[str, Any]:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    check_body(data)
     return data
 
 
@@ -189,10 +193,7 @@ def _thinking(f: Fields, effort: str | None) -> Thinking | None:
 
 def _session_id(f: Fields) -> str | None:
     value = f.string("session_id") or None
-    if value is not None and len(value) > MAX_SESSION_ID:
-        raise InvalidRequest(
-            f"session_id must be at most {MAX_SESSION_ID} characters", param="session_id"
-        )
+    validate_session_id(value)
     return value
 
 

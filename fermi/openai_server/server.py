@@ -9,7 +9,6 @@ handler task) closes the generation, which stops it within one decode step."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,9 +23,11 @@ from sanic.response import HTTPResponse, empty, json, raw
 from fermi.errors import FermiError
 from fermi.openai_server import formatters as fmt
 from fermi.openai_server.errors import ModelLoading, Unauthorized, map_error
+from fermi.openai_server.guard import GuardedProtocol, classify_oversized, submit_off_loop
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
 from fermi.requests import Event, Finished, TextDelta
+from fermi.security import ANONYMOUS, keys_from_settings
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.openai")
@@ -75,7 +76,9 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse:
 
 @route("/v1/sessions/<session_id>", "DELETE")
 async def delete_session(request: Request, session_id: str) -> HTTPResponse:
-    _runtime(request).reset_session(session_id)
+    """Forget one of the caller's sessions: another key's session answers 404 like a missing
+    one."""
+    _runtime(request).reset_session(session_id, tenant=request.ctx.tenant)
     return _json({"id": session_id, "object": "session", "deleted": True})
 
 
@@ -85,7 +88,8 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     call = parse_chat(parse_json(request.body))
     check_model(call.model, runtime.model_id)
     meta = fmt.Meta(fmt.new_id("chatcmpl-"), runtime.model_id, call.generation.session_id)
-    generation = runtime.submit(call.generation)
+    call.generation.tenant = request.ctx.tenant
+    generation = await submit_off_loop(runtime, call.generation)
     if call.stream:
         return await _stream(request, generation, fmt.ChatStream(meta, call.include_usage))
     reasoning, answer, finished = await _collect(request, generation)
@@ -98,7 +102,8 @@ async def responses(request: Request) -> HTTPResponse | None:
     call = parse_responses(parse_json(request.body))
     check_model(call.model, runtime.model_id)
     meta = fmt.Meta(fmt.new_id("resp_"), runtime.model_id, call.generation.session_id)
-    generation = runtime.submit(call.generation)
+    call.generation.tenant = request.ctx.tenant
+    generation = await submit_off_loop(runtime, call.generation)
     if call.stream:
         return await _stream(request, generation, fmt.ResponseStream(meta, call))
     reasoning, answer, finished = await _collect(request, generation)
@@ -219,6 +224,7 @@ class OpenAIErrorHandler(ErrorHandler):
     """Every error, Sanic's own (404, 405, 413) included, in OpenAI's shape."""
 
     def default(self, request: Request, exception: BaseException) -> HTTPResponse:
+        exception = classify_oversized(request, exception)
         err = map_error(exception)
         if err.status >= 500 and not isinstance(exception, FermiError | asyncio.CancelledError):
             log.error("unhandled error on %s", request.path if request else "?", exc_info=exception)
@@ -233,12 +239,15 @@ def allowed_origin(settings: Settings, origin: str | None) -> str | None:
 
 
 async def authorize(request: Request) -> None:
-    key = request.app.ctx.settings.api_key
-    if not key or not request.path.startswith("/v1") or request.method == "OPTIONS":
+    """Set `request.ctx.tenant` from the bearer key; /v1 routes refuse a missing or unknown key
+    with 401 when keys are configured (/health and /metrics stay open)."""
+    request.ctx.tenant = ANONYMOUS
+    if not request.path.startswith("/v1") or request.method == "OPTIONS":
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    tenant = request.app.ctx.keys.tenant_for_header(request.headers.get("authorization"))
+    if tenant is None:
         raise Unauthorized("Incorrect or missing API key: send 'Authorization: Bearer <key>'")
+    request.ctx.tenant = tenant
 
 
 async def finish_response(request: Request, response: HTTPResponse) -> None:
@@ -276,8 +285,12 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     app = Sanic("fermi_openai", error_handler=OpenAIErrorHandler())
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
     app.config.RESPONSE_TIMEOUT = 6 * 3600  # long generations and queue waits are normal
+    app.config.REQUEST_TIMEOUT = settings.request_timeout_s  # headers + body (guard.py)
+    app.config.KEEP_ALIVE_TIMEOUT = settings.keep_alive_timeout_s
+    app.config.FERMI_MAX_CONNECTIONS = settings.max_connections
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 3.0
     app.ctx.settings = settings
+    app.ctx.keys = keys_from_settings(settings)
     app.ctx.runtime = None
     app.ctx.load_error = None
     app.ctx.loaded_at = 0
@@ -301,7 +314,13 @@ def run(settings: Settings, host: str, port: int) -> None:
     """Serve until interrupted (the `fermi serve openai` command)."""
     app = create_app(settings)
     app.run(
-        host=host, port=port, single_process=True, auto_reload=False, access_log=False, motd=False
+        host=host,
+        port=port,
+        single_process=True,
+        auto_reload=False,
+        access_log=False,
+        motd=False,
+        protocol=GuardedProtocol,
     )
     if app.ctx.load_error is not None:
         raise app.ctx.load_error

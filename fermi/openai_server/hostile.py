@@ -1,0 +1,51 @@
+"""Checks on a parsed request body that JSON itself lets through: lone UTF-16 surrogates
+(`"\\ud800"` is valid JSON but no valid text: it would fail later, in the tokenizer or while
+writing a header), NUL characters, and nesting deeper than any real request needs. Each gives
+InvalidRequest (400) naming the JSON path of the offending value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fermi.errors import InvalidRequest
+
+MAX_DEPTH = 128  # arrays and objects inside each other
+
+
+def check_body(data: Any) -> None:
+    """Walk a parsed JSON value (iteratively: no recursion on hostile depth). Raises
+    InvalidRequest for a string (key or value) that is not valid Unicode text or holds a NUL
+    character, and for nesting deeper than MAX_DEPTH."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_DEPTH:
+            raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else key
+                _check_text(key, child)
+                stack.append((item, child, depth + 1))
+        else:
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"{path or 'the body'} holds an invalid Unicode character (a lone surrogate)",
+            param=_param(path),
+        ) from None
+    if "\x00" in text:
+        raise InvalidRequest(f"{path or 'the body'} holds a NUL character", param=_param(path))
+
+
+def _param(path: str) -> str | None:
+    return path.encode("ascii", "backslashreplace").decode()[:200] or None

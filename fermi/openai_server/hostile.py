@@ -5,6 +5,7 @@ InvalidRequest (400) naming the JSON path of the offending value."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fermi.errors import InvalidRequest
@@ -39,13 +40,16 @@ def _check_text(text: str, path: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
+        param = _param(path)
         raise InvalidRequest(
-            f"{path or 'the body'} holds an invalid Unicode character (a lone surrogate)",
-            param=_param(path),
+            f"{param or 'the body'} holds an invalid Unicode character (a lone surrogate)",
+            param=param,
         ) from None
     if "\x00" in text:
-        raise InvalidRequest(f"{path or 'the body'} holds a NUL character", param=_param(path))
+        param = _param(path)
+        raise InvalidRequest(f"{param or 'the body'} holds a NUL character", param=param)
 
 
 def _param(path: str) -> str | None:
-    return path.encode("ascii", "backslashreplace").decode()[:200] or None
+    """The JSON path as safe ASCII (it may hold the hostile characters), at most 200."""
+    return json.dumps(path)[1:-1][:200] or None  # JSON escapes: \u0000, \ud800

@@ -79,6 +79,24 @@ def export(
     typer.echo(str(path))
 
 
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory (with fermi.json)")],
+) -> None:
+    """Check an artifact against its manifest: every file's sha256 and size, and the graph's
+    inputs and outputs. Exit 0 when it is intact, 2 with a one-line reason otherwise."""
+    from fermi.verify import verify_artifact
+
+    try:
+        manifest, done = verify_artifact(artifact)
+    except FermiError as e:
+        raise fail(str(e)) from None
+    typer.echo(
+        f"ok: {artifact} ({manifest.source}, {manifest.precision}, {manifest.target}): "
+        f"{done.files} files, {done.bytes_hashed / 1e6:.1f} MB hashed in {done.seconds:.1f}s"
+    )
+
+
 def main() -> None:
     try:
         app()

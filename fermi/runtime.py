@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,9 @@ class Runtime:
             )
         )
         self.sessions.start_reaper()
+        self._live: set[Generation] = set()  # submitted and not yet released
+        self._live_lock = threading.Lock()
+        self._live_changed = threading.Condition(self._live_lock)
         self.slots = Slots(capacity=max(1, settings.engine_pool), max_waiting=settings.max_queue)
 
     @classmethod
@@ -119,7 +123,15 @@ class Runtime:
             self.sessions.release(session)
             raise
         self.sessions.commit(session)
-        return Generation(self, job)
+        generation = Generation(self, job)
+        with self._live_lock:
+            self._live.add(generation)
+        return generation
+
+    def _ended(self, generation: Generation) -> None:
+        with self._live_changed:
+            self._live.discard(generation)
+            self._live_changed.notify_all()
 
     def reset_session(self, session_id: str, tenant: str = ANONYMOUS) -> None:
         """Forget a session of `tenant`; SessionNotFound when that tenant has none by this id
@@ -127,9 +139,21 @@ class Runtime:
         validate_session_id(session_id)
         self.sessions.reset(session_id, tenant)
 
-    def close(self) -> None:
-        """Stop the background session reaper (the process is ending)."""
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """The process is ending: cancel every live generation and wait (up to `timeout_s`)
+        until each has left the engine, so that no decode step is still running inside
+        onnxruntime when the interpreter exits (which aborts the process). True when all
+        ended in time."""
         self.sessions.stop_reaper()
+        with self._live_lock:
+            live = list(self._live)
+        for generation in live:
+            generation.cancel()
+        deadline = time.monotonic() + timeout_s
+        with self._live_changed:
+            while self._live and time.monotonic() < deadline:
+                self._live_changed.wait(0.05)
+            return not self._live
 
     def stats(self) -> RuntimeStats:
         return RuntimeStats(
@@ -353,6 +377,7 @@ class Generation:
             self._released = True
         self._runtime.slots.release(self._job.ticket)
         self._runtime.sessions.release(self._job.session)
+        self._runtime._ended(self)
 
 
 @dataclass

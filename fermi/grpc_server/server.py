@@ -489,4 +489,9 @@ def run(settings: Settings, host: str, port: int) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, shutdown)
-    server.wait()
+    try:
+        server.wait()
+    finally:
+        runtime = server.servicer.runtime
+        if runtime is not None and hasattr(runtime, "shutdown"):
+            runtime.shutdown()  # nothing may still be decoding when the interpreter exits

@@ -277,6 +277,14 @@ async def load_runtime(app: Sanic, load: Callable[[Settings], Any]) -> None:
     log.info("model %s loaded (context %d)", runtime.model_id, runtime.context_length)
 
 
+async def stop_generations(app: Sanic) -> None:
+    """After the grace period: cancel what still generates and wait until it left the engine,
+    so the process exits cleanly (a decode step cut off at exit aborts it)."""
+    runtime = app.ctx.runtime
+    if runtime is not None and hasattr(runtime, "shutdown"):
+        await asyncio.to_thread(runtime.shutdown)
+
+
 def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None) -> Sanic:
     if load is None:
         from fermi.runtime import Runtime
@@ -307,6 +315,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
         app.add_task(load_runtime(app, load))
 
     app.after_server_start(start_loading)
+    app.after_server_stop(stop_generations)
     return app
 
 

@@ -139,16 +139,20 @@ class Runtime:
         validate_session_id(session_id)
         self.sessions.reset(session_id, tenant)
 
+    def cancel_all(self) -> None:
+        """Cancel every live generation (each stops within one decode step); any thread."""
+        with self._live_lock:
+            live = list(self._live)
+        for generation in live:
+            generation.cancel()
+
     def shutdown(self, timeout_s: float = 10.0) -> bool:
         """The process is ending: cancel every live generation and wait (up to `timeout_s`)
         until each has left the engine, so that no decode step is still running inside
         onnxruntime when the interpreter exits (which aborts the process). True when all
         ended in time."""
         self.sessions.stop_reaper()
-        with self._live_lock:
-            live = list(self._live)
-        for generation in live:
-            generation.cancel()
+        self.cancel_all()
         deadline = time.monotonic() + timeout_s
         with self._live_changed:
             while self._live and time.monotonic() < deadline:

@@ -83,10 +83,11 @@ def test_session_id_rule():
 
 def test_body_checks():
     check_body({"messages": [{"content": "fine ✓ 你好"}]})
+    check_body({"messages": [{"content": "model output may hold U+0000: \x00"}]})
     for body, param in (
         ({"messages": [{"content": "\ud800"}]}, "messages[0].content"),
-        ({"a\x00": 1}, "a\\u0000"),
-        ({"x": ["ok", "nul\x00"]}, "x[1]"),
+        ({"a\x00\udfff": 1}, "a\\u0000\\udfff"),
+        ({"x": ["ok", "\ud800x"]}, "x[1]"),
     ):
         with pytest.raises(InvalidRequest) as caught:
             check_body(body)

@@ -27,6 +27,10 @@ class ModelLoading(FermiError):
     """The runtime is still loading (or failed to load)."""
 
 
+class ShuttingDown(FermiError):
+    """The server is stopping and cancelled this generation (503, retry elsewhere or later)."""
+
+
 class UriTooLong(FermiError):
     """The request line is longer than the server reads (414)."""
 
@@ -65,6 +69,10 @@ def map_error(exc: BaseException) -> ApiError:
             return ApiError(429, message, "rate_limit_error", code="queue_full", headers=RETRY)
         case Unauthorized():
             return ApiError(401, message, code="invalid_api_key")
+        case ShuttingDown():
+            return ApiError(
+                503, message, "server_error", code="server_shutting_down", headers=RETRY
+            )
         case UriTooLong():
             return ApiError(414, message, code="uri_too_long")
         case HeadersTooLarge():

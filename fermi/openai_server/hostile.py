@@ -1,7 +1,11 @@
 """Checks on a parsed request body that JSON itself lets through: lone UTF-16 surrogates
 (`"\\ud800"` is valid JSON but no valid text: it would fail later, in the tokenizer or while
-writing a header), NUL characters, and nesting deeper than any real request needs. Each gives
-InvalidRequest (400) naming the JSON path of the offending value."""
+writing a header) and nesting deeper than any real request needs. Each gives InvalidRequest
+(400) naming the JSON path of the offending value.
+
+Raw NUL bytes and other control characters never get this far: JSON forbids them (400 from
+the parser). The escape `\\u0000` is valid text, and stays accepted: a byte-level model can
+emit U+0000, and a client must be able to send its answer back in the next turn."""
 
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ MAX_DEPTH = 128  # arrays and objects inside each other
 
 def check_body(data: Any) -> None:
     """Walk a parsed JSON value (iteratively: no recursion on hostile depth). Raises
-    InvalidRequest for a string (key or value) that is not valid Unicode text or holds a NUL
-    character, and for nesting deeper than MAX_DEPTH."""
+    InvalidRequest for a string (key or value) that is not valid Unicode text, and for nesting
+    deeper than MAX_DEPTH."""
     stack: list[tuple[Any, str, int]] = [(data, "", 0)]
     while stack:
         value, path, depth = stack.pop()
@@ -45,9 +49,6 @@ def _check_text(text: str, path: str) -> None:
             f"{param or 'the body'} holds an invalid Unicode character (a lone surrogate)",
             param=param,
         ) from None
-    if "\x00" in text:
-        param = _param(path)
-        raise InvalidRequest(f"{param or 'the body'} holds a NUL character", param=param)
 
 
 def _param(path: str) -> str | None:

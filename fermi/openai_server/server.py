@@ -22,7 +22,7 @@ from sanic.response import HTTPResponse, empty, json, raw
 
 from fermi.errors import FermiError
 from fermi.openai_server import formatters as fmt
-from fermi.openai_server.errors import ModelLoading, Unauthorized, map_error
+from fermi.openai_server.errors import ModelLoading, ShuttingDown, Unauthorized, map_error
 from fermi.openai_server.guard import GuardedProtocol, classify_oversized, submit_off_loop
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
@@ -157,11 +157,13 @@ async def _pump(events: AsyncIterator[Event], put: Callable[[object], None]) -> 
         put(_Failed(e))
 
 
-async def _drain(queue: asyncio.Queue) -> AsyncIterator[Event]:
+async def _drain(queue: asyncio.Queue, ctx) -> AsyncIterator[Event]:
     while True:
         item = await queue.get()
         if isinstance(item, _Failed):
             raise item.error
+        if isinstance(item, Finished) and item.finish_reason == "cancelled" and ctx.stopping:
+            raise ShuttingDown("the server is shutting down; retry on another instance or later")
         yield item
         if isinstance(item, Finished):
             return
@@ -178,7 +180,7 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
     ctx.pumps.add(pump)
     pump.add_done_callback(ctx.pumps.discard)
     try:
-        yield _drain(queue)
+        yield _drain(queue, ctx)
     except asyncio.CancelledError:
         ctx.metrics.generations.labels("disconnected").inc()
         raise
@@ -212,7 +214,8 @@ async def _stream(request: Request, generation, frames: fmt.ChatStream | fmt.Res
                 is_text = isinstance(event, TextDelta)
                 await response.send(frames.text(event) if is_text else frames.finish(event))
         except Exception as e:
-            log.exception("generation failed mid-stream")
+            if not isinstance(e, ShuttingDown):
+                log.exception("generation failed mid-stream")
             await response.send(frames.error(map_error(e)))
         await response.eof()
 
@@ -277,6 +280,18 @@ async def load_runtime(app: Sanic, load: Callable[[Settings], Any]) -> None:
     log.info("model %s loaded (context %d)", runtime.model_id, runtime.context_length)
 
 
+async def start_stopping(app: Sanic) -> None:
+    """SIGTERM: open streams get the grace period to finish; one second before it ends, what
+    still generates is cancelled and told "shutting down" in-band (503 for a non-streamed
+    request), so that no client is left with a stream cut without an explanation."""
+    app.ctx.stopping = True
+    runtime = app.ctx.runtime
+    if runtime is None or not hasattr(runtime, "cancel_all"):
+        return
+    delay = max(0.0, app.config.GRACEFUL_SHUTDOWN_TIMEOUT - 1.0)
+    asyncio.get_running_loop().call_later(delay, runtime.cancel_all)
+
+
 async def stop_generations(app: Sanic) -> None:
     """After the grace period: cancel what still generates and wait until it left the engine,
     so the process exits cleanly (a decode step cut off at exit aborts it)."""
@@ -300,6 +315,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     app.ctx.settings = settings
     app.ctx.keys = keys_from_settings(settings)
     app.ctx.runtime = None
+    app.ctx.stopping = False
     app.ctx.load_error = None
     app.ctx.loaded_at = 0
     app.ctx.metrics = Metrics()
@@ -315,6 +331,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
         app.add_task(load_runtime(app, load))
 
     app.after_server_start(start_loading)
+    app.before_server_stop(start_stopping)
     app.after_server_stop(stop_generations)
     return app
 

@@ -166,17 +166,24 @@ class SessionStore:
         now = self._clock()
         for key in [k for k, s in self._sessions.items() if self._expired(s, now)]:
             self._drop_locked(key)
-        # Unclaimed sessions go first, then least recently used.
-        idle = sorted(
-            (s for s in self._sessions.values() if not s.busy),
-            key=lambda s: (s.claimed, s.last_used),
-        )
-        while idle and (
+        while (
             len(self._sessions) > self.limits.max_sessions
             or self._kv_bytes_locked() > self.limits.max_kv_bytes
         ):
-            victim = idle.pop(0)
+            victim = self._victim_locked()
+            if victim is None:
+                break  # everything left is generating
             self._drop_locked(_key(victim.tenant, victim.id))
+
+    def _victim_locked(self) -> Session | None:
+        """The idle session to evict first: an unclaimed one, else one of the tenant holding
+        the most KV memory (so one key's flood of new sessions evicts its own first), least
+        recently used within. With a single tenant this is plain LRU."""
+        held: dict[str, int] = {}
+        for s in self._sessions.values():
+            held[s.tenant] = held.get(s.tenant, 0) + s.kv_bytes + 1  # +1: count sessions too
+        idle = (s for s in self._sessions.values() if not s.busy)
+        return min(idle, key=lambda s: (s.claimed, -held[s.tenant], s.last_used), default=None)
 
     def _drop_locked(self, key) -> None:
         session = self._sessions.pop(key)

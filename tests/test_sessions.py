@@ -168,3 +168,12 @@ def test_ttl_is_applied_by_a_timer():
             time.sleep(0.05)
     finally:
         s.stop_reaper()
+
+
+def test_a_tenant_flooding_new_sessions_evicts_its_own_first():
+    s, clock = store(count=4)
+    use(s, "mine", tenant="alice")
+    for i in range(20):  # bob's flood of accepted requests, each with a new id
+        clock.now = 1 + i
+        use(s, f"flood-{i}", tenant="bob")
+    assert s.has("mine", "alice") and len(s) == 4

@@ -234,12 +234,15 @@ def test_a_lone_surrogate_in_a_streamed_session_id_is_a_clean_400(port):
     assert status == 400 and data["error"]["param"] == "session_id"
 
 
-def test_a_long_url_is_414_and_large_headers_431(server, port):
+def test_a_long_url_is_414_large_headers_431_a_large_body_413(server, port):
     status, data = parse_response(raw_exchange(port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"))
     assert status == 414 and data["error"]["code"] == "uri_too_long"
     headers = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
     status, data = parse_response(raw_exchange(port, headers))
     assert status == 431 and "header" in data["error"]["message"]
+    big_body = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+    status, data = parse_response(raw_exchange(port, big_body))
+    assert status == 413 and data["error"]["code"] == "request_too_large"  # the body, rightly
     assert_healthy(server)
 
 

@@ -88,10 +88,13 @@ def _close_abandoned(future: asyncio.Future) -> None:
 
 def classify_oversized(request, exception: BaseException) -> BaseException:
     """Sanic answers a head (request line + headers) over REQUEST_MAX_HEADER_SIZE with the
-    413 it also uses for bodies. A head is too large when no route was matched yet: then tell
-    a long URL (414) from large headers (431) by where the first line ends."""
-    if not isinstance(exception, PayloadTooLarge) or (request is not None and request.route):
+    413 it also uses for bodies. The head was too large when Sanic could not even parse it
+    (the request it reports has no route and no headers): then tell a long URL (414) from large
+    headers (431) by where the first line ends."""
+    if not isinstance(exception, PayloadTooLarge):
         return exception
+    if request is not None and (request.route or request.headers):
+        return exception  # a body over the limit
     limit = request.app.config.REQUEST_MAX_HEADER_SIZE if request is not None else 8192
     buffer = b""
     try:

@@ -240,7 +240,10 @@ def test_a_long_url_is_414_large_headers_431_a_large_body_413(server, port):
     headers = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
     status, data = parse_response(raw_exchange(port, headers))
     assert status == 431 and "header" in data["error"]["message"]
-    big_body = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+    big_body = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key\r\n"
+        b"Content-Length: 99999999\r\n\r\n"
+    )
     status, data = parse_response(raw_exchange(port, big_body))
     assert status == 413 and data["error"]["code"] == "request_too_large"  # the body, rightly
     assert_healthy(server)

@@ -274,19 +274,29 @@ def test_tls_needs_both_files(settings, certificate, tmp_path):
         GrpcServer(settings.replace(grpc_tls_cert=str(cert), grpc_tls_key=str(tmp_path / "no")))
 
 
-def test_cli_flags_serve_tls_and_warn_beyond_loopback(tiny_artifact, certificate, tmp_path):
-    """`fermi serve grpc --tls-cert --tls-key` on an address beyond loopback without a key warns
-    on stderr before binding; 192.0.2.1 (TEST-NET) cannot be bound, so it then exits 2 with a
-    one-line error and no traffic ever leaves the machine."""
+@pytest.mark.parametrize("kind", ["grpc", "openai"])
+def test_cli_warns_beyond_loopback_without_a_key(kind, tiny_artifact, certificate, tmp_path):
+    """`fermi serve` on an address beyond loopback without a key warns on stderr before
+    binding; 192.0.2.1 (TEST-NET) cannot be bound, so it then exits 2 with a one-line error and
+    no traffic ever leaves the machine. The gRPC run also takes the TLS flags."""
     cert, key = certificate
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
     env["PYTHONPATH"] = str(ROOT)
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key)] if kind == "grpc" else []
     done = subprocess.run(
-        [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_artifact),
-         "--host", "192.0.2.1", "--port", "1", "--tls-cert", str(cert), "--tls-key", str(key)],
+        [sys.executable, "-m", "fermi.cli", "serve", kind, "--model", str(tiny_artifact),
+         "--host", "192.0.2.1", "--port", "9", *tls],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
+    lines = [line for line in done.stderr.strip().splitlines() if "INFO" not in line]
     assert lines[0].startswith("warning: listening on 192.0.2.1 without an API key")
-    assert lines[-1].startswith("error: cannot listen on 192.0.2.1:1")
+    assert lines[-1].startswith("error: cannot listen on 192.0.2.1:9")
+    assert "Traceback" not in done.stderr
+    with_key = subprocess.run(
+        [sys.executable, "-m", "fermi.cli", "serve", kind, "--model", str(tiny_artifact),
+         "--host", "192.0.2.1", "--port", "9"],
+        env={**env, "FERMI_API_KEY": "k"}, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert with_key.returncode == 2 and "warning:" not in with_key.stderr

@@ -339,14 +339,17 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
 def run(settings: Settings, host: str, port: int) -> None:
     """Serve until interrupted (the `fermi serve openai` command)."""
     app = create_app(settings)
-    app.run(
-        host=host,
-        port=port,
-        single_process=True,
-        auto_reload=False,
-        access_log=False,
-        motd=False,
-        protocol=GuardedProtocol,
-    )
+    try:
+        app.run(
+            host=host,
+            port=port,
+            single_process=True,
+            auto_reload=False,
+            access_log=False,
+            motd=False,
+            protocol=GuardedProtocol,
+        )
+    except OSError as e:  # the address is taken or not this machine's
+        raise FermiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     if app.ctx.load_error is not None:
         raise app.ctx.load_error

@@ -264,6 +264,45 @@ def test_a_stalled_body_is_closed_after_the_request_timeout(server, port):
     assert_healthy(server)
 
 
+def test_a_stalled_chunked_body_is_closed_after_the_request_timeout(server, port):
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key\r\n"
+        b'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"mes\r\n'
+    )
+    response = raw_exchange(port, head, read_s=WAIT_S)
+    assert response.startswith(b"HTTP/1.1 408"), response[:200]
+
+
+def test_a_trickled_body_is_closed_after_the_request_timeout(server, port):
+    """A body sent a byte at a time keeps the connection busy, never idle: the limit is on the
+    whole request, not on the pause between bytes."""
+    body = b'{"messages": [{"role": "user", "content": "' + b"a" * 200 + b'"}]}'
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(head)
+        answer = b""
+        deadline = time.monotonic() + WAIT_S
+        for byte in body:  # 0.2 s apart: 40 s for the whole body
+            assert time.monotonic() < deadline
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sock.settimeout(0.2)
+            try:
+                answer += sock.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
 def test_stalled_headers_are_closed_after_the_request_timeout(server, port):
     response = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost:", read_s=WAIT_S)
     assert response.startswith(b"HTTP/1.1 408"), response[:200]

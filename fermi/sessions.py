@@ -111,6 +111,7 @@ class SessionStore:
                 self._sessions[key] = session
 
     def release(self, session: Session) -> None:
+        """The request on `session` ended (or was refused: then a new session is dropped)."""
         with self._lock:
             if self._pending.get(key := _key(session.tenant, session.id)) is session:
                 del self._pending[key]  # never committed: its request was refused
@@ -126,7 +127,7 @@ class SessionStore:
                 raise SessionNotFound(session_id)
             if session.busy:
                 raise SessionBusy(session_id)
-            del self._sessions[key]
+            self._drop_locked(key)
 
     def evict(self) -> None:
         with self._lock:

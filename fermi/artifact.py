@@ -69,11 +69,15 @@ class Manifest:
             raise ArtifactError(f"{directory} is not a fermi artifact: {MANIFEST} is missing")
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("expected a JSON object")
             known = {f.name for f in dataclasses.fields(cls)}
             data = {k: v for k, v in data.items() if k in known}
             if not FAMILY_FIELDS <= data.keys():
                 data = {**_inferred_family(directory, data), **data}
-            return cls(**data)
+            manifest = cls(**data)
+            _check_fields(manifest)
+            return manifest
         except (ValueError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{path} is not a valid manifest: {e}") from None
 
@@ -97,6 +101,35 @@ def _inferred_family(directory: Path, data: dict) -> dict:
     arch = REGISTRY.get(data.get("architecture", ""))
     advice = arch.sampling_advice if arch else None
     return family_fields(directory, bool(data.get("supports_thinking")), advice)
+
+
+INT_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "context_length")
+STR_LIST_FIELDS = ("inputs", "outputs")
+
+
+def _check_fields(m: Manifest) -> None:
+    """Types and ranges of the fields the engine relies on; raises TypeError or ValueError."""
+    for name in INT_FIELDS:
+        value = getattr(m, name)
+        if type(value) is not int or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in STR_LIST_FIELDS:
+        value = getattr(m, name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a list of names")
+    if not isinstance(m.eos_token_ids, list) or not all(type(i) is int for i in m.eos_token_ids):
+        raise ValueError("eos_token_ids must be a list of integers")
+    if not isinstance(m.files, dict):
+        raise ValueError("files must map names to {sha256, bytes}")
+    for name, entry in m.files.items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or type(entry.get("bytes")) is not int
+            or ".." in Path(name).parts
+            or Path(name).is_absolute()
+        ):
+            raise ValueError(f"files[{name!r}] must be {{sha256, bytes}} inside the artifact")
 
 
 def sha256_file(path: Path) -> str:

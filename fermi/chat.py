@@ -7,7 +7,6 @@ import queue
 import signal
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from fermi.chat_template import parse_thinking
 from fermi.errors import FermiError
 from fermi.requests import Finished, GenerationRequest, Message, SamplingParams, TextDelta, Thinking
 from fermi.runtime import Generation, Runtime
+from fermi.sessions import new_session_id
 
 HELP = """commands:
   /help                 show this help
@@ -41,7 +41,7 @@ class ChatSession:
     def __init__(self, runtime: Runtime, options: ChatOptions):
         self.runtime = runtime
         self.options = options
-        self.session_id = uuid.uuid4().hex
+        self.session_id = new_session_id()
         self.send_system = bool(options.system)
 
     def reset(self) -> None:
@@ -49,7 +49,7 @@ class ChatSession:
             self.runtime.reset_session(self.session_id)
         except FermiError:
             pass  # nothing said yet, nothing to forget
-        self.session_id = uuid.uuid4().hex
+        self.session_id = new_session_id()
         self.send_system = bool(self.options.system)
 
     def request(self, prompt: str) -> GenerationRequest:

@@ -100,6 +100,24 @@ def export(
     typer.echo(str(path))
 
 
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory (with fermi.json)")],
+) -> None:
+    """Check an artifact against its manifest: every file's sha256 and size, and the graph's
+    inputs and outputs. Exit 0 when it is intact, 2 with a one-line reason otherwise."""
+    from fermi.verify import verify_artifact
+
+    try:
+        manifest, done = verify_artifact(artifact)
+    except FermiError as e:
+        raise fail(str(e)) from None
+    typer.echo(
+        f"ok: {artifact} ({manifest.source}, {manifest.precision}, {manifest.target}): "
+        f"{done.files} files, {done.bytes_hashed / 1e6:.1f} MB hashed in {done.seconds:.1f}s"
+    )
+
+
 def main() -> None:
     try:
         app()
@@ -151,6 +169,20 @@ ThreadsOpt = Annotated[
     typer.Option(
         "--threads", "-t", envvar="FERMI_THREADS", min=0, show_default="one per core", metavar="N",
         help="onnxruntime intra-op threads",
+    ),
+]  # fmt: skip
+TlsCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="FERMI_GRPC_TLS_CERT", show_default="none (plaintext)", metavar="FILE",
+        help="PEM certificate chain: serve gRPC over TLS (with --tls-key)",
+    ),
+]  # fmt: skip
+TlsKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="FERMI_GRPC_TLS_KEY", show_default="none", metavar="FILE",
+        help="PEM private key of --tls-cert",
     ),
 ]  # fmt: skip
 ApiKeyOpt = Annotated[
@@ -354,12 +386,13 @@ def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not port.isdigit():
         raise InvalidRequest(f"address {addr!r} is not HOST:PORT")
-    return host or "0.0.0.0", int(port)
+    return host or "127.0.0.1", int(port)
 
 
 def _serve(kind: str, host: str | None, port: int | None, flags: dict) -> None:
     from importlib import import_module
 
+    from fermi.security import exposure_warning, keys_from_settings
     from fermi.settings import check_settings, load_settings
 
     names = flags.pop("served_model_name") or []
@@ -370,8 +403,12 @@ def _serve(kind: str, host: str | None, port: int | None, flags: dict) -> None:
             load_settings().replace(served_model_name=",".join(names) or None, **flags)
         )
         default_host, default_port = _split_addr(getattr(settings, f"{kind}_addr"))
+        host = host or default_host
+        # Said at once, before the model loads; the ready line repeats it.
+        if warning := exposure_warning(host, keys_from_settings(settings)):
+            typer.echo(warning, err=True)
         server = import_module(f"fermi.{kind}_server.server")
-        server.run(settings, host or default_host, port or default_port)
+        server.run(settings, host, port or default_port)
     except FermiError as e:
         raise fail(str(e)) from None
 
@@ -399,7 +436,7 @@ def serve_openai(
     cors_origins: CorsOpt = None,
     max_body_bytes: MaxBodyOpt = None,
 ) -> None:
-    """OpenAI-compatible HTTP server (default 0.0.0.0:8000, FERMI_OPENAI_ADDR)."""
+    """OpenAI-compatible HTTP server (default 127.0.0.1:8000, FERMI_OPENAI_ADDR)."""
     flags = dict(locals())
     host, port = flags.pop("host"), flags.pop("port")
     _serve("openai", host, port, flags)
@@ -425,10 +462,14 @@ def serve_grpc(
     session_ttl_s: SessionTtlOpt = None,
     session_max: SessionMaxOpt = None,
     kv_cache_mb: KvCacheOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
-    """Token-streaming gRPC server (default 0.0.0.0:50051, FERMI_GRPC_ADDR)."""
+    """Token-streaming gRPC server (default 127.0.0.1:50051, FERMI_GRPC_ADDR)."""
     flags = dict(locals())
     host, port = flags.pop("host"), flags.pop("port")
+    cert, key = (flags.pop(name) for name in ("tls_cert", "tls_key"))
+    flags.update(grpc_tls_cert=str(cert) if cert else None, grpc_tls_key=str(key) if key else None)
     _serve("grpc", host, port, flags)
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import onnxruntime as ort
 
 from fermi.artifact import MODEL_FILE, Manifest, load_manifest
-from fermi.errors import DeviceUnavailable
+from fermi.errors import ArtifactError, DeviceUnavailable
 from fermi.kv_cache import KVCache, Resizer, SharedKVCache, WindowKVCache
+from fermi.verify import check_graph_io, ort_ports, verify_files
 
 PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
@@ -90,11 +91,23 @@ class Engine:
         started = time.perf_counter()
         self.artifact = Path(artifact)
         self.manifest: Manifest = load_manifest(self.artifact)
+        verify_files(self.artifact, self.manifest)  # sha256, unless recorded unchanged
         self.device = pick_device(device)
-        self.session = ort.InferenceSession(
-            str(self.artifact / MODEL_FILE),
-            sess_options=session_options(threads, self.manifest.session_config, spin),
-            providers=providers_for(self.device),
+        try:
+            self.session = ort.InferenceSession(
+                str(self.artifact / MODEL_FILE),
+                sess_options=session_options(threads, self.manifest.session_config, spin),
+                providers=providers_for(self.device),
+            )
+        except Exception as e:  # onnxruntime's Fail / InvalidProtobuf / InvalidGraph ...
+            message = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+            raise ArtifactError(
+                f"{self.artifact / MODEL_FILE} cannot be loaded: {message}"
+            ) from None
+        check_graph_io(
+            self.manifest,
+            ort_ports(self.session.get_inputs()),
+            ort_ports(self.session.get_outputs()),
         )
         m = self.manifest
         self.kv_dtype = np.dtype(m.kv_dtype)
@@ -102,6 +115,8 @@ class Engine:
         self.present_names = [n for n in m.outputs if n.startswith("present.")]
         # Where the cache lives: CoreML reads and writes host memory.
         self._ort_device = "cuda" if self.device == "cuda" else "cpu"
+        if m.io_mode not in IO_MODES:
+            raise ArtifactError(f"{self.artifact}: unknown io_mode {m.io_mode!r} in the manifest")
         self.io = IO_MODES[m.io_mode](self)
         self.load_seconds = time.perf_counter() - started
 

@@ -66,6 +66,11 @@ class GenerationRequest:
     thinking: Thinking | None = None  # None = the configured default
     # With a session_id, the session's cached KV is reused for the longest common token prefix.
     session_id: str | None = None
+    # With no session_id: keep the session under a server-minted id (gRPC) instead of dropping
+    # it when the request ends (OpenAI); it stays "unclaimed" until the id comes back.
+    keep_session: bool = False
+    # The caller's tenant (its API key, fermi/security.py): session ids live in its namespace.
+    tenant: str = ""
     # append=True: `messages` are new turns added to the session's stored history (gRPC, CLI).
     # append=False: `messages` are the whole conversation (OpenAI clients resend it every time).
     append: bool = False

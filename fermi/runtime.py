@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ from fermi.sampling import (
     resolve_sampling,
     top_entries,
 )
+from fermi.security import ANONYMOUS, short_id, validate_session_id
 from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.slots import Slots, Ticket
@@ -122,8 +124,13 @@ class Runtime:
                 ttl_s=settings.session_ttl_s,
                 max_sessions=settings.session_max,
                 max_kv_bytes=settings.kv_cache_mb * 1024 * 1024,
+                unclaimed_ttl_s=settings.session_unclaimed_ttl_s,
             )
         )
+        self.sessions.start_reaper()
+        self._live: set[Generation] = set()  # submitted and not yet released
+        self._live_lock = threading.Lock()
+        self._live_changed = threading.Condition(self._live_lock)
         self.slots = Slots(capacity=max(1, settings.engine_pool), max_waiting=settings.max_queue)
 
     def _family_tags(self) -> None:
@@ -146,6 +153,9 @@ class Runtime:
     # -- requests ------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Generation:
+        """Validate and queue a request. Its session is looked up in the namespace of
+        `request.tenant` only. A refused request (any exception raised here) leaves no session
+        and no queue place behind."""
         _validate(request)
         sampling = resolve_sampling(
             request.sampling,
@@ -155,16 +165,50 @@ class Runtime:
             ),
             self.manifest.sampling_advice,
         )
-        session = self.sessions.acquire(request.session_id)
+        session = self.sessions.acquire(
+            request.session_id, tenant=request.tenant, mint=request.keep_session
+        )
         try:
             job = self._prepare(request, session, thinking, sampling)
         except BaseException:
             self.sessions.release(session)
             raise
-        return Generation(self, job)
+        self.sessions.commit(session)
+        generation = Generation(self, job)
+        with self._live_lock:
+            self._live.add(generation)
+        return generation
 
-    def reset_session(self, session_id: str) -> None:
-        self.sessions.reset(session_id)
+    def _ended(self, generation: Generation) -> None:
+        with self._live_changed:
+            self._live.discard(generation)
+            self._live_changed.notify_all()
+
+    def reset_session(self, session_id: str, tenant: str = ANONYMOUS) -> None:
+        """Forget a session of `tenant`; SessionNotFound when that tenant has none by this id
+        (whether or not another tenant has one), SessionBusy while it generates."""
+        validate_session_id(session_id)
+        self.sessions.reset(session_id, tenant)
+
+    def cancel_all(self) -> None:
+        """Cancel every live generation (each stops within one decode step); any thread."""
+        with self._live_lock:
+            live = list(self._live)
+        for generation in live:
+            generation.cancel()
+
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """The process is ending: cancel every live generation and wait (up to `timeout_s`)
+        until each has left the engine, so that no decode step is still running inside
+        onnxruntime when the interpreter exits (which aborts the process). True when all
+        ended in time."""
+        self.sessions.stop_reaper()
+        self.cancel_all()
+        deadline = time.monotonic() + timeout_s
+        with self._live_changed:
+            while self._live and time.monotonic() < deadline:
+                self._live_changed.wait(0.05)
+            return not self._live
 
     def stats(self) -> RuntimeStats:
         return RuntimeStats(
@@ -592,7 +636,8 @@ class Generation:
                 post(_Failure(e))
             post(_END)
 
-        threading.Thread(target=pump, name=f"generate-{self.session_id[:8]}", daemon=True).start()
+        name = f"generate-{short_id(self.session_id)}"
+        threading.Thread(target=pump, name=name, daemon=True).start()
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, _Failure):
@@ -619,6 +664,7 @@ class Generation:
             self._released = True
         self._runtime.slots.release(self._job.ticket)
         self._runtime.sessions.release(self._job.session)
+        self._runtime._ended(self)
 
 
 @dataclass
@@ -646,6 +692,7 @@ def _validate(request: GenerationRequest) -> None:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
     if any(not s for s in request.stop):
         raise InvalidRequest("stop strings must not be empty", param="stop")
+    validate_session_id(request.session_id)
     _validate_tools(request)
 
 

@@ -33,9 +33,16 @@ class Settings:
     kv_cache_mb: int = 4096  # total KV memory held by idle sessions
     timeout_ms: int = 0  # per-generation wall clock limit; 0 = none
     max_new_tokens: int = 1024  # default when a request sets none
-    openai_addr: str = "0.0.0.0:8000"
-    grpc_addr: str = "0.0.0.0:50051"
-    api_key: str | None = None
+    session_unclaimed_ttl_s: float = 300.0  # server-minted ids never sent back expire sooner
+    openai_addr: str = "127.0.0.1:8000"
+    grpc_addr: str = "127.0.0.1:50051"
+    api_key: str | None = None  # one key or several, comma-separated (fermi/security.py)
+    api_keys_file: str | None = None  # one key per line, optionally followed by a tenant name
+    grpc_tls_cert: str | None = None  # PEM certificate chain; with grpc_tls_key: TLS for gRPC
+    grpc_tls_key: str | None = None  # PEM private key
+    request_timeout_s: float = 60.0  # HTTP: most seconds to receive a request's headers + body
+    keep_alive_timeout_s: float = 30.0  # HTTP: idle keep-alive connections close after this
+    max_connections: int = 1024  # HTTP: open connections beyond this are refused with 503
     cors_origins: str = ""  # comma-separated; "*" allows any
     max_body_bytes: int = 4 * 1024 * 1024
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per physical core
@@ -73,7 +80,14 @@ ENV = {
     "FERMI_MAX_NEW_TOKENS": "max_new_tokens",
     "FERMI_OPENAI_ADDR": "openai_addr",
     "FERMI_GRPC_ADDR": "grpc_addr",
+    "FERMI_SESSION_UNCLAIMED_TTL_S": "session_unclaimed_ttl_s",
     "FERMI_API_KEY": "api_key",
+    "FERMI_API_KEYS_FILE": "api_keys_file",
+    "FERMI_GRPC_TLS_CERT": "grpc_tls_cert",
+    "FERMI_GRPC_TLS_KEY": "grpc_tls_key",
+    "FERMI_REQUEST_TIMEOUT_S": "request_timeout_s",
+    "FERMI_KEEP_ALIVE_TIMEOUT_S": "keep_alive_timeout_s",
+    "FERMI_MAX_CONNECTIONS": "max_connections",
     "FERMI_CORS_ORIGINS": "cors_origins",
     "FERMI_MAX_BODY_BYTES": "max_body_bytes",
     "FERMI_THREADS": "threads",

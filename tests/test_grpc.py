@@ -494,6 +494,7 @@ class FaultyRuntime:
 class FaultyGeneration:
     def __init__(self, gen):
         self._gen = gen
+        self.session_id = gen.session_id
 
     def __iter__(self):
         events = iter(self._gen)

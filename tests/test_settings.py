@@ -9,7 +9,7 @@ from fermi.settings import load_settings
 def test_defaults_match_the_original():
     s = load_settings({})
     assert s.model == "Qwen/Qwen3-1.7B"
-    assert s.openai_addr == "0.0.0.0:8000" and s.grpc_addr == "0.0.0.0:50051"
+    assert s.openai_addr == "127.0.0.1:8000" and s.grpc_addr == "127.0.0.1:50051"  # loopback
 
 
 def test_env_overrides_file(tmp_path):

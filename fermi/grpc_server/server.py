@@ -21,7 +21,6 @@ import logging
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, fields
@@ -41,6 +40,7 @@ from fermi.errors import (
 from fermi.exposure import exposure_warning
 from fermi.grpc_server import fermi_pb2 as pb
 from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
+from fermi.grpc_server.guard import GuardInterceptor, server_credentials, tenant_of
 from fermi.requests import (
     Finished,
     GenerationRequest,
@@ -50,6 +50,7 @@ from fermi.requests import (
     TextDelta,
     ToolCallDelta,
 )
+from fermi.security import KeyRing, keys_from_settings, short_id
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.grpc")
@@ -177,7 +178,9 @@ def _json_object(text: str, param: str) -> dict:
     return value
 
 
-def to_generation_request(request: pb.GenerateRequest, session_id: str) -> GenerationRequest:
+def to_generation_request(request: pb.GenerateRequest, session_id: str | None) -> GenerationRequest:
+    """The runtime request of a Generate call; with no session_id the runtime mints one and
+    keeps the session (unclaimed until the client sends the id back)."""
     results = [
         Message("tool", r.content, tool_call_id=r.tool_call_id) for r in request.tool_results
     ]
@@ -213,6 +216,7 @@ def to_generation_request(request: pb.GenerateRequest, session_id: str) -> Gener
         stop=list(request.stop),
         thinking=THINKING[request.thinking],
         session_id=session_id,
+        keep_session=session_id is None,
         append=True,  # the server keeps the history: the prompt is a new turn
         ignore_eos=request.ignore_eos,
         tools=_tools(request),
@@ -319,9 +323,10 @@ class _Stopper:
 
 
 class FermiServicer(pb_grpc.FermiServicer):
-    def __init__(self, settings: Settings, stats: ServerStats) -> None:
+    def __init__(self, settings: Settings, stats: ServerStats, keys: KeyRing) -> None:
         self.settings = settings
         self.stats = stats
+        self.keys = keys
         self.runtime = None  # set by GrpcServer once Runtime.load returns
 
     def _runtime(self):
@@ -330,16 +335,17 @@ class FermiServicer(pb_grpc.FermiServicer):
         return self.runtime
 
     def Generate(self, request, context):
-        session_id = request.session_id or uuid.uuid4().hex
+        tenant = tenant_of(context, self.keys)
         with error_status(context):
             try:
                 with tracing.child("parse"):
-                    parsed = to_generation_request(request, session_id)
-                gen = self._runtime().submit(parsed)
+                    call = to_generation_request(request, request.session_id or None)
+                call.tenant = tenant
+                gen = self._runtime().submit(call)
             except Exception:
                 self.stats.count("failed")
                 raise
-            yield from self._stream(gen, session_id, context)
+            yield from self._stream(gen, gen.session_id, context)
 
     def _stream(self, gen, session_id: str, context) -> Iterator[pb.GenerateResponse]:
         started = time.perf_counter()
@@ -379,7 +385,8 @@ class FermiServicer(pb_grpc.FermiServicer):
         with error_status(context):
             if not request.session_id:
                 raise InvalidRequest("session_id must not be empty", param="session_id")
-            self._runtime().reset_session(request.session_id)
+            tenant = tenant_of(context, self.keys)
+            self._runtime().reset_session(request.session_id, tenant=tenant)
             return pb.ResetSessionResponse()
 
     def ListModels(self, request, context):
@@ -448,12 +455,13 @@ def _outcome(done: Finished | None, stop_reason: str | None) -> str:
 def _log_end(session_id: str, outcome: str, done: Finished | None, started: float) -> None:
     elapsed = time.perf_counter() - started
     if done is None:
-        log.info("session %s: %s after %.2fs", session_id, outcome, elapsed)
+        log.info("session %s: %s after %.2fs", short_id(session_id), outcome, elapsed)
         return
     u = done.usage
     log.info(
         "session %s: %s, %d prompt (%d cached) + %d completion tokens in %.2fs",
-        session_id, outcome, u.prompt_tokens, u.cached_tokens, u.completion_tokens, elapsed,
+        short_id(session_id), outcome, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+        elapsed,
     )  # fmt: skip
 
 
@@ -549,7 +557,9 @@ class GrpcServer:
         self.settings = settings
         self._load = load or _load_runtime
         self.stats = ServerStats()
-        self.servicer = FermiServicer(settings, self.stats)
+        self.keys = keys_from_settings(settings)
+        self.credentials = server_credentials(settings.grpc_tls_cert, settings.grpc_tls_key)
+        self.servicer = FermiServicer(settings, self.stats, self.keys)
         self.health = health.HealthServicer()
         self.load_error: BaseException | None = None
         self._stopped = threading.Event()
@@ -558,8 +568,10 @@ class GrpcServer:
         workers = settings.engine_pool + settings.max_queue + 8
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fermi-grpc"),
-            interceptors=[RequestInterceptor()],
+            # The access log sees every call, refused ones too; then the key check.
+            interceptors=[RequestInterceptor(), GuardInterceptor(self.keys)],
             options=[("grpc.so_reuseport", 0)],  # a taken port is an error, not a shared one
+            maximum_concurrent_rpcs=workers,  # beyond: RESOURCE_EXHAUSTED, not a growing backlog
         )
         self.address = ("127.0.0.1", 0)  # set by start()
         pb_grpc.add_FermiServicer_to_server(self.servicer, self.server)
@@ -577,14 +589,20 @@ class GrpcServer:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            bound = self.server.add_insecure_port(address)
+            if self.credentials is not None:
+                bound = self.server.add_secure_port(address, self.credentials)
+            else:
+                bound = self.server.add_insecure_port(address)
         except RuntimeError as e:
             raise FermiError(f"cannot listen on {address}: {e}") from None
         if not bound:
             raise FermiError(f"cannot listen on {address}")
         self.server.start()
         self.address = (host, bound)
-        log.info("fermi gRPC listening on %s:%d; loading %s", host, bound, self.settings.model)
+        tls = "TLS" if self.credentials is not None else "plaintext"
+        log.info(
+            "fermi gRPC listening on %s:%d (%s); loading %s", host, bound, tls, self.settings.model
+        )
         threading.Thread(target=self._load_in_background, name="fermi-load", daemon=True).start()
         return bound
 
@@ -638,4 +656,7 @@ def run(settings: Settings, host: str, port: int) -> None:
     try:
         server.wait()
     finally:
+        runtime = server.servicer.runtime
+        if runtime is not None and hasattr(runtime, "shutdown"):
+            runtime.shutdown()  # nothing may still be decoding when the interpreter exits
         tracing.shutdown()

@@ -31,6 +31,18 @@ class ServerDraining(FermiError):
     """The server got SIGTERM/SIGINT and finishes what is running before it stops."""
 
 
+class ShuttingDown(FermiError):
+    """The server is stopping and cancelled this generation (503, retry elsewhere or later)."""
+
+
+class UriTooLong(FermiError):
+    """The request line is longer than the server reads (414)."""
+
+
+class HeadersTooLarge(FermiError):
+    """The request's header block is larger than the server reads (431)."""
+
+
 @dataclass(frozen=True)
 class ApiError:
     status: int
@@ -61,6 +73,14 @@ def map_error(exc: BaseException) -> ApiError:
             return ApiError(429, message, "rate_limit_error", code="queue_full", headers=RETRY)
         case Unauthorized():
             return ApiError(401, message, code="invalid_api_key")
+        case ShuttingDown():
+            return ApiError(
+                503, message, "server_error", code="server_shutting_down", headers=RETRY
+            )
+        case UriTooLong():
+            return ApiError(414, message, code="uri_too_long")
+        case HeadersTooLarge():
+            return ApiError(431, message, code="request_header_fields_too_large")
         case ModelLoading():
             return ApiError(503, message, "server_error", code="model_loading", headers=RETRY)
         case ServerDraining():

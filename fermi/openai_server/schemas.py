@@ -13,8 +13,10 @@ from typing import Any
 from fermi.errors import InvalidRequest, ModelNotFound
 from fermi.openai_server import tool_schemas
 from fermi.openai_server.field_policy import UNSUPPORTED, check_fields
+from fermi.openai_server.hostile import MAX_DEPTH, check_body
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
 from fermi.sampling import MAX_LOGPROBS, validate_sampling
+from fermi.security import validate_session_id
 
 CHAT_ROLES = {
     "system": "system",
@@ -40,7 +42,6 @@ EFFORT_THINKING = {
     "high": "on",
     "xhigh": "on",
 }
-MAX_SESSION_ID = 256
 MAX_CHOICES = 16
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Responses `include` values: the one that asks for logprobs, and one that asks for something
@@ -80,8 +81,11 @@ def parse_json(raw: bytes | None) -> dict[str, Any]:
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    check_body(data)
     return data
 
 
@@ -261,10 +265,7 @@ def _thinking(f: Fields, effort: str | None) -> Thinking | None:
 
 def _session_id(f: Fields) -> str | None:
     value = f.string("session_id") or None
-    if value is not None and len(value) > MAX_SESSION_ID:
-        raise InvalidRequest(
-            f"session_id must be at most {MAX_SESSION_ID} characters", param="session_id"
-        )
+    validate_session_id(value)
     return value
 
 

@@ -9,7 +9,6 @@ handler task) closes the generation, which stops it within one decode step."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import time
@@ -28,10 +27,18 @@ from fermi.exposure import exposure_warning
 from fermi.fim import render_fim
 from fermi.openai_server import completions as cmpl
 from fermi.openai_server import formatters as fmt
-from fermi.openai_server.errors import ModelLoading, ServerDraining, Unauthorized, map_error
+from fermi.openai_server.errors import (
+    ModelLoading,
+    ServerDraining,
+    ShuttingDown,
+    Unauthorized,
+    map_error,
+)
+from fermi.openai_server.guard import GuardedProtocol, classify_oversized, submit_off_loop
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
 from fermi.requests import Event, Finished, PromptLogprobs, TextDelta, ToolCallDelta
+from fermi.security import ANONYMOUS, keys_from_settings
 from fermi.settings import Settings
 
 log = logging.getLogger("fermi.openai")
@@ -87,7 +94,9 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse:
 
 @route("/v1/sessions/<session_id>", "DELETE")
 async def delete_session(request: Request, session_id: str) -> HTTPResponse:
-    _runtime(request).reset_session(session_id)
+    """Forget one of the caller's sessions: another key's session answers 404 like a missing
+    one."""
+    _runtime(request).reset_session(session_id, tenant=request.ctx.tenant)
     return _json({"id": session_id, "object": "session", "deleted": True})
 
 
@@ -99,7 +108,8 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("chatcmpl-"), runtime.model_id, call.generation.session_id)
     text = runtime.token_text if call.logprobs else None
-    generation = runtime.submit(call.generation)
+    call.generation.tenant = request.ctx.tenant
+    generation = await submit_off_loop(runtime, call.generation)
     if call.stream:
         frames = fmt.ChatStream(meta, call.include_usage, call.generation.n, text)
         return await _stream(request, generation, frames)
@@ -115,7 +125,8 @@ async def responses(request: Request) -> HTTPResponse | None:
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("resp_"), runtime.model_id, call.generation.session_id)
     text = runtime.token_text if call.logprobs else None
-    generation = runtime.submit(call.generation)
+    call.generation.tenant = request.ctx.tenant
+    generation = await submit_off_loop(runtime, call.generation)
     if call.stream:
         return await _stream(request, generation, fmt.ResponseStream(meta, call, text))
     choices, _, finished = await _collect(request, generation, 1)
@@ -134,7 +145,8 @@ async def completions(request: Request) -> HTTPResponse | None:
     meta = fmt.Meta(fmt.new_id("cmpl-"), runtime.model_id, None)
     prompt_text = call.prompt if isinstance(call.prompt, str) else runtime.decode(call.prompt)
     frames = cmpl.CompletionFrames(meta, call, runtime.token_text, prompt_text)
-    generation = runtime.submit(generation_request)
+    generation_request.tenant = request.ctx.tenant
+    generation = await submit_off_loop(runtime, generation_request)
     if call.stream:
         return await _stream(request, generation, cmpl.CompletionStream(frames))
     _, events, finished = await _collect(request, generation, call.generation.n)
@@ -209,11 +221,13 @@ async def _pump(events: AsyncIterator[Event], put: Callable[[object], None]) -> 
         put(_Failed(e))
 
 
-async def _drain(queue: asyncio.Queue) -> AsyncIterator[Event]:
+async def _drain(queue: asyncio.Queue, ctx) -> AsyncIterator[Event]:
     while True:
         item = await queue.get()
         if isinstance(item, _Failed):
             raise item.error
+        if isinstance(item, Finished) and item.finish_reason == "cancelled" and ctx.stopping:
+            raise ShuttingDown("the server is shutting down; retry on another instance or later")
         yield item
         if isinstance(item, Finished):
             return
@@ -241,7 +255,7 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
     ctx.pumps.add(pump)
     pump.add_done_callback(ctx.pumps.discard)
     try:
-        yield _drain(queue)
+        yield _drain(queue, ctx)
     except asyncio.CancelledError:
         ctx.metrics.generations.labels("disconnected").inc()
         raise
@@ -293,7 +307,8 @@ async def _stream(request: Request, generation, frames):
                 async for event in events:
                     await response.send(_frame(frames, event))
             except Exception as e:
-                log.exception("generation failed mid-stream")
+                if not isinstance(e, ShuttingDown):
+                    log.exception("generation failed mid-stream")
                 await response.send(frames.error(map_error(e)))
             await response.eof()
     finally:
@@ -316,6 +331,7 @@ class OpenAIErrorHandler(ErrorHandler):
     """Every error, Sanic's own (404, 405, 413) included, in OpenAI's shape."""
 
     def default(self, request: Request, exception: BaseException) -> HTTPResponse:
+        exception = classify_oversized(request, exception)
         err = map_error(exception)
         if err.status >= 500 and not isinstance(exception, FermiError | asyncio.CancelledError):
             log.error("unhandled error on %s", request.path if request else "?", exc_info=exception)
@@ -330,13 +346,17 @@ def allowed_origin(settings: Settings, origin: str | None) -> str | None:
 
 
 async def authorize(request: Request) -> None:
-    key = request.app.ctx.settings.api_key
+    """Set `request.ctx.tenant` from the bearer key; /v1 routes, /tokenize and /detokenize
+    refuse a missing or unknown key with 401 when keys are configured (/health and /metrics
+    stay open)."""
+    request.ctx.tenant = ANONYMOUS
     protected = request.path.startswith("/v1") or request.path in TOKENIZER_ROUTES
-    if not key or not protected or request.method == "OPTIONS":
+    if not protected or request.method == "OPTIONS":
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    tenant = request.app.ctx.keys.tenant_for_header(request.headers.get("authorization"))
+    if tenant is None:
         raise Unauthorized("Incorrect or missing API key: send 'Authorization: Bearer <key>'")
+    request.ctx.tenant = tenant
 
 
 async def start_request(request: Request) -> None:
@@ -398,6 +418,26 @@ async def drain(app: Sanic, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
     app.stop()
 
 
+async def start_stopping(app: Sanic) -> None:
+    """SIGTERM: open streams get the grace period to finish; one second before it ends, what
+    still generates is cancelled and told "shutting down" in-band (503 for a non-streamed
+    request), so that no client is left with a stream cut without an explanation."""
+    app.ctx.stopping = True
+    runtime = app.ctx.runtime
+    if runtime is None or not hasattr(runtime, "cancel_all"):
+        return
+    delay = max(0.0, app.config.GRACEFUL_SHUTDOWN_TIMEOUT - 1.0)
+    asyncio.get_running_loop().call_later(delay, runtime.cancel_all)
+
+
+async def stop_generations(app: Sanic) -> None:
+    """After the grace period: cancel what still generates and wait until it left the engine,
+    so the process exits cleanly (a decode step cut off at exit aborts it)."""
+    runtime = app.ctx.runtime
+    if runtime is not None and hasattr(runtime, "shutdown"):
+        await asyncio.to_thread(runtime.shutdown)
+
+
 def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None) -> Sanic:
     if load is None:
         from fermi.runtime import Runtime
@@ -406,9 +446,14 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     app = Sanic("fermi_openai", error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
     app.config.RESPONSE_TIMEOUT = 6 * 3600  # long generations and queue waits are normal
+    app.config.REQUEST_TIMEOUT = settings.request_timeout_s  # headers + body (guard.py)
+    app.config.KEEP_ALIVE_TIMEOUT = settings.keep_alive_timeout_s
+    app.config.FERMI_MAX_CONNECTIONS = settings.max_connections
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 3.0
     app.ctx.settings = settings
+    app.ctx.keys = keys_from_settings(settings)
     app.ctx.runtime = None
+    app.ctx.stopping = False
     app.ctx.load_error = None
     app.ctx.draining = False
     app.ctx.address = ("127.0.0.1", 0)  # set by run(); the ready line prints it
@@ -441,6 +486,8 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
         start(load_runtime(app, load))
 
     app.after_server_start(start_loading)
+    app.before_server_stop(start_stopping)
+    app.after_server_stop(stop_generations)
     return app
 
 
@@ -450,10 +497,20 @@ def run(settings: Settings, host: str, port: int) -> None:
     tracing.setup()
     app = create_app(settings)
     app.ctx.address = (host, port)
-    app.run(
-        host=host, port=port, single_process=True, auto_reload=False, access_log=False,
-        motd=False, register_sys_signals=False,
-    )  # fmt: skip
-    tracing.shutdown()
+    try:
+        app.run(
+            host=host,
+            port=port,
+            single_process=True,
+            auto_reload=False,
+            access_log=False,
+            motd=False,
+            register_sys_signals=False,
+            protocol=GuardedProtocol,
+        )
+    except OSError as e:  # the address is taken or not this machine's
+        raise FermiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    finally:
+        tracing.shutdown()
     if app.ctx.load_error is not None:
         raise app.ctx.load_error

@@ -1,0 +1,108 @@
+"""What keeps hostile connections from holding the HTTP server: a connection cap, a bound on
+the time to receive a request (headers and body together), and request preparation (chat
+template rendering and tokenization, which take seconds for a 4 MiB prompt) off the event loop.
+
+Sanic measures its REQUEST_TIMEOUT only until the headers are in and its RESPONSE_TIMEOUT from
+the last byte moved, so a client that sends headers and then stalls its body would be held for
+the whole response timeout (hours: generations and queue waits are long). `GuardedProtocol`
+closes such a connection once `request_timeout_s` has passed since its request began, answering
+408 when it still can."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from time import monotonic
+
+from sanic.exceptions import PayloadTooLarge, RequestTimeout
+from sanic.http import Stage
+from sanic.server.protocols.http_protocol import HttpProtocol
+
+from fermi.openai_server.errors import HeadersTooLarge, UriTooLong
+
+BUSY_BODY = (
+    b'{"error": {"message": "too many open connections; retry shortly", '
+    b'"type": "server_error", "param": null, "code": "too_many_connections"}}'
+)
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\nconnection: close\r\n"
+    + f"content-length: {len(BUSY_BODY)}\r\n\r\n".encode()
+    + BUSY_BODY
+)
+
+
+class GuardedProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol with a connection cap (`app.config.FERMI_MAX_CONNECTIONS`)
+    and a total time limit on receiving each request (`REQUEST_TIMEOUT`, seconds)."""
+
+    __slots__ = ("_refused", "_receiving_since")
+
+    def connection_made(self, transport) -> None:
+        cap = self.app.config.get("FERMI_MAX_CONNECTIONS", 0)
+        self._refused = bool(cap and len(self.connections) >= cap)
+        if self._refused:
+            transport.write(BUSY_RESPONSE)
+            transport.close()
+            return
+        self._receiving_since: float | None = None
+        super().connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def check_timeouts(self) -> None:
+        http = self._http
+        receiving = http is not None and (
+            http.stage is Stage.REQUEST or (http.stage is Stage.HANDLER and http.request_body)
+        )
+        if not receiving:
+            self._receiving_since = None
+        elif self._receiving_since is None:
+            self._receiving_since = monotonic()  # within one check interval
+        elif self._task and monotonic() - self._receiving_since > self.request_timeout:
+            http.exception = RequestTimeout("Request Timeout: the request was not received in time")
+            self._task.cancel()
+            return
+        super().check_timeouts()
+
+
+async def submit_off_loop(runtime, request):
+    """`runtime.submit` (template rendering, tokenization, admission) in a worker thread, so a
+    huge prompt does not stall the event loop. If the handler is cancelled meanwhile (the
+    client left), the generation it would have got is closed as soon as it exists, freeing its
+    session and queue place."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()  # the request's trace context goes along
+    future = loop.run_in_executor(None, context.run, runtime.submit, request)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_close_abandoned)
+        raise
+
+
+def _close_abandoned(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+def classify_oversized(request, exception: BaseException) -> BaseException:
+    """Sanic answers a head (request line + headers) over REQUEST_MAX_HEADER_SIZE with the
+    413 it also uses for bodies. The head was too large when Sanic could not even parse it
+    (the request it reports has no route and no headers): then tell a long URL (414) from large
+    headers (431) by where the first line ends."""
+    if not isinstance(exception, PayloadTooLarge):
+        return exception
+    if request is not None and (request.route or request.headers):
+        return exception  # a body over the limit
+    limit = request.app.config.REQUEST_MAX_HEADER_SIZE if request is not None else 8192
+    buffer = b""
+    try:
+        buffer = bytes(request.transport.get_protocol().recv_buffer[: limit + 2])
+    except AttributeError:  # no transport or protocol left to read
+        pass
+    if b"\r\n" not in buffer:
+        return UriTooLong(f"the request line is over the server's limit of {limit} bytes")
+    return HeadersTooLarge(f"the request headers are over the server's limit of {limit} bytes")

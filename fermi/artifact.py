@@ -42,6 +42,8 @@ class Manifest:
     io_mode: str = "concat"
     graph_options: dict = field(default_factory=dict)  # quantization block size, window ...
     session_config: dict = field(default_factory=dict)  # onnxruntime config entries to apply
+    # GGUF sources: tensor -> {"gguf_type": "Q4_1", "stored": "carried"|"requantized"|"float"}
+    weights: dict = field(default_factory=dict)
     fermi_version: str = __version__
     format_version: int = FORMAT_VERSION
 

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from fermi.chat_template import ChatTemplate, opens_think_block, resolve_thinking
 from fermi.detokenizer import StreamingDetokenizer
-from fermi.engine import PRECISION, Engine, pick_device
+from fermi.engine import Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
 from fermi.generate import generate_tokens
 from fermi.models import resolve_artifact
@@ -90,7 +90,7 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         device = pick_device(settings.device)
-        artifact = resolve_artifact(settings.model, PRECISION[device], settings)
+        artifact = resolve_artifact(settings.model, None, settings)
         return cls(settings, artifact, device)
 
     # -- requests ------------------------------------------------------------------------------

@@ -209,11 +209,12 @@ class CarriedOps(QuantizedOps):
         return super().dense(x, weight, w)
 
     def plan_head(self, table: str) -> None:
+        if table != self.head_table() or self.head_bits is None:
+            return
         kind = self.head_carry_type()
-        if kind and table == self.head_table() and table not in self._plans:
+        if kind and table not in self._plans:
             self._plans[table] = ([table], kind)
-        if self.head_bits is not None:
-            self.note([table], "carried" if kind else "requantized")
+        self.note([table], "carried" if kind else "requantized")
 
     def note(self, tensors: list[str], what: str) -> None:
         for tensor in tensors:

@@ -3,7 +3,7 @@ tokenizer_config.json (chat template, bos/eos) and generation_config.json, the f
 already loads.
 
 The vocabulary is converted by transformers' GGUF tokenizer converter
-(transformers.integrations.gguf, `convert_gguf_tokenizer`; `integrations.ggml` before 5.0),
+(transformers.integrations.gguf, `convert_gguf_tokenizer`, since transformers 5),
 which knows llama.cpp's byte-level BPE ("gpt2") and SentencePiece ("llama") vocabularies and
 their pre-tokenizers. That module needs transformers and tokenizers but not torch; it comes with
 the `gguf` extra. Serving never imports it: the artifact holds plain tokenizer files.
@@ -32,13 +32,9 @@ def converter():
             convert_gguf_tokenizer,
         )
     except ImportError:
-        try:  # transformers 4.x
-            from transformers.integrations.ggml import convert_gguf_tokenizer
-            from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
-        except ImportError:
-            raise MissingExtra(
-                f"reading a GGUF file's tokenizer needs transformers' converter: {EXTRA_HINT}"
-            ) from None
+        raise MissingExtra(
+            f"reading a GGUF file's tokenizer needs transformers' converter: {EXTRA_HINT}"
+        ) from None
     return GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
 

@@ -52,7 +52,7 @@ def resolve(
         return local_gguf(path / gguf_file)
     if path.is_dir():
         return Source(str(path.resolve()), path.resolve(), None)
-    if path.is_file():
+    if path.is_file() or path.suffix == ".gguf":
         return local_gguf(path)
     if gguf_file is not None:
         return download_gguf(model, gguf_file, revision, settings.offline)

@@ -12,6 +12,7 @@ the `gguf` extra. Serving never imports it: the artifact holds plain tokenizer f
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from export.gguf_checkpoint import GGUFCheckpoint, field_value
@@ -26,6 +27,8 @@ class MissingExtra(FermiError):
 
 def converter():
     """transformers' convert_gguf_tokenizer and its metadata key map, or MissingExtra."""
+    # Without torch, importing transformers advises installing it; export does not need it.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
             GGUF_TOKENIZER_MAPPING,
@@ -89,12 +92,42 @@ def write_tokenizer_files(ckpt: GGUFCheckpoint, directory: Path) -> None:
     )
     config.update({k: v for k, v in extra.items() if isinstance(v, str | bool | int)})
     write_json(directory / "tokenizer_config.json", config)
+    write_json(directory / "generation_config.json", generation_config(ckpt, tokenizer_dict))
+
+
+# GGUF `general.sampling.*` (the model maker's advice, written by recent llama.cpp converters)
+# -> generation_config.json's names.
+SAMPLING = {
+    "temp": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "penalty_repeat": "repetition_penalty",
+}
+
+
+def generation_config(ckpt: GGUFCheckpoint, tokenizer_dict: dict) -> dict:
+    """bos/eos/pad ids (eos plus the end-of-turn token when the file names one) and the
+    sampling defaults the file carries."""
+    eos = [tokenizer_dict.get("eos_token_id")]
+    for key in ("eot_token_id", "eom_token_id"):
+        field = ckpt.reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and field_value(field) not in eos:
+            eos.append(field_value(field))
+    eos = [e for e in eos if e is not None]
     generation = {
         "bos_token_id": tokenizer_dict.get("bos_token_id"),
-        "eos_token_id": tokenizer_dict.get("eos_token_id"),
+        "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
         "pad_token_id": tokenizer_dict.get("pad_token_id"),
     }
-    write_json(directory / "generation_config.json", generation)
+    sampling = {
+        name: ckpt.metadata[f"general.sampling.{key}"]
+        for key, name in SAMPLING.items()
+        if f"general.sampling.{key}" in ckpt.metadata
+    }
+    if sampling:
+        generation |= {"do_sample": sampling.get("temperature", 1.0) > 0, **sampling}
+    return generation
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -125,29 +125,27 @@ def test_openai_server_answers(smollm2_artifact):
         assert "Paris" in text
 
 
-def fermi_greedy(artifact: Path, ids: list[int], steps: int) -> list[int]:
-    from fermi.engine import Engine
-
-    engine = Engine(artifact, "cpu")
+def fermi_greedy(engine, ids: list[int], steps: int, eos: int) -> list[int]:
+    """Argmax of each step's logits until eos (included) or `steps` tokens."""
     cache, out, feed = engine.new_cache(), [], ids
-    for _ in range(steps):
+    while len(out) < steps and (not out or out[-1] != eos):
         token = int(engine.forward(feed, cache).reshape(-1).argmax())
         out.append(token)
         feed = [token]
     return out
 
 
-def transformers_greedy(model, torch, ids: list[int], steps: int) -> list[int]:
-    """Greedy by hand (argmax of each step's logits, eos not special), as fermi_greedy."""
-    out, past, feed = [], None, torch.tensor([ids])
+def transformers_greedy(model, torch, ids: list[int], steps: int, eos: int) -> list[int]:
     with torch.no_grad():
-        for _ in range(steps):
-            result = model(feed, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            token = int(result.logits[0, -1].argmax())
-            out.append(token)
-            feed = torch.tensor([[token]])
-    return out
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=steps,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -165,17 +163,21 @@ def reference(smollm2_gguf):
 def test_fp32_greedy_equals_transformers_on_the_same_gguf(smollm2_artifact, reference):
     from tokenizers import Tokenizer
 
+    from fermi.artifact import load_manifest
     from fermi.chat_template import ChatTemplate
+    from fermi.engine import Engine
     from fermi.requests import Message
 
     torch, model = reference
+    engine = Engine(smollm2_artifact, "cpu")
+    (eos,) = load_manifest(smollm2_artifact).eos_token_ids
     template = ChatTemplate.from_dir(smollm2_artifact)
     tokenizer = Tokenizer.from_file(str(smollm2_artifact / "tokenizer.json"))
     for prompt in PARITY_PROMPTS:
         text = template.render([Message("user", prompt)], enable_thinking=False)
         ids = tokenizer.encode(text, add_special_tokens=False).ids
-        want = transformers_greedy(model, torch, ids, NEW_TOKENS)
-        got = fermi_greedy(smollm2_artifact, ids, NEW_TOKENS)
+        want = transformers_greedy(model, torch, ids, NEW_TOKENS, eos)
+        got = fermi_greedy(engine, ids, NEW_TOKENS, eos)
         assert got == want, (prompt, tokenizer.decode(got), tokenizer.decode(want))
 
 

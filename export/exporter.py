@@ -13,7 +13,7 @@ from export.architectures import Architecture, ModelConfig, find_architecture, m
 from export.checkpoint import Checkpoint, read_json
 from export.decoder import Decoder
 from export.gguf_carry import CarriedOps, weights_record
-from export.gguf_checkpoint import GGUFCheckpoint
+from export.gguf_checkpoint import GGUFCheckpoint, open_gguf
 from export.graph import GraphBuilder, WeightsFile
 from export.ops import PortableOps
 from export.source import Source, resolve
@@ -131,7 +131,7 @@ def default_precision(source: Source, target: str) -> str:
     if source.gguf_file is not None and target in ("cpu", "cuda"):
         from export.gguf_carry import default_precision as gguf_precision
 
-        with GGUFCheckpoint(source.gguf_file) as checkpoint:
+        with open_gguf(source.gguf_file) as checkpoint:
             quantized = gguf_precision(checkpoint)
         if quantized:
             return quantized
@@ -140,7 +140,7 @@ def default_precision(source: Source, target: str) -> str:
 
 def open_checkpoint(source: Source) -> Checkpoint | GGUFCheckpoint:
     if source.gguf_file is not None:
-        return GGUFCheckpoint(source.gguf_file)
+        return open_gguf(source.gguf_file)
     return Checkpoint(source.directory)
 
 
@@ -150,7 +150,7 @@ def inspect_checkpoint(source: Source) -> tuple[Architecture, ModelConfig]:
         from export.gguf_tokenizer import converter
 
         converter()  # the `gguf` extra is installed
-        with GGUFCheckpoint(source.gguf_file) as checkpoint:
+        with open_gguf(source.gguf_file) as checkpoint:
             config = checkpoint.config
         return find_architecture(config), model_config(config)
     missing = [f for f in REQUIRED_FILES if not (source.directory / f).is_file()]

@@ -19,6 +19,7 @@ Config keys follow gguf-py's names (GGUF spec, "LLM" metadata): `{arch}.embeddin
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -179,6 +180,19 @@ class GGUFCheckpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_gguf(path: Path) -> GGUFCheckpoint:
+    """The GGUFCheckpoint of `path`, parsed once per process while the file is unchanged
+    (reading the metadata of a 50k-token vocabulary takes seconds)."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    return _open_cached(path, stat and (stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: Path, _version) -> GGUFCheckpoint:
+    return GGUFCheckpoint(path)
 
 
 def open_reader(path: Path):

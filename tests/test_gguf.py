@@ -522,3 +522,23 @@ def test_gguf_file_of_a_hub_repo_from_the_cache(tmp_path):
     assert manifest["revision"] == commit
     done = run_export("example/tiny-gguf", "--gguf-file", "other.gguf", env=env)
     assert_one_line_error(done, "example/tiny-gguf", "offline")
+
+
+def test_sampling_advice_and_end_of_turn_reach_generation_config(tmp_path):
+    path = tmp_path / "m.gguf"
+    meta = {
+        "general.sampling.temp": 0.2,
+        "general.sampling.top_p": 0.9,
+        "general.sampling.top_k": 40,
+        "tokenizer.ggml.eot_token_id": 5,
+    }
+    write_gguf(path, "llama", Q.Q8_0, metadata=meta)
+    artifact = export(path, tmp_path / "art")
+    generation = json.loads((artifact / "generation_config.json").read_text())
+    eos = json.loads((artifact / "config.json").read_text())["eos_token_id"]
+    assert generation["eos_token_id"] == [eos, 5]
+    assert generation["do_sample"] is True
+    assert generation["temperature"] == pytest.approx(0.2)
+    assert generation["top_p"] == pytest.approx(0.9)
+    assert generation["top_k"] == 40
+    assert json.loads((artifact / "fermi.json").read_text())["eos_token_ids"] == [eos, 5]

@@ -196,3 +196,18 @@ def test_fp32_logits_within_1e4_of_transformers(smollm2_artifact, reference):
     engine = Engine(smollm2_artifact, "cpu")
     got = engine.forward(ids, engine.new_cache(), last_only=False).reshape(len(ids), -1)
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_openai_server_by_builtin_name(default_artifacts):
+    """`fermi serve openai --model smollm2-135m`: the default (int4, carried-over) export."""
+    env = {"FERMI_ARTIFACTS": str(default_artifacts), "FERMI_OFFLINE": "1", "FERMI_API_KEY": ""}
+    with serve("smollm2-135m", env=env) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["smollm2-135m"]
+        reply = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": FACTS[0][0]}],
+            temperature=0,
+            max_tokens=40,
+        )
+        assert FACTS[0][1] in reply.choices[0].message.content

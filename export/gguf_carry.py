@@ -112,8 +112,9 @@ class CarriedOps(QuantizedOps):
         return "lm_head.weight" if self.b.has_param("lm_head.weight") else HEAD_WEIGHTS[1]
 
     def head_carry_type(self) -> str | None:
-        """The head carries at its own precision (`--head`); a tied table also feeds
-        GatherBlockQuantized, which takes no float zero points, so a tied Q4_1 does not."""
+        """The head carries at its own precision (`--head`); a tied table also feeds the
+        embedding's GatherBlockQuantized, which cannot add Q4_1's per-block mins, so a tied
+        Q4_1 table is quantized again."""
         if self.head_bits is None:
             return None
         table = self.head_table()

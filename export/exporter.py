@@ -12,12 +12,15 @@ from pathlib import Path
 from export.architectures import Architecture, ModelConfig, find_architecture, model_config
 from export.checkpoint import Checkpoint, read_json
 from export.decoder import Decoder
+from export.gguf_carry import CarriedOps, weights_record
+from export.gguf_checkpoint import GGUFCheckpoint, open_gguf
 from export.graph import GraphBuilder, WeightsFile
 from export.ops import PortableOps
 from export.progress import current, for_terminal, reporting
 from export.source import Source, resolve
 from export.staging import staged_directory
 from export.variants import (
+    QUANTIZED,
     GraphOptions,
     check,
     compute_dtype,
@@ -62,22 +65,29 @@ class Variant:
 
 def export_model(
     model: str,
-    precision: str = "fp16",
+    precision: str | None = "fp16",
     output: Path | str | None = None,
     revision: str | None = None,
     force: bool = False,
     settings: Settings | None = None,
     target: str = "portable",
     options: GraphOptions | None = None,
+    gguf_file: str | None = None,
 ) -> Path:
-    """Export MODEL (hub id, local checkpoint dir or tiny-qwen3) and return the artifact
-    directory. `target` is portable, cpu, cuda, coreml or auto (this machine's device); see
-    export/variants.py. A valid artifact of the same source, revision and variant is reused
-    unless `force`."""
-    variant = Variant(precision, resolve_target(target), options or GraphOptions())
-    check(variant.precision, variant.target, variant.options)
+    """Export MODEL (hub id, local checkpoint dir, .gguf file or built-in name; a hub repo's
+    GGUF file named by `gguf_file`) and return the artifact directory. `target` is portable,
+    cpu, cuda, coreml or auto (this machine's device); see export/variants.py. `precision`
+    None is the default for the source and target (`default_precision`). A valid artifact of
+    the same source, revision and variant is reused unless `force`."""
     settings = settings or load_settings()
-    source = resolve(model, revision, settings)
+    target = resolve_target(target)
+    if precision is not None:  # before any download
+        check(precision, target, options or GraphOptions())
+    source = resolve(model, revision, settings, gguf_file)
+    if precision is None:
+        precision = default_precision(source, target)
+    variant = Variant(precision, target, options or GraphOptions())
+    check(variant.precision, variant.target, variant.options)
     if output is None:
         suffix = "" if variant.target == "portable" else f"-{variant.target}"
         output = Path(settings.artifacts) / f"{source.model_name}-{precision}{suffix}"
@@ -115,8 +125,36 @@ def check_replaceable(output: Path) -> None:
         raise ArtifactError(f"{output} exists and is not a fermi artifact; choose another output")
 
 
+def default_precision(source: Source, target: str) -> str:
+    """The target device's float precision (fp32 on CPU, fp16 elsewhere); for a quantized GGUF
+    on the cpu/cuda targets, int4/int8 with its blocks carried over (export/gguf_carry.py)."""
+    from fermi.engine import PRECISION
+
+    if source.gguf_file is not None and target in ("cpu", "cuda"):
+        from export.gguf_carry import default_precision as gguf_precision
+
+        with open_gguf(source.gguf_file) as checkpoint:
+            quantized = gguf_precision(checkpoint)
+        if quantized:
+            return quantized
+    return PRECISION.get(target, "fp16")
+
+
+def open_checkpoint(source: Source) -> Checkpoint | GGUFCheckpoint:
+    if source.gguf_file is not None:
+        return open_gguf(source.gguf_file)
+    return Checkpoint(source.directory)
+
+
 def inspect_checkpoint(source: Source) -> tuple[Architecture, ModelConfig]:
     """Fail before writing anything when the checkpoint cannot be exported."""
+    if source.gguf_file is not None:
+        from export.gguf_tokenizer import converter
+
+        converter()  # the `gguf` extra is installed
+        with open_gguf(source.gguf_file) as checkpoint:
+            config = checkpoint.config
+        return find_architecture(config), model_config(config)
     missing = [f for f in REQUIRED_FILES if not (source.directory / f).is_file()]
     if missing:
         raise ModelNotFound(
@@ -134,9 +172,14 @@ def write_artifact(
     variant: Variant,
     directory: Path,
 ) -> None:
-    with Checkpoint(source.directory) as checkpoint:
+    with open_checkpoint(source) as checkpoint:
         ops = write_graph(checkpoint, architecture, config, variant, directory)
-    copy_checkpoint_files(source.directory, directory)
+        if source.gguf_file is not None:
+            write_gguf_files(checkpoint, directory)
+            weights = weights_record(checkpoint, ops)
+        else:
+            copy_checkpoint_files(source.directory, directory)
+            weights = {}
     inputs, outputs = ops.io_names()
     manifest = Manifest(
         source=source.name,
@@ -159,6 +202,7 @@ def write_artifact(
         graph_options=variant.recorded,
         session_config=ops.session_config,
         **family_fields(directory, thinking, architecture.sampling_advice),
+        weights=weights,
     )
     manifest.save(directory)
 
@@ -175,7 +219,10 @@ def write_graph(
     with WeightsFile(directory / WEIGHTS_FILE, on_write=written.advance) as weights:
         dtype = compute_dtype(variant.precision, variant.target)
         builder = GraphBuilder(checkpoint, weights, dtype, on_param=converted.advance)
-        ops = make_ops(builder, config, variant.precision, variant.target, variant.options)
+        if isinstance(checkpoint, GGUFCheckpoint) and variant.precision in QUANTIZED:
+            ops = CarriedOps(builder, config, QUANTIZED[variant.precision], variant.options)
+        else:
+            ops = make_ops(builder, config, variant.precision, variant.target, variant.options)
         Decoder(builder, ops, architecture, config).build()
     converted.done()  # a tied checkpoint leaves its lm_head unread
     written.done()
@@ -190,6 +237,14 @@ def hashed_files(directory: Path) -> dict[str, dict]:
     files = describe_files(directory)
     hashing.done()
     return files
+
+
+def write_gguf_files(checkpoint: GGUFCheckpoint, directory: Path) -> None:
+    """config.json from the GGUF metadata, the tokenizer files from its vocabulary."""
+    from export.gguf_tokenizer import write_tokenizer_files
+
+    (directory / "config.json").write_text(json.dumps(checkpoint.config, indent=2) + "\n")
+    write_tokenizer_files(checkpoint, directory)
 
 
 def copy_checkpoint_files(checkpoint: Path, directory: Path) -> None:

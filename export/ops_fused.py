@@ -50,6 +50,11 @@ def rope_cache(cfg, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     return (np.cos(freqs) * factor).astype(dtype), (np.sin(freqs) * factor).astype(dtype)
 
 
+def stacked_name(names: list[str]) -> str:
+    """q_proj+k_proj+v_proj: the checkpoint's first name, then the others' last parts."""
+    return "+".join([names[0]] + [n.rsplit(".", 1)[-1] for n in names[1:]])
+
+
 class FusedOps(PortableOps):
     io_mode = "shared"
     feeds = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
@@ -147,17 +152,20 @@ class FusedOps(PortableOps):
     def projections(self, x: str, names: list[str]) -> list[str]:
         """One matmul over the weights stacked along the output axis, then Split: a single
         kernel (one pass of the thread pool) instead of two or three per block."""
-        b = self.b
-        parts = [b.checkpoint.tensor(f"{n}.weight") for n in names]  # each (out_i, in)
-        sizes = [len(part) for part in parts]
-        # q_proj+k_proj+v_proj: the checkpoint's first name, then the others' last parts.
-        stacked = "+".join([names[0]] + [n.rsplit(".", 1)[-1] for n in names[1:]])
+        parts = [self.b.checkpoint.tensor(f"{n}.weight") for n in names]  # each (out_i, in)
+        stacked = stacked_name(names)
         weight = (
             parts[0]
             if len(parts) == 1
             else np.concatenate([convert(part, np.float32) for part in parts])
         )
         y = self.dense(x, f"{stacked}.weight", weight)
+        return self.bias_and_split(y, names, [len(part) for part in parts])
+
+    def bias_and_split(self, y: str, names: list[str], sizes: list[int]) -> list[str]:
+        """The stacked projection's output `y` (B, S, sum(sizes)) plus the biases the checkpoint
+        has (zeros for the others), split back into one output per name."""
+        b, stacked = self.b, stacked_name(names)
         if any(b.has_param(f"{n}.bias") for n in names):
             bias = np.concatenate(
                 [

@@ -1,14 +1,17 @@
-"""Where a model's checkpoint comes from: the built-in tiny-qwen3, a local checkpoint directory,
-or the Hugging Face Hub (downloaded into the standard HF cache)."""
+"""Where a model's checkpoint comes from: a built-in model (export/builtin.py), a local checkpoint
+directory or GGUF file, or the Hugging Face Hub (a repo snapshot, or one GGUF file of a repo,
+downloaded into the standard HF cache)."""
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
+    EntryNotFoundError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
@@ -21,7 +24,6 @@ from huggingface_hub.utils import (
     enable_progress_bars,
 )
 
-from export import tiny
 from fermi.errors import ModelNotFound
 from fermi.settings import Settings
 
@@ -31,22 +33,52 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt", "tokenizer*"]
 
 @dataclass(frozen=True)
 class Source:
-    name: str  # recorded in the manifest: hub id, absolute local path or "tiny-qwen3"
-    directory: Path  # the local checkpoint directory
+    name: str  # recorded in the manifest: hub id, absolute local path or a built-in name
+    directory: Path  # the local checkpoint directory (for a GGUF source, the file's directory)
     revision: str | None  # the resolved commit for hub models
+    gguf_file: Path | None = None  # a GGUF source: the file itself
 
     @property
     def model_name(self) -> str:
-        return self.name.rstrip("/").split("/")[-1]
+        name = self.name.rstrip("/").split("/")[-1]
+        return name.removesuffix(".gguf") if self.gguf_file and name.endswith(".gguf") else name
 
 
-def resolve(model: str, revision: str | None, settings: Settings) -> Source:
-    if model == tiny.NAME:
-        return Source(tiny.NAME, tiny.checkpoint_path(settings), tiny.REVISION)
+def resolve(
+    model: str, revision: str | None, settings: Settings, gguf_file: str | None = None
+) -> Source:
+    """MODEL (built-in name, checkpoint dir, .gguf file or hub id) as a local Source; a hub
+    repo's GGUF file is named by `gguf_file`. Raises ModelNotFound with one actionable line."""
+    from export.builtin import REGISTRY
+
+    if model in REGISTRY and gguf_file is None:
+        return REGISTRY[model].source(settings)
     path = Path(model).expanduser()
+    if path.is_dir() and gguf_file is not None:
+        return local_gguf(path / gguf_file)
     if path.is_dir():
         return Source(str(path.resolve()), path.resolve(), None)
+    if path.is_file() or path.suffix == ".gguf":
+        return local_gguf(path)
+    if gguf_file is not None:
+        return download_gguf(model, gguf_file, revision, settings.offline)
     return download(model, revision, settings.offline)
+
+
+def local_gguf(path: Path) -> Source:
+    if not path.is_file():
+        raise ModelNotFound(f"{path} does not exist")
+    path = path.resolve()
+    return Source(str(path), path.parent, None, gguf_file=path)
+
+
+def download_gguf(model: str, filename: str, revision: str | None, offline: bool) -> Source:
+    """One GGUF file of a hub repo (hf_hub_download), failures as in `download`."""
+    with hub_errors(model, revision, offline):
+        path = Path(hf_hub_download(model, filename, revision=revision, local_files_only=offline))
+    # hf_hub_download returns .../snapshots/<commit>/<filename>
+    commit = path.parents[len(Path(filename).parts) - 1].name
+    return Source(f"{model}/{filename}", path.parent, commit, gguf_file=path)
 
 
 def download(model: str, revision: str | None, offline: bool) -> Source:
@@ -63,12 +95,21 @@ def download(model: str, revision: str | None, offline: bool) -> Source:
 
 
 def _download(model: str, revision: str | None, offline: bool) -> Source:
-    try:
+    with hub_errors(model, revision, offline):
         directory = Path(
             snapshot_download(
                 model, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline
             )
         )
+    # The snapshot directory is named after the commit it holds.
+    return Source(model, directory, directory.name)
+
+
+@contextmanager
+def hub_errors(model: str, revision: str | None, offline: bool):
+    """huggingface_hub's exceptions as ModelNotFound lines."""
+    try:
+        yield
     except LocalEntryNotFoundError:
         if offline:
             raise ModelNotFound(
@@ -79,6 +120,10 @@ def _download(model: str, revision: str | None, offline: bool) -> Source:
         raise ModelNotFound(
             f"cannot download {model}: the Hugging Face Hub is unreachable and the model is not "
             "cached; check the network or pass a local checkpoint directory"
+        ) from None
+    except EntryNotFoundError:  # after its subclass LocalEntryNotFoundError
+        raise ModelNotFound(
+            f"{model} has no such file on the Hugging Face Hub (check --gguf-file)"
         ) from None
     except RevisionNotFoundError:
         raise ModelNotFound(
@@ -95,5 +140,3 @@ def _download(model: str, revision: str | None, offline: bool) -> Source:
         ) from None
     except HfHubHTTPError as e:
         raise ModelNotFound(f"cannot download {model}: {str(e).splitlines()[0]}") from None
-    # The snapshot directory is named after the commit it holds.
-    return Source(model, directory, directory.name)

@@ -52,6 +52,8 @@ class Manifest:
     sampling_advice: dict | None = None
     # Where default sampling values come from: "generation_config" | "family_advice" | "neutral"
     sampling_defaults: str | None = None
+    # GGUF sources: tensor -> {"gguf_type": "Q4_1", "stored": "carried"|"requantized"|"float"}
+    weights: dict = field(default_factory=dict)
     fermi_version: str = __version__
     format_version: int = FORMAT_VERSION
 

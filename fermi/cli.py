@@ -45,13 +45,24 @@ def _root(
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="HF hub id, local checkpoint dir, or tiny-qwen3")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="HF hub id, local checkpoint dir, .gguf file, or a built-in model "
+            "(smollm2-135m, tiny-qwen3)"
+        ),
+    ],
     precision: Annotated[
         str | None,
         typer.Option(
             help="fp32, fp16, int8 or int4",
-            show_default="fp32 on CPU, fp16 on CUDA/CoreML",
+            show_default="fp32 on CPU, fp16 on CUDA/CoreML; a quantized GGUF: int4/int8 with "
+            "its blocks carried over",
         ),
+    ] = None,
+    gguf_file: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="the GGUF file to export from a hub repo (or directory)"),
     ] = None,
     output: Annotated[Path | None, typer.Option(help="artifact dir")] = None,
     revision: Annotated[str | None, typer.Option(help="hub revision")] = None,
@@ -71,20 +82,19 @@ def export(
         ),
     ] = "int8",
 ) -> None:
-    """Export a checkpoint to an ONNX artifact with KV-cache inputs.
+    """Export a Qwen3/Qwen2/Llama checkpoint or GGUF file to an ONNX artifact with KV-cache
+    inputs.
 
     With no options: the artifact `fermi chat/serve --model MODEL` loads on this machine."""
     from export.exporter import export_model
     from export.variants import GraphOptions
-    from fermi.engine import PRECISION, pick_device
+    from fermi.engine import pick_device
     from fermi.settings import load_settings
 
     try:
         settings = load_settings()
         if target == "auto":
             target = pick_device(settings.device)
-        if precision is None:  # the precision of the device that will run it
-            precision = PRECISION.get(target) or PRECISION[pick_device(settings.device)]
         path = export_model(
             model,
             precision=precision,
@@ -94,6 +104,7 @@ def export(
             settings=settings,
             target=target,
             options=GraphOptions(block_size=block_size, head=head),
+            gguf_file=gguf_file,
         )
     except FermiError as e:
         raise fail(str(e)) from None
@@ -131,7 +142,7 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model", "-m", envvar="FERMI_MODEL", show_default="Qwen/Qwen3-1.7B", metavar="MODEL",
-        help="artifact dir, HF checkpoint dir, hub id or tiny-qwen3",
+        help="artifact dir, HF checkpoint dir, .gguf file, hub id, smollm2-135m or tiny-qwen3",
     ),
 ]  # fmt: skip
 DeviceOpt = Annotated[

@@ -1,6 +1,7 @@
 """Turn `--model` into an artifact directory: an artifact is used as is; anything else (a hub id,
-a local HF checkpoint, `tiny-qwen3`) is exported first at the device's precision as the graph
-variant of that device (export/variants.py), or reused from an earlier export."""
+a local HF checkpoint or GGUF file, a built-in model) is exported first at the default precision
+for it on this device, as the graph variant of that device (export/variants.py), or reused from
+an earlier export."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ def is_artifact(model: str) -> bool:
     return (Path(model) / MANIFEST).is_file()
 
 
-def resolve_artifact(model: str, precision: str, settings: Settings) -> Path:
+def resolve_artifact(model: str, precision: str | None, settings: Settings) -> Path:
+    """`precision` None: the export default for this model and device (the device's float
+    precision; int4/int8 carried over for a quantized GGUF)."""
     if is_artifact(model):
         return Path(model)
     # Export lives in its own package and needs no torch; import it only when needed.

@@ -33,7 +33,7 @@ from fermi.chat_template import (
 )
 from fermi.constraints import Constraint, GrammarCompiler, constraint_for
 from fermi.detokenizer import StreamingDetokenizer
-from fermi.engine import PRECISION, Engine, pick_device
+from fermi.engine import Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
 from fermi.fim import fim_tokens
 from fermi.generate import generate_tokens
@@ -147,7 +147,7 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         device = pick_device(settings.device)
-        artifact = resolve_artifact(settings.model, PRECISION[device], settings)
+        artifact = resolve_artifact(settings.model, None, settings)
         return cls(settings, artifact, device)
 
     # -- requests ------------------------------------------------------------------------------

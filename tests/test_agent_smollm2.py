@@ -4,9 +4,7 @@
 
 SmolLM2's chat template has no tool-call format and no reasoning tags: constrained JSON still
 answers the question, a forced tool call is a clear 400, and a literal <think> element that the
-model writes stays in the answer.
-
-Enabled by renaming to test_agent_smollm2.py once the fixture is in tests/conftest.py."""
+model writes stays in the answer."""
 
 from __future__ import annotations
 

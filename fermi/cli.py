@@ -132,6 +132,40 @@ def bench(
     typer.echo(str(run_dir))
 
 
+@app.command("eval")
+def eval_command(
+    artifact: Annotated[Path, typer.Argument(help="artifact dir to score")],
+    text: Annotated[Path, typer.Option(help="UTF-8 text file (e.g. a licence text)")],
+    reference: Annotated[
+        Path | None, typer.Option(help="fp32 artifact of the same model: adds KL-divergence")
+    ] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per chunk (llama-perplexity -c)")] = 512,
+    chunks: Annotated[int | None, typer.Option(min=1, help="score only the first N")] = None,
+    threads: Annotated[int, typer.Option(min=0, help="0 = onnxruntime's default")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Perplexity (and KL-divergence against a reference) with llama-perplexity's protocol:
+    chunks of --ctx tokens, the second half of each scored."""
+    import json
+
+    from fermi.eval import evaluate, format_rows
+
+    try:
+        result = evaluate(artifact, text, reference, n_ctx=ctx, max_chunks=chunks, threads=threads)
+    except FermiError as e:
+        raise fail(str(e)) from None
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for label, value in format_rows(result):
+        table.add_row(label, value)
+    Console().print(table)
+
+
 @app.command()
 def chat(
     model: ModelOpt = None,

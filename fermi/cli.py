@@ -50,6 +50,13 @@ def export(
             help="int4/int8: precision of lm_head and a tied embedding: int8, int4 or fp32"
         ),
     ] = "int8",
+    int4: Annotated[
+        str,
+        typer.Option(
+            help="int4 weights: mix (zero points, searched scales, sensitive matmuls at int8), "
+            "asym (no int8), plain (symmetric, llama.cpp's Q4_0 rule)"
+        ),
+    ] = "mix",
 ) -> None:
     """Export a Qwen3/Qwen2 checkpoint to an ONNX artifact with KV-cache inputs. The defaults
     make the artifact that `fermi chat/serve --model MODEL` would load on this machine."""
@@ -72,7 +79,7 @@ def export(
             force=force,
             settings=settings,
             target=target,
-            options=GraphOptions(block_size=block_size, head=head),
+            options=GraphOptions(block_size=block_size, head=head, int4=int4),
         )
     except FermiError as e:
         raise fail(str(e)) from None

@@ -130,12 +130,25 @@ def evaluate(
     Raises InvalidRequest for a missing or undecodable text file, an n_ctx that is odd, below 4
     or beyond the model's context, a text shorter than one chunk, or a reference whose
     vocabulary differs; ArtifactError when a directory is not a loadable artifact."""
+    return evaluate_many([artifact], text_file, reference, n_ctx, max_chunks, threads)[0]
+
+
+def evaluate_many(
+    artifacts: list[Path],
+    text_file: Path,
+    reference: Path | None = None,
+    n_ctx: int = N_CTX,
+    max_chunks: int | None = None,
+    threads: int = 0,
+) -> list[EvalResult]:
+    """`evaluate` for several artifacts of one model, the reference run once per chunk. The
+    text is tokenized with the first artifact's tokenizer."""
     from tokenizers import Tokenizer
 
     text = _read_text(text_file)
-    scorer = _Scorer(Path(artifact), threads)
-    _check_ctx(n_ctx, scorer.engine.manifest.context_length)
-    tokenizer = Tokenizer.from_file(str(Path(artifact) / "tokenizer.json"))
+    scorers = [_Scorer(Path(a), threads) for a in artifacts]
+    _check_ctx(n_ctx, min(s.engine.manifest.context_length for s in scorers))
+    tokenizer = Tokenizer.from_file(str(Path(artifacts[0]) / "tokenizer.json"))
     tokens, bos = text_tokens(tokenizer, text)
     chunks = chunk_tokens(tokens, n_ctx, bos)[:max_chunks]
     if not chunks:
@@ -143,33 +156,70 @@ def evaluate(
             f"{text_file} has {len(tokens)} tokens, fewer than one chunk of {n_ctx}", param="text"
         )
     ref = _Scorer(Path(reference), threads) if reference is not None else None
-    if ref is not None and ref.engine.manifest.vocab_size != scorer.engine.manifest.vocab_size:
-        raise InvalidRequest(
-            f"{reference} has a vocabulary of {ref.engine.manifest.vocab_size}, not "
-            f"{scorer.engine.manifest.vocab_size}: it is not the same model",
-            param="reference",
-        )
-    nll, nll_ref, kl, same_top, dp = [], [], [], [], []
+    vocab = scorers[0].engine.manifest.vocab_size
+    for other in scorers[1:] + ([ref] if ref else []):
+        if other.engine.manifest.vocab_size != vocab:
+            raise InvalidRequest(
+                f"{other.engine.artifact} has a vocabulary of "
+                f"{other.engine.manifest.vocab_size}, not {vocab}: it is not the same model",
+                param="reference",
+            )
+    scores = [_Scores() for _ in scorers]
     for chunk in chunks:
-        logprobs = scorer.logprobs(chunk)
-        nll.append(chunk_nll(logprobs, chunk))
-        if ref is not None:
-            ref_logprobs = ref.logprobs(chunk)
-            nll_ref.append(chunk_nll(ref_logprobs, chunk))
-            kl.append(kl_divergence(ref_logprobs, logprobs))
-            same_top.append(ref_logprobs.argmax(-1) == logprobs.argmax(-1))
-            dp.append(np.exp(-nll[-1]) - np.exp(-nll_ref[-1]))
-    result = EvalResult(
-        artifact=str(artifact),
-        text=str(text_file),
-        tokens=len(tokens),
-        n_ctx=n_ctx,
-        chunks=len(chunks),
-        **_perplexity(np.concatenate(nll)),
-    )
-    if ref is not None:
-        _add_reference(result, str(reference), nll, nll_ref, kl, same_top, dp)
-    return result
+        ref_logprobs = ref.logprobs(chunk) if ref is not None else None
+        for scorer, score in zip(scorers, scores, strict=True):
+            score.add(scorer.logprobs(chunk), chunk, ref_logprobs)
+    return [
+        score.result(
+            EvalResult(
+                artifact=str(a),
+                text=str(text_file),
+                tokens=len(tokens),
+                n_ctx=n_ctx,
+                chunks=len(chunks),
+                scored=0,
+                ppl=0.0,
+                ppl_error=0.0,
+            ),
+            reference,
+        )
+        for a, score in zip(artifacts, scores, strict=True)
+    ]
+
+
+class _Scores:
+    """Per-token values of one artifact, gathered chunk by chunk."""
+
+    def __init__(self):
+        self.nll, self.nll_ref, self.kl, self.same_top, self.dp = [], [], [], [], []
+
+    def add(self, logprobs: np.ndarray, chunk: list[int], ref_logprobs: np.ndarray | None):
+        self.nll.append(chunk_nll(logprobs, chunk))
+        if ref_logprobs is not None:
+            self.nll_ref.append(chunk_nll(ref_logprobs, chunk))
+            self.kl.append(kl_divergence(ref_logprobs, logprobs))
+            self.same_top.append(ref_logprobs.argmax(-1) == logprobs.argmax(-1))
+            self.dp.append(np.exp(-self.nll[-1]) - np.exp(-self.nll_ref[-1]))
+
+    def result(self, result: EvalResult, reference: Path | None) -> EvalResult:
+        nll = np.concatenate(self.nll)
+        result.scored = len(nll)
+        result.ppl = float(np.exp(nll.mean()))
+        result.ppl_error = result.ppl * float(nll.std() / np.sqrt(max(1, len(nll) - 1)))
+        if reference is None:
+            return result
+        nll_ref, kl, dp = (np.concatenate(x) for x in (self.nll_ref, self.kl, self.dp))
+        result.reference = str(reference)
+        result.ppl_ref = float(np.exp(nll_ref.mean()))
+        result.ppl_ratio = float(np.exp((nll - nll_ref).mean()))
+        result.kl_mean = float(kl.mean())
+        result.kl_error = float(kl.std() / np.sqrt(max(1, len(kl) - 1)))
+        result.kl_median = float(np.median(kl))
+        result.kl_p99 = float(np.quantile(kl, 0.99))
+        result.kl_max = float(kl.max())
+        result.top1 = float(np.concatenate(self.same_top).mean())
+        result.rms_dp = float(np.sqrt((dp**2).mean()))
+        return result
 
 
 def _read_text(path: Path) -> str:
@@ -188,27 +238,6 @@ def _check_ctx(n_ctx: int, context_length: int) -> None:
         raise InvalidRequest(
             f"n_ctx {n_ctx} exceeds the model's context length {context_length}", param="ctx"
         )
-
-
-def _perplexity(nll: np.ndarray) -> dict:
-    ppl = float(np.exp(nll.mean()))
-    error = float(nll.std() / np.sqrt(max(1, len(nll) - 1)))
-    return {"scored": len(nll), "ppl": ppl, "ppl_error": ppl * error}
-
-
-def _add_reference(result: EvalResult, reference: str, nll, nll_ref, kl, same_top, dp) -> None:
-    nll, nll_ref = np.concatenate(nll), np.concatenate(nll_ref)
-    kl, dp = np.concatenate(kl), np.concatenate(dp)
-    result.reference = reference
-    result.ppl_ref = float(np.exp(nll_ref.mean()))
-    result.ppl_ratio = float(np.exp((nll - nll_ref).mean()))
-    result.kl_mean = float(kl.mean())
-    result.kl_error = float(kl.std() / np.sqrt(max(1, len(kl) - 1)))
-    result.kl_median = float(np.median(kl))
-    result.kl_p99 = float(np.quantile(kl, 0.99))
-    result.kl_max = float(kl.max())
-    result.top1 = float(np.concatenate(same_top).mean())
-    result.rms_dp = float(np.sqrt((dp**2).mean()))
 
 
 def format_rows(result: EvalResult) -> list[tuple[str, str]]:

@@ -253,7 +253,8 @@ def weight_bytes(artifact: Path) -> int:
     kinds = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.UINT8}
     total = 0
     for tensor in graph.initializer:
-        if tensor.data_type not in kinds or "cos_cache" in tensor.name or "sin_cache" in tensor.name:
+        rope = "cos_cache" in tensor.name or "sin_cache" in tensor.name
+        if rope or tensor.data_type not in kinds:
             continue
         external = {e.key: e.value for e in tensor.external_data}
         total += int(external["length"]) if "length" in external else len(tensor.raw_data)

@@ -44,6 +44,7 @@ import numpy as np
 from export.ops_fused import MS, FusedOps
 
 ROWS_PER_CHUNK = 8192  # bounds export memory for the 151936-row embedding
+SEARCH_ELEMENTS = 1 << 16  # blocks searched at once: temporaries stay in the CPU cache
 INT8_BLOCK = 128  # the widest block for int8 weights, see int8_block
 HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")  # the latter when tied
 # make_qkx2_quants's search as Q4_K calls it: trial inverse scales (nmax + rmin + rdelta * i) /
@@ -105,7 +106,10 @@ def quantize_asymmetric(
     for start in range(0, n, ROWS_PER_CHUNK):
         rows = slice(start, min(n, start + ROWS_PER_CHUNK))
         x = _blocks(w[rows], block_size, blocks)
-        scale, zero, codes = _fit_asymmetric(x.reshape(-1, block_size), search)
+        flat = x.reshape(-1, block_size)
+        step = max(1, SEARCH_ELEMENTS // block_size)
+        fits = [_fit_asymmetric(flat[i : i + step], search) for i in range(0, len(flat), step)]
+        scale, zero, codes = (np.concatenate(part) for part in zip(*fits, strict=True))
         codes = codes.reshape(x.shape)
         packed[rows] = codes[..., 0::2] | (codes[..., 1::2] << 4)
         scales[rows] = scale.reshape(x.shape[:2])
@@ -130,58 +134,55 @@ def pack_nibbles(values: np.ndarray) -> np.ndarray:
 
 
 def _fit_asymmetric(x: np.ndarray, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Blocks (R, B) -> scale (R,), zero point (R,) and codes (R, B), all 0..15 integers but
-    the scale; the weighted-error search of the module doc (make_qkx2_quants)."""
-    nmax = 15.0
-    lo, hi = np.minimum(x.min(-1), 0.0), x.max(-1)
-    span = np.where(hi > lo, hi - lo, 1.0)
+    """Blocks (R, B) float32 -> scale (R,), zero point (R,) and codes (R, B), the last two
+    integers 0..15; the weighted-error search of the module doc (make_qkx2_quants). Each trial's
+    error comes in closed form from sums the refit already needs."""
+    nmax = np.float32(15)
+    lo, hi = np.minimum(x.min(-1), 0), x.max(-1)
+    span = np.where(hi > lo, hi - lo, np.float32(1))
     weight = np.sqrt((x * x).mean(-1, keepdims=True)) + np.abs(x)  # (R, B)
-    trials = [0.0] if not search else SEARCH_RMIN + SEARCH_RDELTA * np.arange(SEARCH_STEPS + 1)
-    best = None
+    wx = weight * x
+    sw, sx, sxx = weight.sum(-1), wx.sum(-1), (wx * x).sum(-1)
+    trials = SEARCH_RMIN + SEARCH_RDELTA * np.arange(SEARCH_STEPS + 1) if search else [0.0]
+    best_error = np.full(len(x), np.inf, np.float32)
+    best_scale, best_zero = span / nmax, np.zeros(len(x), np.float32)
     for trial in trials:
-        iscale = (nmax + trial) / span
+        iscale = np.float32(nmax + trial) / span
         levels = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-        scale, low = (1 / iscale, lo) if not search else _least_squares(x, weight, levels)
+        scale, low = (1 / iscale, lo) if not search else _least_squares(levels, weight, wx, sw, sx)
         zero = np.clip(np.rint(-low / scale), 0, nmax)
-        codes = np.clip(np.rint(x / scale[:, None] + zero[:, None]), 0, nmax)
-        offset = codes - zero[:, None]
+        offset = np.clip(np.rint(x / scale[:, None] + zero[:, None]), 0, nmax) - zero[:, None]
+        wo = weight * offset
+        den, num = (wo * offset).sum(-1), (wo * x).sum(-1)
         if search:  # refit the scale for the integer offsets
-            den = (weight * offset * offset).sum(-1)
-            refit = (weight * x * offset).sum(-1) / np.where(den > 0, den, 1.0)
+            refit = num / np.where(den > 0, den, 1)
             scale = np.where((den > 0) & (refit > 0), refit, scale)
-        error = (weight * (scale[:, None] * offset - x) ** 2).sum(-1)
-        if best is None:
-            best = [error, scale, zero, codes]
-            continue
-        better = error < best[0]
-        for i, value in enumerate((error, scale, zero, codes)):
-            best[i] = np.where(better if value.ndim == 1 else better[:, None], value, best[i])
-    _, scale, zero, codes = best
+        error = scale * scale * den - 2 * scale * num + sxx  # sum c (s * offset - x)^2
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
     flat = hi <= lo  # every weight equals min(0, min w): q = 0, z = 15 gives exactly that
-    scale = np.where(flat, np.where(lo < 0, -lo / nmax, 1.0), scale).astype(np.float32)
-    zero = np.where(flat, np.where(lo < 0, nmax, 0.0), zero)
-    codes = np.where(flat[:, None], 0.0, codes)
+    scale = np.where(flat, np.where(lo < 0, -lo / nmax, 1), best_scale).astype(np.float32)
+    zero = np.where(flat, np.where(lo < 0, nmax, 0), best_zero)
+    codes = np.clip(np.rint(x / scale[:, None] + zero[:, None]), 0, nmax)
+    codes = np.where(flat[:, None], 0, codes)
     return scale, zero.astype(np.uint8), codes.astype(np.uint8)
 
 
-def _least_squares(x, weight, levels) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least-squares x ~ scale * levels + low with low <= 0, per block (R,);
-    where the system is singular or the scale not positive, the trial's own min-max fit."""
-    sw, sx = weight.sum(-1), (weight * x).sum(-1)
-    sl, sl2 = (weight * levels).sum(-1), (weight * levels * levels).sum(-1)
-    sxl = (weight * levels * x).sum(-1)
+def _least_squares(levels, weight, wx, sw, sx) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least squares x ~ scale * levels + low with low <= 0, per block (R,); where
+    the system is singular or the scale not positive, NaN (the trial then never wins)."""
+    wl = weight * levels
+    sl, sl2, sxl = wl.sum(-1), (wl * levels).sum(-1), (wx * levels).sum(-1)
     det = sw * sl2 - sl * sl
-    ok = det > 0
-    det = np.where(ok, det, 1.0)
-    scale = (sw * sxl - sx * sl) / det
-    low = (sl2 * sx - sl * sxl) / det
+    scale = (sw * sxl - sx * sl) / np.where(det > 0, det, 1)
+    low = (sl2 * sx - sl * sxl) / np.where(det > 0, det, 1)
     positive_low = low > 0
-    scale = np.where(positive_low, sxl / np.where(sl2 > 0, sl2, 1.0), scale)
-    low = np.where(positive_low, 0.0, low)
-    ok &= scale > 0
-    fallback = (x.max(-1) - np.minimum(x.min(-1), 0.0)) / 15.0
-    fallback = np.where(fallback > 0, fallback, 1.0)
-    return np.where(ok, scale, fallback), np.where(ok, low, np.minimum(x.min(-1), 0.0))
+    scale = np.where(positive_low, sxl / np.where(sl2 > 0, sl2, 1), scale)
+    low = np.where(positive_low, 0, low)
+    ok = (det > 0) & (scale > 0)
+    return np.where(ok, scale, np.nan), np.where(ok, low, 0)
 
 
 def dequantize_asymmetric(

@@ -120,7 +120,9 @@ def llama_gguf(bin_dir: Path, checkpoint: Path, out: Path, types: list[str]) -> 
     for kind in types:
         files[kind] = out / f"model-{kind}.gguf"
         if not files[kind].is_file():
-            run([str(bin_dir / "llama-quantize"), str(files["F32"]), str(files[kind]), kind])
+            done = run([str(bin_dir / "llama-quantize"), str(files["F32"]), str(files[kind]), kind],
+                       capture_output=True, text=True)  # fmt: skip
+            (out / f"quantize-{kind}.log").write_text(done.stdout + done.stderr)
     return files
 
 
@@ -133,8 +135,9 @@ PATTERNS = {
     "kl_median": r"Median\s+KLD:\s*([-\d.]+)",
     "kl_max": r"Maximum KLD:\s*([-\d.]+)",
     "top1": r"Same top p:\s*([\d.]+)",
-    "bpw": r"file size\s*=\s*[\d.]+ [MG]iB \(([\d.]+) BPW\)",
 }
+# llama-quantize's summary: the output's bytes * 8 over the model's elements
+QUANT_BPW = r"quant size\s*=\s*[\d.]+ [MG]iB \(([\d.]+) BPW\)"
 
 
 def llama_perplexity(bin_dir: Path, files: dict, text: Path, out: Path, threads: int) -> dict:
@@ -144,7 +147,8 @@ def llama_perplexity(bin_dir: Path, files: dict, text: Path, out: Path, threads:
     perplexity = str(bin_dir / "llama-perplexity")
     log = run([perplexity, "-m", str(files["F32"]), "--kl-divergence-base", str(base), *common],
               capture_output=True, text=True).stderr  # fmt: skip
-    results = {"F32": {"bpw": _float(PATTERNS["bpw"], log)}}
+    (out / "F32.log").write_text(log)
+    results = {"F32": {"bpw": 32.0}}
     for kind, path in files.items():
         if kind == "F32":
             continue
@@ -153,6 +157,8 @@ def llama_perplexity(bin_dir: Path, files: dict, text: Path, out: Path, threads:
         (out / f"{kind}.log").write_text(log)
         results[kind] = {key: _float(pattern, log) for key, pattern in PATTERNS.items()}
         results[kind]["top1"] /= 100
+        quantize_log = (files[kind].parent / f"quantize-{kind}.log").read_text()
+        results[kind]["bpw"] = _float(QUANT_BPW, quantize_log)
     return results
 
 

@@ -11,7 +11,6 @@ from export import bench_quality
 
 LOG = """
 llama_model_loader: - type q4_0:  211 tensors
-print_info: file size   = 85.77 MiB (5.35 BPW)
 ====== Perplexity statistics ======
 Mean PPL(Q)                   :  22.905419 ±   1.083101
 Mean PPL(base)                :  18.142273 ±   0.846802
@@ -42,8 +41,9 @@ def test_reads_llama_perplexity_statistics():
         "kl_median": 0.185541,
         "kl_max": 4.613553,
         "top1": 68.571,
-        "bpw": 5.35,
     }
+    summary = "llama_model_quantize_impl: quant size  =    85.77 MiB (5.35 BPW)"
+    assert bench_quality._float(bench_quality.QUANT_BPW, summary) == 5.35
     with pytest.raises(RuntimeError, match="printed no"):
         bench_quality._float(bench_quality.PATTERNS["kl_mean"], "nothing")
 

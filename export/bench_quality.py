@@ -51,7 +51,7 @@ VARIANTS = {
     "int8": ("int8", {}),
     "int4-plain": ("int4", {"int4": "plain"}),
     "int4-asym": ("int4", {"int4": "asym"}),
-    "int4 (default: mix)": ("int4", {"int4": "mix"}),
+    "int4-mix": ("int4", {"int4": "mix"}),  # the int4 default
 }
 
 
@@ -230,7 +230,7 @@ def fermi_artifacts(checkpoint: Path, out: Path, names: list[str]) -> dict[str, 
         artifacts[name] = export_model(
             str(checkpoint),
             precision=precision,
-            output=out / re.sub(r"[^\w.-]+", "-", name).strip("-"),
+            output=out / name,
             target="cpu",
             options=replace(GraphOptions(), **fields),
         )

@@ -210,21 +210,17 @@ def int8_block(k: int, block_size: int) -> int:
 
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
-MATMULS = {  # the graph's matmul per layer (q/k/v and gate/up stacked) -> its short name
-    "q_proj+k_proj+v_proj": "qkv",
-    "o_proj": "o",
-    "gate_proj+up_proj": "gate_up",
-    "down_proj": "down",
-}
 
 
-def matmul_kind(weight: str) -> tuple[int, str] | None:
-    """'model.layers.3.mlp.down_proj.weight' -> (3, 'down'); None outside the layers."""
-    match = LAYER.search(weight)
+def projection_of(name: str) -> tuple[int, str] | None:
+    """'model.layers.3.mlp.down_proj(.weight)' -> (3, 'down_proj'); a stacked weight
+    ('...self_attn.q_proj+k_proj.weight') answers for its first projection; None outside the
+    layers (lm_head, the embedding)."""
+    match = LAYER.search(name)
     if not match:
         return None
-    leaf = weight.rsplit(".", 2)[-2]
-    return int(match.group(1)), MATMULS.get(leaf, leaf)
+    leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return int(match.group(1)), leaf.split("+")[0]
 
 
 def use_more_bits(layer: int, num_layers: int) -> bool:
@@ -234,14 +230,17 @@ def use_more_bits(layer: int, num_layers: int) -> bool:
     return layer < eighth or layer >= 7 * num_layers // 8 or (layer - eighth) % 3 == 2
 
 
-def int8_in_mix(weight: str, num_layers: int) -> bool:
-    """Whether the `mix` scheme keeps this weight at 8 bits: MIX_RULE's matmuls in the layers
-    `use_more_bits` picks."""
-    kind = matmul_kind(weight)
-    return kind is not None and kind[1] in MIX_INT8 and use_more_bits(kind[0], num_layers)
+# The `mix` scheme's int8 projections and in which layers: "all", or "more" (use_more_bits).
+MIX_INT8 = {"v_proj": "all", "down_proj": "more"}
 
 
-MIX_INT8 = ("down",)
+def int8_in_mix(name: str, num_layers: int) -> bool:
+    """Whether the `mix` scheme keeps this projection (or stacked weight) at 8 bits (MIX_INT8)."""
+    projection = projection_of(name)
+    if projection is None or projection[1] not in MIX_INT8:
+        return False
+    layers = MIX_INT8[projection[1]]
+    return layers == "all" or use_more_bits(projection[0], num_layers)
 
 
 class QuantizedOps(FusedOps):
@@ -254,11 +253,26 @@ class QuantizedOps(FusedOps):
         self.head_block = self.block_of(HEAD_WEIGHTS[0], self.head_bits or bits, cfg.hidden_size)
 
     def bits_of(self, weight: str) -> int:
-        """A layer weight's bits: the graph's, but 8 for the int4 `mix` scheme's chosen
-        matmuls (int8_in_mix)."""
+        """A layer weight's (or projection's) bits: the graph's, but 8 for the int4 `mix`
+        scheme's chosen projections (int8_in_mix)."""
         if self.bits == 4 and self.options.int4 == "mix":
             return 8 if int8_in_mix(weight, self.cfg.num_layers) else 4
         return self.bits
+
+    def projections(self, x: str, names: list[str]) -> list[str]:
+        """Stacks only projections of equal bits: the mix may keep v_proj at 8 bits beside
+        int4 q_proj and k_proj (then q+k are one matmul and v another)."""
+        groups: list[tuple[int, list[str]]] = []
+        for name in names:
+            bits = self.bits_of(name)
+            if groups and groups[-1][0] == bits:
+                groups[-1][1].append(name)
+            else:
+                groups.append((bits, [name]))
+        outputs = []
+        for _, group in groups:  # one group: exactly FusedOps's stacked matmul
+            outputs += super().projections(x, group)
+        return outputs
 
     def block_of(self, weight: str, bits: int, k: int) -> int:
         """The graph's block, but the widest that divides K (int8_block) for an int8 head and

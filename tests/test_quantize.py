@@ -124,24 +124,60 @@ def test_use_more_bits_is_llama_cpps_rule():
     assert picked == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
 
 
-def test_mix_rule_names_the_graphs_matmuls():
-    assert quantize.matmul_kind("model.layers.3.mlp.down_proj.weight") == (3, "down")
-    assert quantize.matmul_kind("model.layers.12.self_attn.q_proj+k_proj+v_proj.weight") == (
-        12,
-        "qkv",
-    )
-    assert quantize.matmul_kind("model.layers.0.mlp.gate_proj+up_proj.weight") == (0, "gate_up")
-    assert quantize.matmul_kind("lm_head.weight") is None
-    for kind in ("qkv", "o", "gate_up", "down"):
-        name = {
-            "qkv": "self_attn.q_proj+k_proj+v_proj",
-            "o": "self_attn.o_proj",
-            "gate_up": "mlp.gate_proj+up_proj",
-            "down": "mlp.down_proj",
-        }[kind]
+def test_projection_names():
+    assert quantize.projection_of("model.layers.3.mlp.down_proj.weight") == (3, "down_proj")
+    assert quantize.projection_of("model.layers.3.mlp.down_proj") == (3, "down_proj")
+    stacked = "model.layers.12.self_attn.q_proj+k_proj.weight"
+    assert quantize.projection_of(stacked) == (12, "q_proj")
+    assert quantize.projection_of("lm_head.weight") is None
+    assert quantize.projection_of("model.embed_tokens.weight") is None
+
+
+def test_mix_rules():
+    more = [i for i in range(30) if quantize.use_more_bits(i, 30)]
+    for projection in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        part = "mlp" if projection in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         chosen = [
-            i for i in range(30) if quantize.int8_in_mix(f"model.layers.{i}.{name}.weight", 30)
+            i
+            for i in range(30)
+            if quantize.int8_in_mix(f"model.layers.{i}.{part}.{projection}.weight", 30)
         ]
-        expected = [i for i in range(30) if quantize.use_more_bits(i, 30)]
-        assert chosen == (expected if kind in quantize.MIX_INT8 else [])
+        expected = {"all": list(range(30)), "more": more}.get(quantize.MIX_INT8.get(projection), [])
+        assert chosen == expected, projection
     assert not quantize.int8_in_mix("lm_head.weight", 30)
+    assert not quantize.int8_in_mix("model.embed_tokens.weight", 30)
+
+
+@pytest.mark.parametrize("scheme", ["mix", "asym", "plain"])
+def test_exported_graph_follows_the_scheme(scheme, tmp_path):
+    """Every layer matmul of an int4 export: int8 exactly where the mix rule says (mix only),
+    zero points on the int4 ones unless plain; the head stays int8 and symmetric."""
+    import onnx
+    from test_export_parity import CASES, make_checkpoint
+
+    from export.exporter import export_model
+    from export.variants import GraphOptions
+    from fermi.artifact import MODEL_FILE, load_manifest
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", *CASES["qwen3-tied"])
+    artifact = export_model(
+        str(checkpoint), "int4", tmp_path / scheme, target="cpu",
+        options=GraphOptions(int4=scheme),
+    )  # fmt: skip
+    layers = load_manifest(artifact).num_layers
+    assert load_manifest(artifact).graph_options["int4"] == scheme
+    graph = onnx.load(str(artifact / MODEL_FILE), load_external_data=False).graph
+    seen = set()
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        bits = next(a.i for a in node.attribute if a.name == "bits")
+        weight = node.name.removesuffix("/MatMulNBits")
+        if quantize.projection_of(weight) is None:  # the head
+            assert bits == 8 and len(node.input) == 3
+            continue
+        int8 = scheme == "mix" and quantize.int8_in_mix(weight, layers)
+        assert bits == (8 if int8 else 4), weight
+        assert (len(node.input) == 4) == (bits == 4 and scheme != "plain"), weight
+        seen.add(quantize.projection_of(weight)[1])
+    assert seen >= {"q_proj", "o_proj", "gate_proj", "down_proj"}

@@ -142,7 +142,11 @@ def test_mix_rules():
             for i in range(30)
             if quantize.int8_in_mix(f"model.layers.{i}.{part}.{projection}.weight", 30)
         ]
-        expected = {"all": list(range(30)), "more": more}.get(quantize.MIX_INT8.get(projection), [])
+        expected = {
+            "all": list(range(30)),
+            "more": more,
+            "more_past_first_eighth": [i for i in more if i >= 3],
+        }.get(quantize.MIX_INT8.get(projection), [])
         assert chosen == expected, projection
     assert not quantize.int8_in_mix("lm_head.weight", 30)
     assert not quantize.int8_in_mix("model.embed_tokens.weight", 30)

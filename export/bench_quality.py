@@ -145,21 +145,26 @@ def llama_perplexity(bin_dir: Path, files: dict, text: Path, out: Path, threads:
     base = out / "F32.kld"
     common = ["-f", str(text), "-c", "512", "-b", "512", "-t", str(threads)]
     perplexity = str(bin_dir / "llama-perplexity")
-    log = run([perplexity, "-m", str(files["F32"]), "--kl-divergence-base", str(base), *common],
-              capture_output=True, text=True).stderr  # fmt: skip
+    log = _output(run([perplexity, "-m", str(files["F32"]), "--kl-divergence-base", str(base),
+                       *common], capture_output=True, text=True))  # fmt: skip
     (out / "F32.log").write_text(log)
     results = {"F32": {"bpw": 32.0}}
     for kind, path in files.items():
         if kind == "F32":
             continue
-        log = run([perplexity, "-m", str(path), "--kl-divergence-base", str(base),
-                   "--kl-divergence", *common], capture_output=True, text=True).stderr  # fmt: skip
+        log = _output(run([perplexity, "-m", str(path), "--kl-divergence-base", str(base),
+                           "--kl-divergence", *common], capture_output=True, text=True))  # fmt: skip
         (out / f"{kind}.log").write_text(log)
         results[kind] = {key: _float(pattern, log) for key, pattern in PATTERNS.items()}
         results[kind]["top1"] /= 100
         quantize_log = (files[kind].parent / f"quantize-{kind}.log").read_text()
         results[kind]["bpw"] = _float(QUANT_BPW, quantize_log)
     return results
+
+
+def _output(done: subprocess.CompletedProcess) -> str:
+    """llama-perplexity prints its statistics on stdout and its progress on stderr."""
+    return done.stdout + done.stderr
 
 
 def _float(pattern: str, log: str) -> float:
@@ -209,7 +214,7 @@ def checkpoint_from_gguf(source: Path, output: Path) -> Path:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     tensors = load_gguf_checkpoint(str(source), return_tensors=True, model_to_load=model)["tensors"]
     model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
     model.save_pretrained(output)
@@ -340,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         row["bpw"] = 8 * weight_bytes(artifacts[name]) / params
         row["decode"] = decode.get(name)
         rows.append(row)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     types = [t for t in args.llama_types.split(",") if t]
     if types:
         bin_dir = build_llama_cpp(cache_root())

@@ -152,8 +152,9 @@ def llama_perplexity(bin_dir: Path, files: dict, text: Path, out: Path, threads:
     for kind, path in files.items():
         if kind == "F32":
             continue
-        log = _output(run([perplexity, "-m", str(path), "--kl-divergence-base", str(base),
-                           "--kl-divergence", *common], capture_output=True, text=True))  # fmt: skip
+        command = [perplexity, "-m", str(path), "--kl-divergence-base", str(base),
+                   "--kl-divergence", *common]  # fmt: skip
+        log = _output(run(command, capture_output=True, text=True))
         (out / f"{kind}.log").write_text(log)
         results[kind] = {key: _float(pattern, log) for key, pattern in PATTERNS.items()}
         results[kind]["top1"] /= 100

@@ -179,8 +179,9 @@ def llama_decode(bin_dir: Path, path: Path, threads: int) -> float:
     """llama-bench's token-generation rate (32 tokens, 3 repetitions), tokens/s; OpenMP threads
     sleep when idle, as fermi's do (spinning threads on a shared machine measure the load)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # as bench_variants runs llama.cpp
-    done = run([str(bin_dir / "llama-bench"), "-m", str(path), "-p", "0", "-n", "32", "-r", "3",
-                "-t", str(threads), "-o", "json"], capture_output=True, text=True, env=env)  # fmt: skip
+    command = [str(bin_dir / "llama-bench"), "-m", str(path), "-p", "0", "-n", "32", "-r", "3",
+               "-t", str(threads), "-o", "json"]  # fmt: skip
+    done = run(command, capture_output=True, text=True, env=env)
     return float(json.loads(done.stdout)[0]["avg_ts"])
 
 

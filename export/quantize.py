@@ -302,8 +302,12 @@ class QuantizedOps(FusedOps):
         about 2 ns a weight at session creation; the thread pool shares that work."""
         return {"session.prepack.enable_parallel": "1"}
 
-    def asymmetric(self, bits: int) -> bool:
-        return bits == 4 and self.options.int4 in ("mix", "asym")
+    def asymmetric(self, weight: str, bits: int) -> bool:
+        """Zero points for the layers' int4 weights under `mix` and `asym`. An int4 head stays
+        symmetric: a tied table is also read by GatherBlockQuantized, which this graph feeds
+        no zero points."""
+        layer = weight not in HEAD_WEIGHTS
+        return bits == 4 and layer and self.options.int4 in ("mix", "asym")
 
     def quantized(self, weight: str, bits: int, w: np.ndarray | None = None) -> tuple:
         """Quantize a weight (N, K) once (from the checkpoint unless given); returns the
@@ -312,7 +316,7 @@ class QuantizedOps(FusedOps):
             w = self.b.checkpoint.tensor(weight) if w is None else w
             block = self.block_of(weight, bits, w.shape[1])
             zeros = None
-            if self.asymmetric(bits):
+            if self.asymmetric(weight, bits):
                 packed, scales, zero_points = quantize_asymmetric(w, block)
                 zeros = self.b.external(f"{weight}.zero_points", zero_points)
             else:

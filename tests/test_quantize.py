@@ -152,10 +152,12 @@ def test_mix_rules():
     assert not quantize.int8_in_mix("model.embed_tokens.weight", 30)
 
 
+@pytest.mark.parametrize("head", ["int8", "int4"])
 @pytest.mark.parametrize("scheme", ["mix", "asym", "plain"])
-def test_exported_graph_follows_the_scheme(scheme, tmp_path):
+def test_exported_graph_follows_the_scheme(scheme, head, tmp_path):
     """Every layer matmul of an int4 export: int8 exactly where the mix rule says (mix only),
-    zero points on the int4 ones unless plain; the head stays int8 and symmetric."""
+    zero points on the int4 ones unless plain; the head (int8 or int4) stays symmetric, since
+    the tied embedding reads the same codes without zero points, and agrees with fp32."""
     import onnx
     from test_export_parity import CASES, make_checkpoint
 
@@ -166,7 +168,7 @@ def test_exported_graph_follows_the_scheme(scheme, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", *CASES["qwen3-tied"])
     artifact = export_model(
         str(checkpoint), "int4", tmp_path / scheme, target="cpu",
-        options=GraphOptions(int4=scheme),
+        options=GraphOptions(int4=scheme, head=head),
     )  # fmt: skip
     layers = load_manifest(artifact).num_layers
     assert load_manifest(artifact).graph_options["int4"] == scheme
@@ -178,10 +180,13 @@ def test_exported_graph_follows_the_scheme(scheme, tmp_path):
         bits = next(a.i for a in node.attribute if a.name == "bits")
         weight = node.name.removesuffix("/MatMulNBits")
         if quantize.projection_of(weight) is None:  # the head
-            assert bits == 8 and len(node.input) == 3
+            assert bits == {"int8": 8, "int4": 4}[head] and len(node.input) == 3
             continue
         int8 = scheme == "mix" and quantize.int8_in_mix(weight, layers)
         assert bits == (8 if int8 else 4), weight
         assert (len(node.input) == 4) == (bits == 4 and scheme != "plain"), weight
         seen.add(quantize.projection_of(weight)[1])
     assert seen >= {"q_proj", "o_proj", "gate_proj", "down_proj"}
+    from test_fast_graphs import assert_agrees_with_fp32
+
+    assert_agrees_with_fp32(checkpoint, artifact, "int4", tmp_path)

@@ -143,3 +143,17 @@ def test_cli_errors_are_one_line_exit_2(tiny_artifact, tmp_path, case, message):
     assert code == 2
     lines = out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_eval_imports_neither_torch_nor_transformers(tiny_artifact):
+    """numpy and onnxruntime only, as on the serving path."""
+    import subprocess
+
+    check = (
+        "import sys; from fermi.eval import evaluate; "
+        f"evaluate({str(tiny_artifact)!r}, {str(GPL3)!r}, {str(tiny_artifact)!r}, n_ctx=64, "
+        "max_chunks=1); "
+        "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -250,13 +250,24 @@ def int8_in_mix(name: str, num_layers: int) -> bool:
 
 
 class QuantizedOps(FusedOps):
+    """MatMulNBits weights. Subclasses (a GGUF import carrying its own blocks) may override
+    head_block_size, block_of, quantized and matmul_nbits; `_quantized` maps a weight to
+    (codes, scales, bits, (N, K)) initializer names, with int4 zero points in `_zeros` and the
+    block of each stored weight in `_blocks`."""
+
     def __init__(self, b, cfg, bits: int, options):
         super().__init__(b, cfg)
         self.bits = bits
         self.options = options
         self.head_bits = {"fp32": None, "int8": 8, "int4": 4}[options.head]
-        self._quantized: dict[str, tuple] = {}  # weight -> (codes, scales, zeros, bits, (N, K))
-        self.head_block = self.block_of(HEAD_WEIGHTS[0], self.head_bits or bits, cfg.hidden_size)
+        self._quantized: dict[str, tuple] = {}  # weight -> (codes, scales, bits, (N, K))
+        self._zeros: dict[str, str] = {}  # weight -> its zero-point initializer (asymmetric)
+        self._blocks: dict[str, int] = {}  # weight -> the block it is stored with
+        self.head_block = self.head_block_size()
+
+    def head_block_size(self) -> int:
+        """The head's block (and a tied embedding's): block_for at the head's bits and K."""
+        return self.block_for(HEAD_WEIGHTS[0], self.head_bits or self.bits, self.cfg.hidden_size)
 
     def bits_of(self, weight: str) -> int:
         """A layer weight's (or projection's) bits: the graph's, but 8 for the int4 `mix`
@@ -280,13 +291,20 @@ class QuantizedOps(FusedOps):
             outputs += super().projections(x, group)
         return outputs
 
-    def block_of(self, weight: str, bits: int, k: int) -> int:
-        """The graph's block for int4 tensors. int8 tensors of an int4 graph (the mix's
-        projections, the head) take the widest block that divides K (int8_block): there bits
-        are the budget. An int8 graph's head takes blocks of INT8_BLOCK where they divide K, and
-        its layers the graph's block: on SmolLM2 (K 576) an int8 head in blocks of 64 instead
-        of 32 raised the int8 graph's KL from 0.0043 to 0.0057 (docs/benchmarks.md). The tied
-        embedding reads the head's blocks."""
+    def block_of(self, weight: str) -> int:
+        """The block a weight is stored with (the head's for the head, else the graph's until
+        it is quantized)."""
+        if weight in self._blocks:
+            return self._blocks[weight]
+        return self.head_block if weight in HEAD_WEIGHTS else self.options.block_size
+
+    def block_for(self, weight: str, bits: int, k: int) -> int:
+        """The block to quantize a weight with K inputs in: the graph's for int4 tensors. int8
+        tensors of an int4 graph (the mix's projections, the head) take the widest block that
+        divides K (int8_block): there bits are the budget. An int8 graph's head takes blocks of
+        INT8_BLOCK where they divide K, and its layers the graph's block: on SmolLM2 (K 576) an
+        int8 head in blocks of 64 instead of 32 raised the int8 graph's KL from 0.0043 to
+        0.0057 (docs/benchmarks.md). The tied embedding reads the head's blocks."""
         block = self.options.block_size
         if bits != 8:
             return block
@@ -311,34 +329,36 @@ class QuantizedOps(FusedOps):
 
     def quantized(self, weight: str, bits: int, w: np.ndarray | None = None) -> tuple:
         """Quantize a weight (N, K) once (from the checkpoint unless given); returns the
-        initializer names (codes, scales, zero points or None), the block and (N, K)."""
+        initializer names of its codes and scales, and (N, K)."""
         if weight not in self._quantized:
             w = self.b.checkpoint.tensor(weight) if w is None else w
-            block = self.block_of(weight, bits, w.shape[1])
-            zeros = None
+            k = w.shape[1]
+            block = self.head_block if weight in HEAD_WEIGHTS else self.block_for(weight, bits, k)
             if self.asymmetric(weight, bits):
                 packed, scales, zero_points = quantize_asymmetric(w, block)
-                zeros = self.b.external(f"{weight}.zero_points", zero_points)
+                self._zeros[weight] = self.b.external(f"{weight}.zero_points", zero_points)
             else:
                 packed, scales = quantize_blockwise(w, bits, block)
             codes = self.b.external(f"{weight}.q{bits}", packed)
             scale = self.b.external(f"{weight}.scales", scales.astype(self.b.dtype))
-            self._quantized[weight] = (codes, scale, zeros, bits, block, w.shape)
-        codes, scale, zeros, stored_bits, block, shape = self._quantized[weight]
+            self._quantized[weight] = (codes, scale, bits, w.shape)
+            self._blocks[weight] = block
+        codes, scale, stored_bits, shape = self._quantized[weight]
         assert stored_bits == bits, f"{weight} is already stored with {stored_bits} bits"
-        return codes, scale, zeros, block, shape
+        return codes, scale, shape
 
     def matmul_nbits(self, x: str, weight: str, bits: int, w: np.ndarray | None = None) -> str:
-        codes, scales, zeros, block, (n, k) = self.quantized(weight, bits, w)
+        codes, scales, (n, k) = self.quantized(weight, bits, w)
+        zeros = [self._zeros[weight]] if weight in self._zeros else []
         return self.b.node(
             "MatMulNBits",
-            [x, codes, scales] + ([zeros] if zeros else []),
+            [x, codes, scales, *zeros],
             f"{weight}/MatMulNBits",
             domain=MS,
             K=k,
             N=n,
             bits=bits,
-            block_size=block,
+            block_size=self.block_of(weight),
             accuracy_level=self.options.accuracy_level,
         )
 
@@ -363,7 +383,7 @@ class QuantizedOps(FusedOps):
         tied = cfg.tie_word_embeddings or not b.has_param("lm_head.weight")
         if not tied or self.head_bits is None or cfg.hidden_size % self.head_block:
             return super().embedding(ids, table, name)
-        codes, scales, _, _, _ = self.quantized(table, self.head_bits)
+        codes, scales, _ = self.quantized(table, self.head_bits)
         scales = b.node(
             "Reshape", [scales, b.const([cfg.vocab_size, -1, 1])], f"{name}/Reshape_scales"
         )  # (V, blocks, 1)

@@ -25,6 +25,7 @@ FLOATS = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 QUANTIZED = {"int8": 8, "int4": 4}
 PRECISIONS = (*FLOATS, *QUANTIZED)
 HEADS = ("fp32", "int8", "int4")  # the precision of lm_head (and of a tied embedding table)
+INT4_SCHEMES = ("mix", "asym", "plain")  # how int4 weights are chosen (export/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class GraphOptions:
     accuracy_level: int = 4
     # lm_head (and a tied embedding table) in a quantized graph; see docs/benchmarks.md for why
     head: str = "int8"
+    # int4 weights: mix (zero points, error-minimising scales, the most sensitive matmuls at
+    # int8), asym (the same without int8), plain (symmetric, llama.cpp's Q4_0 rule); see
+    # export/quantize.py and docs/benchmarks.md ("int4 quality")
+    int4: str = "mix"
     window: int = 4096  # coreml: KV window, which is also that artifact's context length
 
 
@@ -83,6 +88,11 @@ def check(precision: str, target: str, options: GraphOptions) -> None:
             raise InvalidRequest("accuracy level must be 0 to 4", param="accuracy_level")
         if options.head not in HEADS:
             raise InvalidRequest(f"head must be one of {', '.join(HEADS)}", param="head")
+        if options.int4 not in INT4_SCHEMES:
+            raise InvalidRequest(
+                f"int4 scheme must be one of {', '.join(INT4_SCHEMES)}, not {options.int4!r}",
+                param="int4",
+            )
     if target == "coreml" and options.window < 1:
         raise InvalidRequest("the KV window must hold at least one token", param="window")
 
@@ -110,6 +120,8 @@ def recorded_options(precision: str, target: str, options: GraphOptions) -> dict
     if precision in QUANTIZED:
         quantized = asdict(options)
         quantized.pop("window")
+        if precision != "int4":
+            quantized.pop("int4")
         return quantized
     if target == "coreml":
         return {"window": options.window}

@@ -81,6 +81,13 @@ def export(
             help="int4/int8: precision of lm_head and a tied embedding: int8, int4 or fp32"
         ),
     ] = "int8",
+    int4: Annotated[
+        str,
+        typer.Option(
+            help="int4 weights: mix (zero points, searched scales, sensitive matmuls at int8), "
+            "asym (no int8), plain (symmetric, llama.cpp's Q4_0 rule)"
+        ),
+    ] = "mix",
 ) -> None:
     """Export a Qwen3/Qwen2/Llama checkpoint or GGUF file to an ONNX artifact with KV-cache
     inputs.
@@ -103,7 +110,7 @@ def export(
             force=force,
             settings=settings,
             target=target,
-            options=GraphOptions(block_size=block_size, head=head),
+            options=GraphOptions(block_size=block_size, head=head, int4=int4),
             gguf_file=gguf_file,
         )
     except FermiError as e:
@@ -332,6 +339,40 @@ def bench(
     except (FermiError, ValueError) as e:
         raise fail(str(e)) from None
     typer.echo(str(run_dir))
+
+
+@app.command("eval")
+def eval_command(
+    artifact: Annotated[Path, typer.Argument(help="artifact dir to score")],
+    text: Annotated[Path, typer.Option(help="UTF-8 text file (e.g. a licence text)")],
+    reference: Annotated[
+        Path | None, typer.Option(help="fp32 artifact of the same model: adds KL-divergence")
+    ] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per chunk (llama-perplexity -c)")] = 512,
+    chunks: Annotated[int | None, typer.Option(min=1, help="score only the first N")] = None,
+    threads: Annotated[int, typer.Option(min=0, help="0 = onnxruntime's default")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Perplexity (and KL-divergence against a reference) with llama-perplexity's protocol:
+    chunks of --ctx tokens, the second half of each scored."""
+    import json
+
+    from fermi.eval import evaluate, format_rows
+
+    try:
+        result = evaluate(artifact, text, reference, n_ctx=ctx, max_chunks=chunks, threads=threads)
+    except FermiError as e:
+        raise fail(str(e)) from None
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for label, value in format_rows(result):
+        table.add_row(label, value)
+    Console().print(table)
 
 
 @app.command()

@@ -137,10 +137,24 @@ def verify(
 
 
 def main() -> None:
+    """Run the CLI; a usage error (unknown flag, bad value) is one line on stderr, exit 2."""
+    # typer vendors click; its exceptions are reachable only from here.
+    from typer._click import exceptions as click
+
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # the help is already printed
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "fermi"
+        typer.echo(f"error: {e.format_message()} (try '{command} --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (click.Abort, typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 # Options that feed a setting: each reads its FERMI_* variable too (flag > env > fermi.toml).
@@ -165,7 +179,8 @@ HostOpt = Annotated[
     str | None, typer.Option(help="bind address (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
 ]
 PortOpt = Annotated[
-    int | None, typer.Option(help="port (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
+    int | None,
+    typer.Option(min=0, max=65535, help="port (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)"),
 ]
 ChatTemplateOpt = Annotated[
     Path | None,
@@ -398,6 +413,7 @@ def chat(
     from fermi.chat_template import parse_thinking
     from fermi.requests import SamplingParams
     from fermi.runtime import Runtime
+    from fermi.sampling import validate_sampling
     from fermi.settings import check_settings, load_settings
 
     try:
@@ -422,6 +438,7 @@ def chat(
             thinking=parse_thinking(thinking) if thinking is not None else None,
             system=system,
         )
+        validate_sampling(options.sampling)  # before the model loads, not after
         typer.echo(f"loading {settings.model} ...", err=True)
         runtime = Runtime.load(settings)
         typer.echo(
@@ -436,8 +453,8 @@ def chat(
 
 def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not port.isdigit():
-        raise InvalidRequest(f"address {addr!r} is not HOST:PORT")
+    if not port.isdigit() or int(port) > 65535:
+        raise InvalidRequest(f"address {addr!r} is not HOST:PORT (a port from 0 to 65535)")
     return host or "127.0.0.1", int(port)
 
 

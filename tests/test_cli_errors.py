@@ -1,0 +1,69 @@
+"""Bad command lines as a user meets them: every mistake is one line on stderr naming what is
+wrong, exit 2, no traceback and no Rich box; nothing waits for a model to load first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_cli_flags import ENV, terminal
+
+
+def fermi(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fermi.cli", *args], capture_output=True,
+                          text=True, env=ENV | (env or {}), timeout=timeout)  # fmt: skip
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["serve", "grpc", "--port", "99999"], ["--port", "65535"]),
+        (["serve", "openai", "--port", "99999"], ["--port", "65535"]),
+        (["serve", "openai", "--port", "-1"], ["--port"]),
+        (["chat", "--bogus"], ["--bogus", "--help"]),
+        (["chat", "--temperature", "abc"], ["--temperature"]),
+        (["chat", "--max-new-tokens", "0"], ["--max-new-tokens"]),
+        (["chat", "--threads", "-1"], ["--threads"]),
+        (["chat", "--chat-template", "/nonexistent/t.jinja"], ["/nonexistent/t.jinja"]),
+        (["chat", "--device", "tpu"], ["--device", "tpu"]),
+        (["chat", "--model", "tiny-qwen3", "--top-p", "5"], ["top_p"]),
+        (["chat", "--model", "tiny-qwen3", "--temperature", "-1"], ["temperature"]),
+        (["chat", "--model", "tiny-qwen3", "--repeat-penalty", "0"], ["repetition_penalty"]),
+    ],
+)
+def test_usage_errors_are_one_line(args, needles):
+    done = fermi(*args)
+    assert_one_line_error(done, *needles)
+    assert "loading" not in done.stderr  # sampling flags are checked before the model loads
+
+
+@pytest.mark.parametrize("kind, variable", [("grpc", "FERMI_GRPC_ADDR"),
+                                            ("openai", "FERMI_OPENAI_ADDR")])  # fmt: skip
+def test_out_of_range_port_in_the_environment(kind, variable):
+    assert_one_line_error(fermi("serve", kind, env={variable: "127.0.0.1:99999"}), "65535")
+
+
+def test_usage_error_on_a_terminal_is_one_line():
+    screen, status = terminal("chat", "--bogus")
+    assert status == 2
+    lines = screen.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No such option: --bogus"), screen
+    assert "╭" not in screen and "Traceback" not in screen
+
+
+def test_help_is_unchanged_and_exits_0():
+    done = fermi("chat", "--help")
+    assert done.returncode == 0 and "--max-new-tokens" in done.stdout
+    bare = fermi()
+    assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr

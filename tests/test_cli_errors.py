@@ -67,3 +67,44 @@ def test_help_is_unchanged_and_exits_0():
     assert done.returncode == 0 and "--max-new-tokens" in done.stdout
     bare = fermi()
     assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr
+
+
+@pytest.fixture(scope="module")
+def a_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("paths") / "afile"
+    path.write_text("not a directory")
+    return path
+
+
+def test_export_under_a_file(a_file):
+    assert_one_line_error(
+        fermi("export", "tiny-qwen3", "--output", str(a_file / "sub")), str(a_file / "sub")
+    )
+
+
+def test_export_under_a_missing_root():
+    assert_one_line_error(
+        fermi("export", "tiny-qwen3", "--output", "/proc/nope/x"), "cannot create /proc/nope/x"
+    )
+
+
+def test_artifacts_setting_is_a_file(a_file):
+    env = {"FERMI_ARTIFACTS": str(a_file)}
+    assert_one_line_error(fermi("export", "tiny-qwen3", env=env), str(a_file))
+    done = fermi("chat", "--model", "tiny-qwen3", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: cannot create {a_file}")
+
+
+def test_export_of_a_truncated_checkpoint(tmp_path):
+    built = fermi("export", "tiny-qwen3", env={"FERMI_ARTIFACTS": str(tmp_path / "a")})
+    assert built.returncode == 0, built.stderr
+    checkpoint = tmp_path / "a" / ".checkpoints" / "tiny-qwen3"
+    copy = tmp_path / "truncated"
+    copy.mkdir()
+    for file in checkpoint.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    with (copy / "model.safetensors").open("r+b") as f:
+        f.truncate(100_000)
+    done = fermi("export", str(copy), "--output", str(tmp_path / "out"))
+    assert_one_line_error(done, str(copy / "model.safetensors"), "truncated")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.test_cli_flags import ENV, terminal
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fermi(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -108,3 +111,21 @@ def test_export_of_a_truncated_checkpoint(tmp_path):
         f.truncate(100_000)
     done = fermi("export", str(copy), "--output", str(tmp_path / "out"))
     assert_one_line_error(done, str(copy / "model.safetensors"), "truncated")
+
+
+@pytest.mark.parametrize("model", ["artifacts/typo-dir", "./typo-dir", "../typo-dir/x"])
+@pytest.mark.parametrize("command", ["chat", "export"])
+def test_a_missing_path_is_not_a_hub_id(tmp_path, model, command):
+    """MODEL that is plainly a path (a local first directory, or ./ ../) and does not exist is
+    said to be missing, not looked up on the hub; `org/name` stays a hub id."""
+    (tmp_path / "artifacts").mkdir()
+    args = [command, "--model", model] if command == "chat" else [command, model]
+    done = subprocess.run([sys.executable, "-m", "fermi.cli", *args], capture_output=True,
+                          text=True, env=ENV | {"PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: no such file or directory: {model}"
+    hub = subprocess.run([sys.executable, "-m", "fermi.cli", "export", "nobody/typo-dir"],
+                         capture_output=True, text=True, env=ENV | {"PYTHONPATH": str(ROOT)},
+                         cwd=tmp_path, timeout=120)  # fmt: skip
+    assert hub.returncode == 2 and "Hugging Face" in hub.stderr

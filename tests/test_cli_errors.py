@@ -129,3 +129,16 @@ def test_a_missing_path_is_not_a_hub_id(tmp_path, model, command):
                          capture_output=True, text=True, env=ENV | {"PYTHONPATH": str(ROOT)},
                          cwd=tmp_path, timeout=120)  # fmt: skip
     assert hub.returncode == 2 and "Hugging Face" in hub.stderr
+
+
+def test_portable_export_defaults_to_the_machines_precision(tmp_path):
+    """`--target portable` on a CPU machine is fp32, as README's table says; FERMI_DEVICE=cuda
+    (exporting for a GPU elsewhere) makes it fp16."""
+    import json
+
+    for device, precision in (("cpu", "fp32"), ("cuda", "fp16")):
+        out = tmp_path / device
+        done = fermi("export", "tiny-qwen3", "--target", "portable", "--output", str(out),
+                     env={"FERMI_DEVICE": device, "FERMI_ARTIFACTS": str(tmp_path / "a")})  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads((out / "fermi.json").read_text())["precision"] == precision

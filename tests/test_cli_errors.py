@@ -138,7 +138,7 @@ def test_portable_export_defaults_to_the_machines_precision(tmp_path):
 
     for device, precision in (("cpu", "fp32"), ("cuda", "fp16")):
         out = tmp_path / device
-        done = fermi("export", "tiny-qwen3", "--target", "portable", "--output", str(out),
-                     env={"FERMI_DEVICE": device, "FERMI_ARTIFACTS": str(tmp_path / "a")})  # fmt: skip
+        env = {"FERMI_DEVICE": device, "FERMI_ARTIFACTS": str(tmp_path / "a")}
+        done = fermi("export", "tiny-qwen3", "--target", "portable", "--output", str(out), env=env)
         assert done.returncode == 0, done.stderr
         assert json.loads((out / "fermi.json").read_text())["precision"] == precision

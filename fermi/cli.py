@@ -115,7 +115,18 @@ def export(
         )
     except FermiError as e:
         raise fail(str(e)) from None
+    _say_where_the_gguf_is(model)
     typer.echo(str(path))
+
+
+def _say_where_the_gguf_is(model: str) -> None:
+    """On a terminal, a built-in model fetched from the package index names the GGUF file kept
+    in the Hugging Face cache (stderr; stdout stays the artifact path alone, for scripts)."""
+    from export.builtin import REGISTRY
+
+    cached_file = getattr(REGISTRY.get(model), "cached_file", None)
+    if cached_file is not None and sys.stderr.isatty() and (gguf := cached_file()):
+        typer.echo(f"source GGUF kept in the Hugging Face cache: {gguf}", err=True)
 
 
 @app.command()

@@ -189,9 +189,18 @@ DeviceOpt = Annotated[
 HostOpt = Annotated[
     str | None, typer.Option(help="bind address (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
 ]
+
+
+def _check_port(port: int | None) -> int | None:
+    """A TCP port, 0 (any free one) to 65535; checked by hand so that --help stays narrow."""
+    if port is not None and not 0 <= port <= 65535:
+        raise typer.BadParameter(f"{port} is not a port (0 to 65535)")
+    return port
+
+
 PortOpt = Annotated[
     int | None,
-    typer.Option(min=0, max=65535, help="port (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)"),
+    typer.Option(callback=_check_port, help="port (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)"),
 ]
 ChatTemplateOpt = Annotated[
     Path | None,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import ml_dtypes  # noqa: F401  registers bfloat16, which safetensors' numpy reader returns
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from fermi.errors import ModelNotFound
 
@@ -28,11 +28,22 @@ def read_json(path: Path) -> dict:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors header (tensor name -> dtype, shape, data_offsets) and where data starts."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
+    """The safetensors header (tensor name -> dtype, shape, data_offsets) and where data starts.
+    Raises ModelNotFound when the file is not safetensors or is shorter than its header says
+    (a truncated download or copy)."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        end = 8 + length + max((t["data_offsets"][1] for t in header.values()), default=0)
+        size = path.stat().st_size
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as e:
+        raise ModelNotFound(f"{path} is not a readable safetensors file: {e}") from None
+    if size < end:
+        raise ModelNotFound(
+            f"{path} is truncated: {size} bytes, its header says {end} (download it again)"
+        )
     return header, 8 + length
 
 
@@ -68,11 +79,14 @@ class Checkpoint:
 
     def tensor(self, name: str) -> np.ndarray:
         """One tensor in the checkpoint's dtype (bf16 as ml_dtypes.bfloat16), read by
-        safetensors' own numpy reader."""
+        safetensors' own numpy reader. Raises ModelNotFound when the file cannot be read."""
         path = self._shard_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="np")
-        return self._handles[path].get_tensor(name)
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="np")
+            return self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelNotFound(f"cannot read {name} from {path}: {e}") from None
 
     def close(self) -> None:
         self._handles.clear()

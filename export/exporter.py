@@ -85,7 +85,7 @@ def export_model(
         check(precision, target, options or GraphOptions())
     source = resolve(model, revision, settings, gguf_file)
     if precision is None:
-        precision = default_precision(source, target)
+        precision = default_precision(source, target, settings.device)
     variant = Variant(precision, target, options or GraphOptions())
     check(variant.precision, variant.target, variant.options)
     if output is None:
@@ -125,10 +125,11 @@ def check_replaceable(output: Path) -> None:
         raise ArtifactError(f"{output} exists and is not a fermi artifact; choose another output")
 
 
-def default_precision(source: Source, target: str) -> str:
-    """The target device's float precision (fp32 on CPU, fp16 elsewhere); for a quantized GGUF
-    on the cpu/cuda targets, int4/int8 with its blocks carried over (export/gguf_carry.py)."""
-    from fermi.engine import PRECISION
+def default_precision(source: Source, target: str, device: str = "auto") -> str:
+    """The target device's float precision (fp32 on CPU, fp16 on CUDA and CoreML; for the
+    portable target, that of `device`, this machine's as FERMI_DEVICE picks it); for a quantized
+    GGUF on the cpu/cuda targets, int4/int8 with its blocks carried over (export/gguf_carry.py)."""
+    from fermi.engine import PRECISION, pick_device
 
     if source.gguf_file is not None and target in ("cpu", "cuda"):
         from export.gguf_carry import default_precision as gguf_precision
@@ -137,7 +138,9 @@ def default_precision(source: Source, target: str) -> str:
             quantized = gguf_precision(checkpoint)
         if quantized:
             return quantized
-    return PRECISION.get(target, "fp16")
+    if target not in PRECISION:  # portable: the device it will run on
+        target = device if device in PRECISION else pick_device(device)
+    return PRECISION[target]
 
 
 def open_checkpoint(source: Source) -> Checkpoint | GGUFCheckpoint:

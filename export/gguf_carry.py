@@ -23,6 +23,11 @@ Q5_K, Q6_K, floats) are dequantized and quantized again like a safetensors weigh
 
 Stacked projections (q/k/v, gate/up) are carried when all their parts have the same type: rows
 are independent, so stacking the blocks row-wise is the same matrix.
+
+A block type is carried only where it is what was asked for: its bits are the precision's (Q4_0
+and Q4_1 for int4, Q8_0 for int8) and the block size is 32. Otherwise (`--precision int8` of a
+Q4_1 file, `--block-size 64`) the tensor is dequantized and quantized again at the requested
+precision and block size, and the manifest says "requantized".
 """
 
 from __future__ import annotations
@@ -101,10 +106,14 @@ class CarriedOps(QuantizedOps):
 
     # -- what carries ----------------------------------------------------------------------------
 
-    def carry_type(self, parts: list[str], bits: int | None) -> str | None:
+    def carry_type(self, parts: list[str], bits: int) -> str | None:
+        """The GGUF type of `parts` when their blocks carry as they are at `bits` (4 or 8) and
+        the requested block size; None when they must be quantized again."""
         kinds = {self.b.checkpoint.ggml_type(p) for p in parts}
         kind = kinds.pop() if len(kinds) == 1 else None
-        if kind not in CARRY_BITS or (bits is not None and CARRY_BITS[kind] != bits):
+        if kind not in CARRY_BITS or CARRY_BITS[kind] != bits:
+            return None
+        if self.options.block_size != GGUF_BLOCK:
             return None
         return kind
 
@@ -182,7 +191,7 @@ class CarriedOps(QuantizedOps):
         parts = [f"{n}.weight" for n in names]
         if names == ["lm_head"]:  # at the head's own precision: see dense
             return super().projections(x, names)
-        kind = self.carry_type(parts, None)
+        kind = self.carry_type(parts, self.bits)
         if kind is None:
             self.note(parts, "requantized")
             return super().projections(x, names)

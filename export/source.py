@@ -4,6 +4,7 @@ downloaded into the standard HF cache)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,9 +61,20 @@ def resolve(
         return Source(str(path.resolve()), path.resolve(), None)
     if path.is_file() or path.suffix == ".gguf":
         return local_gguf(path)
+    if looks_like_path(model):
+        raise ModelNotFound(f"no such file or directory: {model}")
     if gguf_file is not None:
         return download_gguf(model, gguf_file, revision, settings.offline)
     return download(model, revision, settings.offline)
+
+
+def looks_like_path(model: str) -> bool:
+    """MODEL is meant as a local path, not a hub id (`org/name`): it starts with ./ ../ / or ~,
+    or its first component is a directory here (`artifacts/typo`)."""
+    if model.startswith(("./", "../", "/", "~", f".{os.sep}", f"..{os.sep}", os.sep)):
+        return True
+    parts = Path(model).parts
+    return len(parts) > 1 and Path(parts[0]).is_dir()
 
 
 def local_gguf(path: Path) -> Source:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fermi.errors import ArtifactError
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; stale directories are found by their pid alone
@@ -82,21 +84,33 @@ def remove_stale(parent: Path) -> list[Path]:
     return removed
 
 
+def _cannot_create(output: Path, error: OSError) -> ArtifactError:
+    culprit = f" ({error.filename})" if error.filename not in (None, str(output)) else ""
+    return ArtifactError(f"cannot create {output}: {error.strerror or error}{culprit}")
+
+
 @contextmanager
 def staged_directory(output: Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of `output`; on success it replaces `output`, on any
     failure (Ctrl-C included) it is removed and `output` is left as it was. Staged directories
-    of interrupted exports beside `output` are removed first."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(output.parent)
-    lock_path = _lock_path(output.parent, output.name, os.getpid())
-    lock = _try_lock(lock_path)
+    of interrupted exports beside `output` are removed first. Raises ArtifactError when the
+    directory cannot be made (a parent is a file, no permission, a read-only file system)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(output.parent)
+        lock_path = _lock_path(output.parent, output.name, os.getpid())
+        lock = _try_lock(lock_path)
+    except OSError as e:
+        raise _cannot_create(output, e) from None
     if lock is None:  # another thread of this process is exporting the same output
         raise RuntimeError(f"{output} is already being exported by this process")
     directory = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir()
+        try:
+            directory.mkdir()
+        except OSError as e:
+            raise _cannot_create(output, e) from None
         try:
             yield directory
             old = output.with_name(f".{output.name}.old-{os.getpid()}")

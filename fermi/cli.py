@@ -115,7 +115,18 @@ def export(
         )
     except FermiError as e:
         raise fail(str(e)) from None
+    _say_where_the_gguf_is(model)
     typer.echo(str(path))
+
+
+def _say_where_the_gguf_is(model: str) -> None:
+    """On a terminal, a built-in model fetched from the package index names the GGUF file kept
+    in the Hugging Face cache (stderr; stdout stays the artifact path alone, for scripts)."""
+    from export.builtin import REGISTRY
+
+    cached_file = getattr(REGISTRY.get(model), "cached_file", None)
+    if cached_file is not None and sys.stderr.isatty() and (gguf := cached_file()):
+        typer.echo(f"source GGUF kept in the Hugging Face cache: {gguf}", err=True)
 
 
 @app.command()
@@ -137,10 +148,24 @@ def verify(
 
 
 def main() -> None:
+    """Run the CLI; a usage error (unknown flag, bad value) is one line on stderr, exit 2."""
+    # typer vendors click; its exceptions are reachable only from here.
+    from typer._click import exceptions as click
+
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # the help is already printed
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "fermi"
+        typer.echo(f"error: {e.format_message()} (try '{command} --help')", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 # Options that feed a setting: each reads its FERMI_* variable too (flag > env > fermi.toml).
@@ -164,8 +189,18 @@ DeviceOpt = Annotated[
 HostOpt = Annotated[
     str | None, typer.Option(help="bind address (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
 ]
+
+
+def _check_port(port: int | None) -> int | None:
+    """A TCP port, 0 (any free one) to 65535; checked by hand so that --help stays narrow."""
+    if port is not None and not 0 <= port <= 65535:
+        raise typer.BadParameter(f"{port} is not a port (0 to 65535)")
+    return port
+
+
 PortOpt = Annotated[
-    int | None, typer.Option(help="port (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
+    int | None,
+    typer.Option(callback=_check_port, help="port (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)"),
 ]
 ChatTemplateOpt = Annotated[
     Path | None,
@@ -398,6 +433,7 @@ def chat(
     from fermi.chat_template import parse_thinking
     from fermi.requests import SamplingParams
     from fermi.runtime import Runtime
+    from fermi.sampling import validate_sampling
     from fermi.settings import check_settings, load_settings
 
     try:
@@ -422,6 +458,7 @@ def chat(
             thinking=parse_thinking(thinking) if thinking is not None else None,
             system=system,
         )
+        validate_sampling(options.sampling)  # before the model loads, not after
         typer.echo(f"loading {settings.model} ...", err=True)
         runtime = Runtime.load(settings)
         typer.echo(
@@ -436,8 +473,8 @@ def chat(
 
 def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not port.isdigit():
-        raise InvalidRequest(f"address {addr!r} is not HOST:PORT")
+    if not port.isdigit() or int(port) > 65535:
+        raise InvalidRequest(f"address {addr!r} is not HOST:PORT (a port from 0 to 65535)")
     return host or "127.0.0.1", int(port)
 
 

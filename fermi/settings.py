@@ -154,7 +154,10 @@ def check_settings(settings: Settings) -> Settings:
     if s.default_thinking not in (None, "on", "off", "auto"):
         raise InvalidRequest("FERMI_DEFAULT_THINKING must be on, off or auto")
     if s.device not in ("auto", "cpu", "cuda", "coreml"):
-        raise InvalidRequest("FERMI_DEVICE must be auto, cpu, cuda or coreml", param="device")
+        raise InvalidRequest(
+            f"--device/FERMI_DEVICE must be auto, cpu, cuda or coreml, got {s.device!r}",
+            param="device",
+        )
     if s.log_format not in ("plain", "json"):
         raise InvalidRequest("log format (FERMI_LOG_FORMAT) must be plain or json")
     for name in ("ctx_size", "threads", "max_queue"):

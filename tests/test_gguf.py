@@ -561,3 +561,44 @@ def test_a_tied_table_is_carried_into_the_head_and_the_embedding(tmp_path, table
     weights = json.loads((carried / "fermi.json").read_text())["weights"]
     assert weights["model.embed_tokens.weight"] == {"gguf_type": table, "stored": "carried"}
     assert weights["model.layers.1.mlp.down_proj.weight"]["stored"] == "carried"
+
+
+def matmul_nbits(artifact: Path) -> dict[str, dict]:
+    """Node name -> attributes of every MatMulNBits node of an artifact's graph."""
+    import onnx
+
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    return {
+        node.name: {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for node in graph.node
+        if node.op_type == "MatMulNBits"
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "bits", "block"),
+    [(["--precision", "int8"], 8, 32), (["--precision", "int4", "--block-size", "64"], 4, 64)],
+)
+def test_blocks_carry_only_at_the_precision_and_block_size_asked(tmp_path, args, bits, block):
+    """`fermi export FILE.Q4_1.gguf --precision int8` is an int8 graph (Q4_1 blocks are 4-bit, so
+    they are quantized again), and --block-size 64 gives 64-wide blocks, not the file's 32; the
+    manifest says "requantized" and records the block size the graph has."""
+    path = tmp_path / "m.Q4_1.gguf"
+    write_gguf(path, "llama", Q.Q4_1, tied=False)
+    out = tmp_path / "art"
+    done = run_export(str(path), "--output", str(out), "--target", "cpu", *args)
+    assert done.returncode == 0, done.stderr
+    layers = {name: n for name, n in matmul_nbits(out).items() if "layers." in name}
+    # (int4's mix keeps a few sensitive matmuls at int8, with their own block)
+    assert layers and all(n["block_size"] == block for n in layers.values() if n["bits"] == bits)
+    assert all(n["block_size"] != 32 for n in layers.values()) or block == 32
+    q_proj = next(n for name, n in layers.items() if "q_proj" in name or "qkv" in name)
+    assert q_proj["bits"] == bits
+    if bits == 8:
+        assert {n["bits"] for n in layers.values()} == {8}
+    manifest = json.loads((out / "fermi.json").read_text())
+    assert manifest["graph_options"]["block_size"] == block
+    stored = {name: w["stored"] for name, w in manifest["weights"].items()}
+    assert stored["model.layers.0.self_attn.q_proj.weight"] == "requantized"
+    assert stored["model.layers.1.mlp.down_proj.weight"] == "requantized"
+    assert "carried" not in stored.values()

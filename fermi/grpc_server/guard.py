@@ -7,6 +7,7 @@ Also: the server credentials for optional TLS (FERMI_GRPC_TLS_CERT / FERMI_GRPC_
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -94,7 +95,8 @@ def _same_kind(handler: grpc.RpcMethodHandler, behaviour, request_deserializer):
 
 def server_credentials(cert: str | None, key: str | None) -> grpc.ServerCredentials | None:
     """TLS credentials from PEM files, or None for a plaintext port. Raises InvalidRequest when
-    only one of the two is given or a file cannot be read."""
+    only one of the two is given, a file cannot be read, or the key does not match the
+    certificate (checked here with `ssl`, as gRPC would only fail to bind later)."""
     if not cert and not key:
         return None
     if not (cert and key):
@@ -107,4 +109,11 @@ def server_credentials(cert: str | None, key: str | None) -> grpc.ServerCredenti
         pair = (Path(key).read_bytes(), Path(cert).read_bytes())
     except OSError as e:
         raise InvalidRequest(f"cannot read the TLS files: {e}", param="grpc_tls_cert") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise InvalidRequest(
+            f"TLS certificate and key do not match (or are not PEM): {cert}, {key}: {e.reason}",
+            param="grpc_tls_cert",
+        ) from None
     return grpc.ssl_server_credentials([pair])

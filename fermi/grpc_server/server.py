@@ -617,7 +617,8 @@ class GrpcServer:
         self.servicer.runtime = runtime
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         host, port = self.address
-        url = f"grpc://{f'[{host}]' if ':' in host else host}:{port}"
+        scheme = "grpcs" if self.credentials is not None else "grpc"  # grpcs: TLS
+        url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
         warning = exposure_warning(host, self.settings)
         logs.log_ready(url, runtime.info, runtime.engine.device, self.settings, warning)
 

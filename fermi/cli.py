@@ -149,8 +149,10 @@ def verify(
 
 def main() -> None:
     """Run the CLI; a usage error (unknown flag, bad value) is one line on stderr, exit 2."""
-    # typer vendors click; its exceptions are reachable only from here.
-    from typer._click import exceptions as click
+    try:  # typer 0.2x vendors click: its exceptions are reachable only from there
+        from typer._click import exceptions as click
+    except ImportError:  # older typer runs on click itself
+        from click import exceptions as click
 
     try:
         code = app(standalone_mode=False)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from sanic import Request, Sanic
 from sanic.handlers import ErrorHandler
@@ -92,10 +93,12 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse:
     return _json(_model_card(request))
 
 
-@route("/v1/sessions/<session_id>", "DELETE")
+@route("/v1/sessions/<session_id:path>", "DELETE")
 async def delete_session(request: Request, session_id: str) -> HTTPResponse:
     """Forget one of the caller's sessions: another key's session answers 404 like a missing
-    one."""
+    one. The id is percent-decoded once, so `user%2F42` (or a plain `user/42`) names the session
+    "user/42"."""
+    session_id = unquote(session_id)
     _runtime(request).reset_session(session_id, tenant=request.ctx.tenant)
     return _json({"id": session_id, "object": "session", "deleted": True})
 

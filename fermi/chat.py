@@ -161,6 +161,8 @@ class Printer:
         self.console.print()
         if finished.finish_reason == "cancelled":
             self.console.print("[yellow](stopped)[/yellow]")
+        elif finished.finish_reason == "timeout":
+            self.console.print("[yellow](time limit reached)[/yellow]")
         elif finished.finish_reason == "length":
             self.console.print("[yellow](max tokens reached)[/yellow]")
         if finished.dropped_turns:

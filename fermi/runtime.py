@@ -345,13 +345,13 @@ class Runtime:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _run(self, job: Job, cancel: threading.Event) -> Iterator[Event]:
+    def _run(self, job: Job, cancel: StopSignal) -> Iterator[Event]:
         """Run the job's choices one after another on its session's cache: the second and
         later choices reuse the prompt's KV, so only the first prefills it."""
         job.trace.queued()
         if not self.slots.wait(job.ticket, cancel):
             job.trace.end()
-            yield self._finished(job, ["cancelled"], 0, 0, 0)
+            yield self._finished(job, [cancel.reason or "cancelled"], 0, 0, 0)
             return
         reasons, completion, reasoning, cached, text = [], 0, 0, 0, None
         for index in range(job.request.n):
@@ -361,13 +361,13 @@ class Runtime:
             reasoning += choice.reasoning_tokens
             cached = cached if index else choice.cached_tokens
             text = text if index else choice.text
-            if choice.finish_reason == "cancelled":
+            if choice.finish_reason in ("cancelled", "timeout"):
                 break
         if job.session.persistent:
             job.session.history = job.conversation + [text.as_message()]
         yield self._finished(job, reasons, completion, reasoning, cached)
 
-    def _run_choice(self, job: Job, cancel: threading.Event, index: int):
+    def _run_choice(self, job: Job, cancel: StopSignal, index: int):
         """One choice: yields its events, returns a _Choice."""
         request, session, engine = job.request, job.session, self.engine
         cache = session.cache if session.cache is not None else engine.new_cache()
@@ -444,8 +444,7 @@ class Runtime:
                     finish = "stop"
                     break
             else:
-                if cancel.is_set():
-                    finish = "cancelled"
+                finish = cancel.reason or finish  # cancelled or timeout, if that ended the loop
             yield from text.finish()
         finally:
             steps.close()
@@ -594,13 +593,37 @@ class TextPipeline:
         )
 
 
+class StopSignal:
+    """Why a generation stops early: `set()` (a cancel, from any thread) or its deadline (a
+    time.monotonic() value, settings.timeout_ms after submit) passing. The token loop, prefill
+    and the slot queue poll `is_set()` (threading.Event's interface) between steps; the first
+    cause seen is latched in `reason`: "cancelled" | "timeout" | None."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self._event = threading.Event()
+        self.deadline = deadline
+        self.reason: str | None = None
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        if self.reason is None:
+            if self._event.is_set():
+                self.reason = "cancelled"
+            elif self.deadline is not None and time.monotonic() >= self.deadline:
+                self.reason = "timeout"
+        return self.reason is not None
+
+
 class Generation:
     """One submitted request: iterate it once (blocking or async), or cancel/close it."""
 
     def __init__(self, runtime: Runtime, job: Job):
         self._runtime = runtime
         self._job = job
-        self._cancel = threading.Event()
+        timeout_ms = runtime.settings.timeout_ms
+        self._cancel = StopSignal(time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else None)
         self._started = False
         self._released = False
         self._lock = threading.Lock()

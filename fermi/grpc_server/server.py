@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from fermi import logs, tracing
 from fermi.errors import (
     FermiError,
+    GenerationTimeout,
     InvalidRequest,
     QueueFull,
     SessionBusy,
@@ -61,11 +62,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fermi"].full_name  # "fermi.Fermi
 class ModelLoading(FermiError):
     def __init__(self) -> None:
         super().__init__("the model is still loading; retry when health reports SERVING")
-
-
-class GenerationTimeout(FermiError):
-    def __init__(self, timeout_ms: int) -> None:
-        super().__init__(f"generation exceeded the server's time limit of {timeout_ms} ms")
 
 
 class GenerationCancelled(FermiError):
@@ -292,18 +288,14 @@ class ServerStats:
 
 
 class _Stopper:
-    """Cancels one generation on client cancel / deadline (grpc callback) or on the server's
-    FERMI_TIMEOUT_MS timer, and remembers which of them fired first."""
+    """Cancels one generation when its RPC ends early (client cancel or the client's deadline,
+    a grpc callback) and remembers which. The server's own limit (FERMI_TIMEOUT_MS) is the
+    runtime's: it ends the generation with finish_reason "timeout"."""
 
-    def __init__(self, gen, context: grpc.ServicerContext, timeout_ms: int) -> None:
+    def __init__(self, gen, context: grpc.ServicerContext) -> None:
         self.gen = gen
-        self.reason: str | None = None  # "client" | "deadline" | "timeout"
+        self.reason: str | None = None  # "client" | "deadline"
         self._lock = threading.Lock()
-        self._timer = None
-        if timeout_ms > 0:
-            self._timer = threading.Timer(timeout_ms / 1000, self._stop, ("timeout",))
-            self._timer.daemon = True
-            self._timer.start()
         if not context.add_callback(lambda: self._on_rpc_end(context)):
             self._on_rpc_end(context)  # the RPC already ended
 
@@ -316,10 +308,6 @@ class _Stopper:
             if self.reason is None:
                 self.reason = reason
         self.gen.cancel()
-
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
 
 
 class FermiServicer(pb_grpc.FermiServicer):
@@ -349,7 +337,7 @@ class FermiServicer(pb_grpc.FermiServicer):
 
     def _stream(self, gen, session_id: str, context) -> Iterator[pb.GenerateResponse]:
         started = time.perf_counter()
-        stopper = _Stopper(gen, context, self.settings.timeout_ms)
+        stopper = _Stopper(gen, context)
         events = iter(gen)  # the runtime decodes in this thread, as we pull
         done: Finished | None = None
         span = tracing.tracer.start_span("stream")
@@ -361,7 +349,6 @@ class FermiServicer(pb_grpc.FermiServicer):
                     yield delta_message(session_id, event)
         finally:
             span.end()
-            stopper.disarm()
             if done is None:
                 # grpc dropped the stream while we sat at a yield (the client went away), or
                 # something failed: stop within a decode step and let the runtime end cleanly,
@@ -373,10 +360,10 @@ class FermiServicer(pb_grpc.FermiServicer):
             outcome = _outcome(done, stopper.reason)
             self.stats.count(outcome, done.usage.completion_tokens if done else 0)
             _log_end(session_id, outcome, done, started)
+        if done.finish_reason == "timeout":
+            raise GenerationTimeout(self.settings.timeout_ms)
         if done.finish_reason != "cancelled":
             yield final_message(session_id, done)
-        elif stopper.reason == "timeout":
-            raise GenerationTimeout(self.settings.timeout_ms)
         elif stopper.reason is None:
             raise GenerationCancelled()
         # else the client cancelled or its deadline passed: there is nobody left to tell
@@ -426,7 +413,6 @@ class FermiServicer(pb_grpc.FermiServicer):
 STOP_OUTCOME = {
     "client": "cancelled",
     "deadline": "deadline_exceeded",
-    "timeout": "deadline_exceeded",
 }
 
 
@@ -447,6 +433,8 @@ def _outcome(done: Finished | None, stop_reason: str | None) -> str:
         return "failed"  # an exception inside generation
     if done.finish_reason == "tool_calls":
         return "stop"  # the model ended its turn
+    if done.finish_reason == "timeout":
+        return "deadline_exceeded"  # the runtime's FERMI_TIMEOUT_MS
     if done.finish_reason != "cancelled":
         return done.finish_reason  # "stop" | "length", even if a stop signal raced the end
     return STOP_OUTCOME.get(stop_reason, "failed")

@@ -23,7 +23,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
 
 from fermi import logs, tracing
-from fermi.errors import FermiError
+from fermi.errors import FermiError, GenerationTimeout
 from fermi.exposure import exposure_warning
 from fermi.fim import render_fim
 from fermi.openai_server import completions as cmpl
@@ -231,6 +231,8 @@ async def _drain(queue: asyncio.Queue, ctx) -> AsyncIterator[Event]:
             raise item.error
         if isinstance(item, Finished) and item.finish_reason == "cancelled" and ctx.stopping:
             raise ShuttingDown("the server is shutting down; retry on another instance or later")
+        if isinstance(item, Finished) and item.finish_reason == "timeout":
+            raise GenerationTimeout(ctx.settings.timeout_ms)
         yield item
         if isinstance(item, Finished):
             return
@@ -310,7 +312,7 @@ async def _stream(request: Request, generation, frames):
                 async for event in events:
                     await response.send(_frame(frames, event))
             except Exception as e:
-                if not isinstance(e, ShuttingDown):
+                if not isinstance(e, ShuttingDown | GenerationTimeout):
                     log.exception("generation failed mid-stream")
                 await response.send(frames.error(map_error(e)))
             await response.eof()

@@ -280,11 +280,19 @@ class Runtime:
 
     def _parses_tool_calls(self, request: GenerationRequest) -> bool:
         """Tool calls are parsed (and may be constrained) when the request offers tools it
-        does not switch off and the model has a tool-call format; forcing a call needs one."""
+        does not switch off and the model has a tool-call format; forcing a call needs one.
+        Tools for a model whose chat template has no tool support (info.supports_tools) are
+        refused rather than silently dropped, unless tool_choice is "none"."""
         if request.tool_choice not in ("auto", "none") and not self.tool_call_tags:
             raise InvalidRequest(
                 "this model has no tool-call format, so tool_choice cannot force a call",
                 param="tool_choice",
+            )
+        if request.tools and request.tool_choice != "none" and not self.info.supports_tools:
+            raise InvalidRequest(
+                "this model's chat template has no tool support (it renders no tools and has "
+                'no tool-call format): send no tools, or tool_choice "none"',
+                param="tools",
             )
         return bool(request.tools and request.tool_choice != "none" and self.tool_call_tags)
 

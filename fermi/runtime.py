@@ -157,6 +157,7 @@ class Runtime:
         `request.tenant` only. A refused request (any exception raised here) leaves no session
         and no queue place behind."""
         _validate(request)
+        self._check_vocab(request)
         sampling = resolve_sampling(
             request.sampling,
             self.generation_config,
@@ -178,6 +179,16 @@ class Runtime:
         with self._live_lock:
             self._live.add(generation)
         return generation
+
+    def _check_vocab(self, request: GenerationRequest) -> None:
+        """logit_bias keys must be token ids of this model: in [0, vocab_size)."""
+        vocab = self.manifest.vocab_size
+        for token_id in request.sampling.logit_bias or {}:
+            if isinstance(token_id, int) and not 0 <= token_id < vocab:
+                raise InvalidRequest(
+                    f"logit_bias token ids must be in [0, {vocab}), got {token_id}",
+                    param="logit_bias",
+                )
 
     def _ended(self, generation: Generation) -> None:
         with self._live_changed:

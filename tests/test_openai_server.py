@@ -354,6 +354,8 @@ BAD_CHAT = [
     ({"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"messages": USER, "thinking": "sometimes"}, "thinking"),
     ({"messages": USER, "stop": 7}, "stop"),
+    ({"messages": USER, "logit_bias": {"99999999": 5}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"-1": 5}}, "logit_bias"),
 ]
 
 

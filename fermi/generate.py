@@ -69,7 +69,7 @@ def generate_tokens(
     sampler.reset(prompt_ids)
     logits = prefill(engine, cache, new_prompt_ids, on_logits, cancel)
     count = 0
-    while logits is not None and not cancel.is_set():
+    while logits is not None and count < max_new_tokens and not cancel.is_set():
         token = sampler.sample_token(logits)
         count += 1
         yield token

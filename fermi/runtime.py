@@ -250,7 +250,11 @@ class Runtime:
             )
             prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
         room = self.context_length - len(prompt_ids)
-        max_new = request.max_new_tokens or min(self.settings.max_new_tokens, room)
+        max_new = (
+            request.max_new_tokens
+            if request.max_new_tokens is not None
+            else min(self.settings.max_new_tokens, room)
+        )
         # A raw prompt's output stays verbatim: never split into reasoning or tool calls.
         channel = self._first_channel(prompt, thinking) if request.prompt is None else "answer"
         parse_tool_calls = request.prompt is None and self._parses_tool_calls(request)
@@ -464,6 +468,8 @@ class Runtime:
                     break
             else:
                 finish = cancel.reason or finish  # cancelled or timeout, if that ended the loop
+            if wants_prompt and len(prompt_entries) == len(job.prompt_ids):
+                yield PromptLogprobs(list(job.prompt_ids), prompt_entries)  # max_tokens 0
             yield from text.finish()
         finally:
             steps.close()
@@ -728,7 +734,10 @@ def _validate(request: GenerationRequest) -> None:
         k = getattr(request, name)
         if k is not None and not 0 <= k <= MAX_LOGPROBS:
             raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", param=name)
-    if request.max_new_tokens is not None and request.max_new_tokens <= 0:
+    # 0 only scores an echoed raw prompt (/v1/completions echo + max_tokens 0, lm-eval's
+    # loglikelihood): its prompt logprobs, no new token.
+    scoring = request.prompt is not None and request.prompt_logprobs is not None
+    if request.max_new_tokens is not None and request.max_new_tokens < (0 if scoring else 1):
         raise InvalidRequest("max_new_tokens must be greater than 0", param="max_tokens")
     if len(request.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")

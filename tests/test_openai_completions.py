@@ -161,6 +161,38 @@ def test_completions_logprobs_and_echo(client):
     assert len(lp.tokens) == len(prompt_ids) + plain.usage.completion_tokens
 
 
+def test_completions_echo_with_max_tokens_0_scores_the_prompt_only(client, http):
+    """lm-eval's loglikelihood: echo + max_tokens 0 + logprobs returns the prompt and its
+    logprobs, and no new token (streamed too); max_tokens 0 without echo stays a 400."""
+    prompt = "The quick brown fox"
+    prompt_ids = tokenize(client, prompt)
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True
+    )
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(prompt_ids)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(prompt_ids) and "".join(lp.tokens) == prompt
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    longer = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, logprobs=1, echo=True, temperature=0
+    ).choices[0]
+    assert longer.logprobs.token_logprobs[: len(prompt_ids)] == lp.token_logprobs
+    chunks = [
+        c.choices[0]
+        for c in client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(c.text for c in chunks) == prompt
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True)
+    assert plain.choices[0].text == prompt and plain.choices[0].logprobs is None
+    refused = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
 def test_completions_token_prompt_and_stop(client):
     ids = tokenize(client, "one two three")
     by_text = client.completions.create(model=MODEL, prompt="one two three", max_tokens=6,

@@ -470,7 +470,7 @@ class Runtime:
                 finish = cancel.reason or finish  # cancelled or timeout, if that ended the loop
             if wants_prompt and len(prompt_entries) == len(job.prompt_ids):
                 yield PromptLogprobs(list(job.prompt_ids), prompt_entries)  # max_tokens 0
-            yield from text.finish()
+            yield from text.finish(cut=finish != "stop")
         finally:
             steps.close()
             job.trace.end(**{"gen_ai.usage.output_tokens": len(generated)})
@@ -555,10 +555,12 @@ class TextPipeline:
         events = self._events(self.channels.feed(self.detokenizer.add_token(token.id)))
         return events, self.stopped
 
-    def finish(self) -> list[Event]:
+    def finish(self, cut: bool = False) -> list[Event]:
+        """The held text at the end of a choice; `cut`: it was cut off (length, cancelled,
+        timeout), so an unfinished trailing character is dropped instead of shown as U+FFFD."""
         if self.stopped:
             return []
-        pieces = self.channels.feed(self.detokenizer.finalize()) + self.channels.flush()
+        pieces = self.channels.feed(self.detokenizer.finalize(cut)) + self.channels.flush()
         if self.channels.table[self.channels.state].closes:  # the output ended inside a call
             pieces.append(("tool_call_end", ""))  # no closing tag
         events = self._events(pieces)

@@ -193,6 +193,25 @@ def test_completions_echo_with_max_tokens_0_scores_the_prompt_only(client, http)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
 
 
+def test_output_cut_inside_a_character_ends_before_it(client, http):
+    """max_tokens stops the output after the first byte token of an emoji (forced with
+    logit_bias on the tiny model's byte-level vocabulary): the text ends before the unfinished
+    character instead of with U+FFFD, in completions and in streamed chat alike."""
+    ids = tokenize(client, "\U0001f600")
+    assert len(ids) > 1  # the emoji is split across byte tokens
+    force = {"logit_bias": {str(ids[0]): 100}, "temperature": 0, "max_tokens": 1}
+    body = {"model": MODEL, "prompt": "Once upon a time", **force}
+    choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and "\ufffd" not in choice["text"]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True,
+        extra_body={"thinking": "off"}, **force,
+    )  # fmt: skip
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert chunks[-1].finish_reason == "length"
+    assert "\ufffd" not in "".join(c.delta.content or "" for c in chunks)
+
+
 def test_completions_token_prompt_and_stop(client):
     ids = tokenize(client, "one two three")
     by_text = client.completions.create(model=MODEL, prompt="one two three", max_tokens=6,

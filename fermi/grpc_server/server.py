@@ -271,7 +271,8 @@ class ServerStats:
     length: int = 0
     cancelled: int = 0
     deadline_exceeded: int = 0
-    failed: int = 0
+    failed: int = 0  # an unexpected error (INTERNAL)
+    refused: int = 0  # refused before generating (a mapped status: bad request, busy, ...)
     completion_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -330,8 +331,9 @@ class FermiServicer(pb_grpc.FermiServicer):
                     call = to_generation_request(request, request.session_id or None)
                 call.tenant = tenant
                 gen = self._runtime().submit(call)
-            except Exception:
-                self.stats.count("failed")
+            except Exception as e:
+                internal = status_for(e)[0] is grpc.StatusCode.INTERNAL
+                self.stats.count("failed" if internal else "refused")
                 raise
             yield from self._stream(gen, gen.session_id, context)
 
@@ -366,7 +368,12 @@ class FermiServicer(pb_grpc.FermiServicer):
             yield final_message(session_id, done)
         elif stopper.reason is None:
             raise GenerationCancelled()
-        # else the client cancelled or its deadline passed: there is nobody left to tell
+        else:  # the RPC ended first (client cancel, its deadline, the server stopping): nobody
+            # is left to tell, but the access log reports the RPC's real status, not OK
+            deadline = stopper.reason == "deadline"
+            context.set_code(
+                grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.CANCELLED
+            )
 
     def ResetSession(self, request, context):
         with error_status(context):
@@ -405,6 +412,7 @@ class FermiServicer(pb_grpc.FermiServicer):
                 streams_cancelled=counts["cancelled"],
                 streams_deadline_exceeded=counts["deadline_exceeded"],
                 streams_failed=counts["failed"],
+                streams_refused=counts["refused"],
                 completion_tokens=counts["completion_tokens"],
             )
 

@@ -566,6 +566,12 @@ class TextPipeline:
         events = self._events(pieces)
         if not self.stopped:
             events += self._answer(self.stops.flush())
+        if cut and any(t.logprob is not None for t in self.pending):
+            # The dropped bytes' tokens still have logprobs (spelt `bytes:...`): an empty delta
+            # carries them, so logprobs cover every generated token.
+            kind = "reasoning" if self.channels.in_reasoning else "answer"
+            ids, logprobs = self._take_pending()
+            events.append(TextDelta("", kind, ids, logprobs, self.index))
         return events
 
     def _events(self, pieces) -> list[Event]:

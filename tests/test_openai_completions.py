@@ -48,8 +48,11 @@ def greedy_chat(client, **kw):
 
 def joined(tokens) -> str:
     """The text of logprob entries from their bytes (a random model's tokens may split a
-    character, and such a token's `token` is spelled `bytes:\\x..`)."""
-    return b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", errors="replace")
+    character, and such a token's `token` is spelled `bytes:\\x..`). Logprobs cover every
+    generated token, but an answer cut off by max_tokens inside a character ends before it, so
+    an unfinished last character is left out here too."""
+    text = b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", errors="replace")
+    return text.rstrip("\ufffd")
 
 
 def tokenize(client, text: str) -> list[int]:

@@ -25,6 +25,7 @@ HELP = """commands:
   /thinking on|off|auto switch thinking mode
   /system TEXT          set the system prompt (empty TEXT clears it) and start over
   /exit                 quit (Ctrl-D works too; Ctrl-C stops an answer)"""
+NO_THINKING = "this model has no thinking mode; thinking stays off"
 
 
 @dataclass
@@ -43,6 +44,14 @@ class ChatSession:
         self.options = options
         self.session_id = new_session_id()
         self.send_system = bool(options.system)
+
+    def thinking_warning(self) -> str | None:
+        """NO_THINKING when thinking was just asked "on" (--thinking or /thinking) for a model
+        without a thinking mode (the runtime then renders the prompt without it); else None.
+        Said when asked, not at every answer."""
+        if self.options.thinking == "on" and not self.runtime.info.supports_thinking:
+            return NO_THINKING
+        return None
 
     def reset(self) -> None:
         try:
@@ -152,6 +161,8 @@ class Printer:
         self.console.print()
         if finished.finish_reason == "cancelled":
             self.console.print("[yellow](stopped)[/yellow]")
+        elif finished.finish_reason == "timeout":
+            self.console.print("[yellow](time limit reached)[/yellow]")
         elif finished.finish_reason == "length":
             self.console.print("[yellow](max tokens reached)[/yellow]")
         if finished.dropped_turns:
@@ -176,6 +187,8 @@ def handle_command(line: str, chat: ChatSession, console: Console) -> bool:
         try:
             chat.options.thinking = parse_thinking(arg)
             console.print(f"(thinking {chat.options.thinking})")
+            if warning := chat.thinking_warning():
+                console.print(f"[yellow]{warning}[/yellow]")
         except FermiError as e:
             console.print(f"[red]error:[/red] {e}")
     elif name == "/system":
@@ -213,6 +226,8 @@ def run_pipe(chat: ChatSession, lines, out) -> int:
 
 def main(runtime: Runtime, options: ChatOptions) -> int:
     chat = ChatSession(runtime, options)
+    if warning := chat.thinking_warning():
+        print(warning, file=sys.stderr)
     if sys.stdin.isatty():
         run_interactive(chat, Console(highlight=False))
         return 0

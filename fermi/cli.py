@@ -419,7 +419,7 @@ def chat(
     chat_template: ChatTemplateOpt = None,
     ctx_size: CtxSizeOpt = None,
     threads: ThreadsOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
+    max_new_tokens: MaxNewTokensOpt = None,
     repeat_penalty: Annotated[
         float | None, typer.Option(help="1.0 = off; unset: the model's default")
     ] = None,
@@ -446,10 +446,11 @@ def chat(
                 chat_template=str(chat_template) if chat_template else None,
                 ctx_size=ctx_size,
                 threads=threads,
+                max_new_tokens=max_new_tokens,
             )
         )
         options = chat_module.ChatOptions(
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=settings.max_new_tokens,
             sampling=SamplingParams(
                 temperature=temperature,
                 top_p=top_p,

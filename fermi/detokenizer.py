@@ -7,9 +7,11 @@ multi-byte character (CJK, emoji) across two pieces. DecodeStream decodes only a
 recent ids and holds its output while that ends in an unfinished UTF-8 character, so no piece
 ever holds half a character. The pieces joined equal `tokenizer.decode(ids)` (special tokens
 skipped, as there): `finalize` hands out what the stream still holds, U+FFFD for a character
-that never completed, as decode() does. One exception, in nonsense output only: SentencePiece's
-ByteFallback decoder replaces a whole run of byte tokens with U+FFFD when the run is not valid
-UTF-8, so a valid byte streamed before invalid ones stays visible where decode() replaces it.
+that never completed, as decode() does, unless the output was cut off (`finalize(cut=True)`: at
+max_tokens, a cancel or the time limit), where the unfinished character is dropped. One
+exception, in nonsense output only: SentencePiece's ByteFallback decoder replaces a whole run of
+byte tokens with U+FFFD when the run is not valid UTF-8, so a valid byte streamed before invalid
+ones stays visible where decode() replaces it.
 
 Ids the tokenizer does not know (random-weight models pad their vocab) produce nothing.
 
@@ -65,15 +67,18 @@ class StreamingDetokenizer:
             self.reset()
         return text
 
-    def finalize(self) -> str:
+    def finalize(self, cut: bool = False) -> str:
         """Emit what is still held: the text the held ids add after the ones before them (or,
-        where those no longer decode to the text already given out, the held ids alone)."""
+        where those no longer decode to the text already given out, the held ids alone).
+        `cut`: the output was cut off (max_tokens, cancel, time limit) rather than ended by the
+        model, so a character left unfinished at the end (U+FFFD from decode()) is dropped."""
         if not self._held:
             return ""
         held, before = self._held, self._tokenizer.decode(self._context)
         full = self._tokenizer.decode(self._context + held)
         self.reset()
-        return full[len(before) :] if full.startswith(before) else self._tokenizer.decode(held)
+        text = full[len(before) :] if full.startswith(before) else self._tokenizer.decode(held)
+        return text.rstrip("\ufffd") if cut else text
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -40,6 +40,15 @@ class SessionNotFound(FermiError):
         self.session_id = session_id
 
 
+class GenerationTimeout(FermiError):
+    """A generation ran past the server's time limit (settings.timeout_ms, from submit to the
+    last token, queue wait included) and was ended by the runtime."""
+
+    def __init__(self, timeout_ms: int):
+        super().__init__(f"generation exceeded the server's time limit of {timeout_ms} ms")
+        self.timeout_ms = timeout_ms
+
+
 class QueueFull(FermiError):
     """The runtime's wait queue is at its bound; the client should retry later."""
 

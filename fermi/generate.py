@@ -22,14 +22,18 @@ def prefill(
     cache: KVCache,
     token_ids: list[int],
     on_logits: Callable[[int, np.ndarray], None] | None = None,
-) -> np.ndarray:
-    """Run the prompt through the model in chunks; returns the last position's logits (V,).
+    cancel: threading.Event | None = None,
+) -> np.ndarray | None:
+    """Run the prompt through the model in chunks; returns the last position's logits (V,),
+    or None when `cancel` was set between two chunks (the cache then holds the chunks done).
     With `on_logits`, every position's logits are computed and handed over chunk by chunk as
     (start, (S, V) logits), `start` indexing `token_ids` (prompt logprobs need them)."""
     cache.reserve(min(cache.offset + len(token_ids) + DECODE_ROOM, engine.manifest.context_length))
     logits = None
     step = PREFILL_CHUNK if on_logits is None else min(PREFILL_CHUNK, SCORED_CHUNK)
     for start in range(0, len(token_ids), step):
+        if start and cancel is not None and cancel.is_set():
+            return None
         chunk = token_ids[start : start + step]
         if on_logits is None:
             logits = engine.forward(chunk, cache)
@@ -59,12 +63,13 @@ def generate_tokens(
     """Yield sampled tokens (with their logprobs when the sampler computes them) one by one.
     `new_prompt_ids` are the prompt tokens not yet in the cache. The consumer stops early by
     closing the generator; the loop itself ends at eos, at max_new_tokens (pass no eos ids to
-    decode a fixed count), or when `cancel` is set (checked once per decode step). `on_logits`
+    decode a fixed count), or when `cancel` is set (checked once per decode step and between
+    prefill chunks). `on_logits`
     receives the prefill's logits of every position (see `prefill`)."""
     sampler.reset(prompt_ids)
-    logits = prefill(engine, cache, new_prompt_ids, on_logits)
+    logits = prefill(engine, cache, new_prompt_ids, on_logits, cancel)
     count = 0
-    while not cancel.is_set():
+    while logits is not None and count < max_new_tokens and not cancel.is_set():
         token = sampler.sample_token(logits)
         count += 1
         yield token

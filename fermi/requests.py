@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from fermi.sampling import SampledToken
 
 Thinking = Literal["on", "off", "auto"]
-FinishReason = Literal["stop", "length", "tool_calls", "cancelled"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "timeout"]
+# "timeout": the runtime ended it at settings.timeout_ms; transports report it as an error.
 TextKind = Literal["reasoning", "answer"]
 ToolChoice = Literal["auto", "none", "required"] | str  # a str other than those: a function name
 

@@ -157,6 +157,7 @@ class Runtime:
         `request.tenant` only. A refused request (any exception raised here) leaves no session
         and no queue place behind."""
         _validate(request)
+        self._check_vocab(request)
         sampling = resolve_sampling(
             request.sampling,
             self.generation_config,
@@ -178,6 +179,16 @@ class Runtime:
         with self._live_lock:
             self._live.add(generation)
         return generation
+
+    def _check_vocab(self, request: GenerationRequest) -> None:
+        """logit_bias keys must be token ids of this model: in [0, vocab_size)."""
+        vocab = self.manifest.vocab_size
+        for token_id in request.sampling.logit_bias or {}:
+            if isinstance(token_id, int) and not 0 <= token_id < vocab:
+                raise InvalidRequest(
+                    f"logit_bias token ids must be in [0, {vocab}), got {token_id}",
+                    param="logit_bias",
+                )
 
     def _ended(self, generation: Generation) -> None:
         with self._live_changed:
@@ -239,7 +250,11 @@ class Runtime:
             )
             prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
         room = self.context_length - len(prompt_ids)
-        max_new = request.max_new_tokens or min(self.settings.max_new_tokens, room)
+        max_new = (
+            request.max_new_tokens
+            if request.max_new_tokens is not None
+            else min(self.settings.max_new_tokens, room)
+        )
         # A raw prompt's output stays verbatim: never split into reasoning or tool calls.
         channel = self._first_channel(prompt, thinking) if request.prompt is None else "answer"
         parse_tool_calls = request.prompt is None and self._parses_tool_calls(request)
@@ -280,11 +295,19 @@ class Runtime:
 
     def _parses_tool_calls(self, request: GenerationRequest) -> bool:
         """Tool calls are parsed (and may be constrained) when the request offers tools it
-        does not switch off and the model has a tool-call format; forcing a call needs one."""
+        does not switch off and the model has a tool-call format; forcing a call needs one.
+        Tools for a model whose chat template has no tool support (info.supports_tools) are
+        refused rather than silently dropped, unless tool_choice is "none"."""
         if request.tool_choice not in ("auto", "none") and not self.tool_call_tags:
             raise InvalidRequest(
                 "this model has no tool-call format, so tool_choice cannot force a call",
                 param="tool_choice",
+            )
+        if request.tools and request.tool_choice != "none" and not self.info.supports_tools:
+            raise InvalidRequest(
+                "this model's chat template has no tool support (it renders no tools and has "
+                'no tool-call format): send no tools, or tool_choice "none"',
+                param="tools",
             )
         return bool(request.tools and request.tool_choice != "none" and self.tool_call_tags)
 
@@ -345,13 +368,13 @@ class Runtime:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _run(self, job: Job, cancel: threading.Event) -> Iterator[Event]:
+    def _run(self, job: Job, cancel: StopSignal) -> Iterator[Event]:
         """Run the job's choices one after another on its session's cache: the second and
         later choices reuse the prompt's KV, so only the first prefills it."""
         job.trace.queued()
         if not self.slots.wait(job.ticket, cancel):
             job.trace.end()
-            yield self._finished(job, ["cancelled"], 0, 0, 0)
+            yield self._finished(job, [cancel.reason or "cancelled"], 0, 0, 0)
             return
         reasons, completion, reasoning, cached, text = [], 0, 0, 0, None
         for index in range(job.request.n):
@@ -361,13 +384,13 @@ class Runtime:
             reasoning += choice.reasoning_tokens
             cached = cached if index else choice.cached_tokens
             text = text if index else choice.text
-            if choice.finish_reason == "cancelled":
+            if choice.finish_reason in ("cancelled", "timeout"):
                 break
         if job.session.persistent:
             job.session.history = job.conversation + [text.as_message()]
         yield self._finished(job, reasons, completion, reasoning, cached)
 
-    def _run_choice(self, job: Job, cancel: threading.Event, index: int):
+    def _run_choice(self, job: Job, cancel: StopSignal, index: int):
         """One choice: yields its events, returns a _Choice."""
         request, session, engine = job.request, job.session, self.engine
         cache = session.cache if session.cache is not None else engine.new_cache()
@@ -444,9 +467,10 @@ class Runtime:
                     finish = "stop"
                     break
             else:
-                if cancel.is_set():
-                    finish = "cancelled"
-            yield from text.finish()
+                finish = cancel.reason or finish  # cancelled or timeout, if that ended the loop
+            if wants_prompt and len(prompt_entries) == len(job.prompt_ids):
+                yield PromptLogprobs(list(job.prompt_ids), prompt_entries)  # max_tokens 0
+            yield from text.finish(cut=finish != "stop")
         finally:
             steps.close()
             job.trace.end(**{"gen_ai.usage.output_tokens": len(generated)})
@@ -531,15 +555,23 @@ class TextPipeline:
         events = self._events(self.channels.feed(self.detokenizer.add_token(token.id)))
         return events, self.stopped
 
-    def finish(self) -> list[Event]:
+    def finish(self, cut: bool = False) -> list[Event]:
+        """The held text at the end of a choice; `cut`: it was cut off (length, cancelled,
+        timeout), so an unfinished trailing character is dropped instead of shown as U+FFFD."""
         if self.stopped:
             return []
-        pieces = self.channels.feed(self.detokenizer.finalize()) + self.channels.flush()
+        pieces = self.channels.feed(self.detokenizer.finalize(cut)) + self.channels.flush()
         if self.channels.table[self.channels.state].closes:  # the output ended inside a call
             pieces.append(("tool_call_end", ""))  # no closing tag
         events = self._events(pieces)
         if not self.stopped:
             events += self._answer(self.stops.flush())
+        if cut and any(t.logprob is not None for t in self.pending):
+            # The dropped bytes' tokens still have logprobs (spelt `bytes:...`): an empty delta
+            # carries them, so logprobs cover every generated token.
+            kind = "reasoning" if self.channels.in_reasoning else "answer"
+            ids, logprobs = self._take_pending()
+            events.append(TextDelta("", kind, ids, logprobs, self.index))
         return events
 
     def _events(self, pieces) -> list[Event]:
@@ -594,13 +626,37 @@ class TextPipeline:
         )
 
 
+class StopSignal:
+    """Why a generation stops early: `set()` (a cancel, from any thread) or its deadline (a
+    time.monotonic() value, settings.timeout_ms after submit) passing. The token loop, prefill
+    and the slot queue poll `is_set()` (threading.Event's interface) between steps; the first
+    cause seen is latched in `reason`: "cancelled" | "timeout" | None."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self._event = threading.Event()
+        self.deadline = deadline
+        self.reason: str | None = None
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        if self.reason is None:
+            if self._event.is_set():
+                self.reason = "cancelled"
+            elif self.deadline is not None and time.monotonic() >= self.deadline:
+                self.reason = "timeout"
+        return self.reason is not None
+
+
 class Generation:
     """One submitted request: iterate it once (blocking or async), or cancel/close it."""
 
     def __init__(self, runtime: Runtime, job: Job):
         self._runtime = runtime
         self._job = job
-        self._cancel = threading.Event()
+        timeout_ms = runtime.settings.timeout_ms
+        self._cancel = StopSignal(time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else None)
         self._started = False
         self._released = False
         self._lock = threading.Lock()
@@ -686,7 +742,10 @@ def _validate(request: GenerationRequest) -> None:
         k = getattr(request, name)
         if k is not None and not 0 <= k <= MAX_LOGPROBS:
             raise InvalidRequest(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", param=name)
-    if request.max_new_tokens is not None and request.max_new_tokens <= 0:
+    # 0 only scores an echoed raw prompt (/v1/completions echo + max_tokens 0, lm-eval's
+    # loglikelihood): its prompt logprobs, no new token.
+    scoring = request.prompt is not None and request.prompt_logprobs is not None
+    if request.max_new_tokens is not None and request.max_new_tokens < (0 if scoring else 1):
         raise InvalidRequest("max_new_tokens must be greater than 0", param="max_tokens")
     if len(request.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")

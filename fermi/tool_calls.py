@@ -4,7 +4,9 @@ Hermes format (Qwen2.5, Qwen3, NousResearch Hermes; vLLM's `hermes` parser): eac
 one JSON object `{"name": "...", "arguments": {...}}`. While a block streams, the name is sent as
 soon as it is complete, then the arguments' JSON text fragment by fragment (the closing brace of
 the outer object is held back until more text shows it was not the last one). When the block
-closes, the whole object is parsed; a block that is not such an object is given back as text.
+closes, the whole object is parsed; a closed block that is not such an object is given back as
+text. A block the output ends inside (max_tokens) never is: it is a call with the arguments so far
+once its name is complete, else nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from dataclasses import dataclass, field
 TOOL_CALL_FORMATS = ("hermes",)
 # `{"name": "<json string>", "arguments": ` with any JSON whitespace.
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+# A block cut off early: the name, if complete, and whatever of the arguments followed it.
+_CUT = re.compile(
+    r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")(?:\s*,\s*"arguments"\s*:\s*(.*))?', re.S
+)
 
 
 def new_call_id() -> str:
@@ -95,17 +101,35 @@ class HermesToolCalls:
         return pieces
 
     def end(self, closed: bool = True) -> tuple[list[ToolCallPiece], str | None]:
-        """The block closed (closed=False: the output ended inside it)."""
+        """The block closed (closed=False: the output ended inside it, e.g. at max_tokens).
+        An unclosed block never comes back as text: a call whose name is complete is kept with
+        the arguments text it got so far (vLLM's hermes parser does the same), anything
+        shorter is dropped."""
         buf, name, call_id, sent = self._buf, self._name, self._id, self._sent
         self._buf, self._name, self._id, self._sent = "", None, None, 0
         if name is None:
-            return self._whole(buf, closed)
+            pieces, plain = self._whole(buf, closed)
+            return (pieces, plain) if closed or pieces else self._cut(buf)
         arguments = _without_outer_close(buf.lstrip())
         pieces = []
         if len(arguments) > sent:
             pieces.append(ToolCallPiece(self.index, None, None, arguments[sent:]))
         self.calls.append(ParsedCall(call_id, name, arguments))
         return pieces, None
+
+    def _cut(self, text: str) -> tuple[list[ToolCallPiece], None]:
+        """An unclosed block that is not a whole JSON object: its call, if the name is there."""
+        match = _CUT.match(text)
+        try:
+            name = json.loads(match.group(1)) if match else None
+        except ValueError:
+            name = None
+        if not isinstance(name, str):
+            return [], None
+        arguments = _without_outer_close((match.group(2) or "").strip())
+        call = ParsedCall(new_call_id(), name, arguments)
+        self.calls.append(call)
+        return [ToolCallPiece(len(self.calls) - 1, call.id, call.name, arguments)], None
 
     def _whole(self, text: str, closed: bool) -> tuple[list[ToolCallPiece], str | None]:
         """A block whose head did not stream in the usual order: parse it whole."""

@@ -124,6 +124,35 @@ def test_required_tool_calls_validate(client):
             check_call(call.function.name, call.function.arguments)
 
 
+@pytest.mark.parametrize("max_tokens", [1, 3, 5, 8, 12, 20])
+def test_a_forced_call_cut_off_by_max_tokens_leaks_no_tag_text(client, max_tokens):
+    """A call cut off before its JSON completes is a tool call with the arguments so far
+    (vLLM's behaviour) or nothing; never tag text in content. finish_reason stays length."""
+    weather = [TOOLS[0]]
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=weather, tool_choice="required",
+        max_tokens=max_tokens,
+    )  # fmt: skip
+    choice = completion.choices[0]
+    assert choice.finish_reason == "length"
+    assert not choice.message.content and "tool_call" not in str(choice.message.model_extra)
+    for call in choice.message.tool_calls or []:
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+    stream = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=weather, tool_choice="required",
+        max_tokens=max_tokens, stream=True,
+    )  # fmt: skip
+    for chunk in stream:
+        assert not (chunk.choices and chunk.choices[0].delta.content)
+    response = client.responses.create(
+        model=MODEL, input="What is the weather in Paris?", tools=[FLAT_TOOLS[0]],
+        tool_choice="required", max_output_tokens=max_tokens,
+    )  # fmt: skip
+    assert response.output_text == ""
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert all(call.name == "get_weather" for call in calls)
+
+
 def test_a_named_function_is_called_once_without_parallel_calls(client):
     completion = client.chat.completions.create(
         model=MODEL,

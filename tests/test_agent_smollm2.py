@@ -92,7 +92,7 @@ def test_a_literal_think_element_stays_in_the_answer(client, model_id):
     assert "<think>" in message.content  # SmolLM2 writes the element, and it is not split off
 
 
-def test_a_forced_tool_call_without_a_tool_call_format_is_a_400(smol_server, model_id):
+def test_tools_without_tool_support_are_a_400_unless_switched_off(smol_server, model_id):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     body = {
         "model": model_id,
@@ -103,6 +103,16 @@ def test_a_forced_tool_call_without_a_tool_call_format_is_a_400(smol_server, mod
     response = httpx.post(smol_server.url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "tool_choice"
-    body["tool_choice"] = "auto"  # the model answers in text; nothing is parsed as a call
+    body["tool_choice"] = "auto"  # tools the template cannot show are refused, not dropped
+    response = httpx.post(smol_server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "tools" and "chat template has no tool support" in error["message"]
+    assert (
+        httpx.get(smol_server.url + "/v1/models", timeout=60).json()["data"][0]["supports_tools"]
+        is False
+    )
+    body["tool_choice"] = "none"  # tools switched off: nothing to show, nothing to parse
+    body["max_tokens"] = 8
     answer = httpx.post(smol_server.url + "/v1/chat/completions", json=body, timeout=120).json()
     assert answer["choices"][0]["finish_reason"] in ("stop", "length")

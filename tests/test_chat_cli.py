@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -141,3 +142,34 @@ def test_missing_model_offline_is_one_line_exit_2(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert "NoSuchModel" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_settings_apply_and_thinking_on_without_a_thinking_mode_is_said_once(tiny_artifact):
+    """FERMI_MAX_NEW_TOKENS reaches `fermi chat` (no --max-new-tokens flag); --thinking on for
+    a model without a thinking mode says so once, not at every answer."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "fermi.cli", "chat", "--model", str(tiny_artifact), "--device", "cpu",
+         "--temperature", "0", "--thinking", "on"],
+        env={**os.environ, "FERMI_MAX_NEW_TOKENS": "2", "FERMI_DISABLE_THINK": "1"},
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )  # fmt: skip
+    try:
+        child.expect_exact("no thinking mode; thinking stays off")
+        child.expect_exact(PROMPT)
+        child.sendline("Write a very long story about the sea.")
+        child.expect_exact("(max tokens reached)")
+        child.expect_exact(PROMPT)
+        child.sendline("Another one.")
+        child.expect_exact("(max tokens reached)")
+        child.expect_exact(PROMPT)
+        assert "no thinking mode" not in child.before
+        child.sendline("/thinking on")
+        child.expect_exact("no thinking mode; thinking stays off")
+        child.expect_exact(PROMPT)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)

@@ -238,3 +238,20 @@ def test_qwen3_real_vocabulary(qwen3_tokenizer_dir):
     pieces = stream(qwen, ids)
     assert "".join(pieces) == qwen.decode(ids) and "<think>" in "".join(pieces)
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_a_cut_off_output_drops_its_unfinished_character(qwen3_tokenizer_dir):
+    """Qwen3's real byte-level vocabulary splits an emoji across byte tokens: an output cut off
+    inside it (max_tokens) ends before the character, not with U+FFFD."""
+    qwen = Tokenizer.from_file(str(qwen3_tokenizer_dir / "tokenizer.json"))
+    ids = qwen.encode("ok 🦜").ids
+    emoji_start = next(i for i in range(len(ids)) if "\ufffd" in qwen.decode(ids[: i + 1]))
+    for end in range(emoji_start + 1, len(ids)):  # every cut inside the emoji
+        detok = StreamingDetokenizer(qwen)
+        pieces = [detok.add_token(i) for i in ids[:end]]
+        text = "".join(pieces) + detok.finalize(cut=True)
+        assert text == "ok " or text == "ok", (end, text)
+        assert "\ufffd" in qwen.decode(ids[:end])  # what finalize() without cut gives
+    detok = StreamingDetokenizer(qwen)
+    whole = "".join(detok.add_token(i) for i in ids) + detok.finalize(cut=True)
+    assert whole == "ok 🦜"  # a complete character is kept

@@ -8,6 +8,7 @@ still loading, one with no queue, one that fails midway). All traffic stays on 1
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -555,6 +556,39 @@ def test_a_full_queue_and_the_server_time_limit(tiny_artifact, long_tokens):
             assert last.session_id == session
     finally:
         server.stop(grace=0)
+
+
+def test_refusals_are_counted_apart_from_failures(stub):
+    before = stats(stub)
+    bad = rpc_error(lambda: generate(stub, "", max_new_tokens=8))
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = stats(stub)
+    assert after.streams_refused == before.streams_refused + 1
+    assert after.streams_failed == before.streams_failed
+
+
+def test_a_stream_ended_by_the_server_stopping_is_not_logged_ok(runtime, long_tokens, caplog):
+    """The server stops while a stream runs: the stream's access line gives the RPC's real
+    status (CANCELLED), not OK."""
+    server, address = start_in_process(Settings(), lambda s: runtime)
+    caplog.set_level(logging.INFO, logger="fermi.access")
+    try:
+        wait_serving(address)
+        with grpc.insecure_channel(address, options=OPTIONS) as channel:
+            call = pb_grpc.FermiStub(channel).Generate(long_request(long_tokens), timeout=60)
+            next(call)
+            server.stop(grace=0)
+            assert rpc_error(lambda: list(call)).code() in (
+                grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE
+            )  # fmt: skip
+    finally:
+        server.stop(grace=0)
+
+    def generate_lines():
+        return [r.getMessage() for r in caplog.records if "/fermi.Fermi/Generate" in r.getMessage()]
+
+    (line,) = poll(generate_lines, "the Generate access line")
+    assert " CANCELLED " in line and " OK " not in line, line
 
 
 def test_cli_reports_a_missing_model_and_exits_2(tmp_path):

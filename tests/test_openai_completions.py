@@ -48,8 +48,11 @@ def greedy_chat(client, **kw):
 
 def joined(tokens) -> str:
     """The text of logprob entries from their bytes (a random model's tokens may split a
-    character, and such a token's `token` is spelled `bytes:\\x..`)."""
-    return b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", errors="replace")
+    character, and such a token's `token` is spelled `bytes:\\x..`). Logprobs cover every
+    generated token, but an answer cut off by max_tokens inside a character ends before it, so
+    an unfinished last character is left out here too."""
+    text = b"".join(bytes(t.bytes) for t in tokens).decode("utf-8", errors="replace")
+    return text.rstrip("\ufffd")
 
 
 def tokenize(client, text: str) -> list[int]:
@@ -159,6 +162,57 @@ def test_completions_logprobs_and_echo(client):
     assert "".join(lp.tokens[: len(prompt_ids)]) == prompt
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     assert len(lp.tokens) == len(prompt_ids) + plain.usage.completion_tokens
+
+
+def test_completions_echo_with_max_tokens_0_scores_the_prompt_only(client, http):
+    """lm-eval's loglikelihood: echo + max_tokens 0 + logprobs returns the prompt and its
+    logprobs, and no new token (streamed too); max_tokens 0 without echo stays a 400."""
+    prompt = "The quick brown fox"
+    prompt_ids = tokenize(client, prompt)
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True
+    )
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(prompt_ids)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(prompt_ids) and "".join(lp.tokens) == prompt
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    longer = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, logprobs=1, echo=True, temperature=0
+    ).choices[0]
+    assert longer.logprobs.token_logprobs[: len(prompt_ids)] == lp.token_logprobs
+    chunks = [
+        c.choices[0]
+        for c in client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(c.text for c in chunks) == prompt
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True)
+    assert plain.choices[0].text == prompt and plain.choices[0].logprobs is None
+    refused = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def test_output_cut_inside_a_character_ends_before_it(client, http):
+    """max_tokens stops the output after the first byte token of an emoji (forced with
+    logit_bias on the tiny model's byte-level vocabulary): the text ends before the unfinished
+    character instead of with U+FFFD, in completions and in streamed chat alike."""
+    ids = tokenize(client, "\U0001f600")
+    assert len(ids) > 1  # the emoji is split across byte tokens
+    force = {"logit_bias": {str(ids[0]): 100}, "temperature": 0, "max_tokens": 1}
+    body = {"model": MODEL, "prompt": "Once upon a time", **force}
+    choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "length" and "\ufffd" not in choice["text"]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True,
+        extra_body={"thinking": "off"}, **force,
+    )  # fmt: skip
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert chunks[-1].finish_reason == "length"
+    assert "\ufffd" not in "".join(c.delta.content or "" for c in chunks)
 
 
 def test_completions_token_prompt_and_stop(client):

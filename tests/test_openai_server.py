@@ -281,6 +281,15 @@ def test_delete_session(http):
     assert again.status_code == 404 and again.json()["error"]["code"] == "session_not_found"
 
 
+@pytest.mark.parametrize("path", ["user%2F42", "user/42"])
+def test_delete_session_with_a_slash_in_its_id(http, path):
+    assert http.post("/v1/chat/completions", json=chat_body(session_id="user/42")).is_success
+    deleted = http.delete(f"/v1/sessions/{path}")
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json() == {"id": "user/42", "object": "session", "deleted": True}
+    assert http.delete("/v1/sessions/user%2F42").status_code == 404
+
+
 # -- raw HTTP: framing -------------------------------------------------------------------------
 
 
@@ -345,6 +354,8 @@ BAD_CHAT = [
     ({"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"messages": USER, "thinking": "sometimes"}, "thinking"),
     ({"messages": USER, "stop": 7}, "stop"),
+    ({"messages": USER, "logit_bias": {"99999999": 5}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"-1": 5}}, "logit_bias"),
 ]
 
 

@@ -66,7 +66,21 @@ def test_a_block_that_is_not_a_call_comes_back_as_text(block):
     assert parser.calls == []
 
 
-def test_a_block_cut_short_comes_back_without_a_closing_tag():
+@pytest.mark.parametrize("text", ['\n{"name": "', '\n{"na', "not json"])
+def test_a_block_cut_short_before_its_name_is_dropped_never_text(text):
     parser = HermesToolCalls()
-    parser.feed('\n{"name": "')
-    assert parser.end(closed=False) == ([], '<tool_call>\n{"name": "')
+    parser.feed(text)
+    assert parser.end(closed=False) == ([], None) and parser.calls == []
+
+
+@pytest.mark.parametrize(
+    "text, arguments",
+    [('\n{"name": "f", "argum', ""), ('\n{"name": "f", "arguments": {"a": "x', '{"a": "x')],
+)
+def test_a_block_cut_short_after_its_name_is_a_call_with_partial_arguments(text, arguments):
+    parser = HermesToolCalls()
+    streamed = parser.feed(text)
+    pieces, plain = parser.end(closed=False)
+    assert plain is None
+    assert "".join(p.arguments for p in streamed + pieces) == arguments
+    assert [(c.name, c.arguments) for c in parser.calls] == [("f", arguments)]

@@ -207,7 +207,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("queue_depth", "running", "active_sessions", "kv_bytes", "streams_stop", "streams_length", "streams_cancelled", "streams_deadline_exceeded", "streams_failed", "completion_tokens")
+    __slots__ = ("queue_depth", "running", "active_sessions", "kv_bytes", "streams_stop", "streams_length", "streams_cancelled", "streams_deadline_exceeded", "streams_failed", "completion_tokens", "streams_refused")
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class GetStatsResponse(_message.Message):
     STREAMS_DEADLINE_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FAILED_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_REFUSED_FIELD_NUMBER: _ClassVar[int]
     queue_depth: int
     running: int
     active_sessions: int
@@ -228,4 +229,5 @@ class GetStatsResponse(_message.Message):
     streams_deadline_exceeded: int
     streams_failed: int
     completion_tokens: int
-    def __init__(self, queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., streams_stop: _Optional[int] = ..., streams_length: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_deadline_exceeded: _Optional[int] = ..., streams_failed: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    streams_refused: int
+    def __init__(self, queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., streams_stop: _Optional[int] = ..., streams_length: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_deadline_exceeded: _Optional[int] = ..., streams_failed: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., streams_refused: _Optional[int] = ...) -> None: ...

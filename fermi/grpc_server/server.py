@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from fermi import logs, tracing
 from fermi.errors import (
     FermiError,
+    GenerationTimeout,
     InvalidRequest,
     QueueFull,
     SessionBusy,
@@ -61,11 +62,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fermi"].full_name  # "fermi.Fermi
 class ModelLoading(FermiError):
     def __init__(self) -> None:
         super().__init__("the model is still loading; retry when health reports SERVING")
-
-
-class GenerationTimeout(FermiError):
-    def __init__(self, timeout_ms: int) -> None:
-        super().__init__(f"generation exceeded the server's time limit of {timeout_ms} ms")
 
 
 class GenerationCancelled(FermiError):
@@ -275,7 +271,8 @@ class ServerStats:
     length: int = 0
     cancelled: int = 0
     deadline_exceeded: int = 0
-    failed: int = 0
+    failed: int = 0  # an unexpected error (INTERNAL)
+    refused: int = 0  # refused before generating (a mapped status: bad request, busy, ...)
     completion_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -292,18 +289,14 @@ class ServerStats:
 
 
 class _Stopper:
-    """Cancels one generation on client cancel / deadline (grpc callback) or on the server's
-    FERMI_TIMEOUT_MS timer, and remembers which of them fired first."""
+    """Cancels one generation when its RPC ends early (client cancel or the client's deadline,
+    a grpc callback) and remembers which. The server's own limit (FERMI_TIMEOUT_MS) is the
+    runtime's: it ends the generation with finish_reason "timeout"."""
 
-    def __init__(self, gen, context: grpc.ServicerContext, timeout_ms: int) -> None:
+    def __init__(self, gen, context: grpc.ServicerContext) -> None:
         self.gen = gen
-        self.reason: str | None = None  # "client" | "deadline" | "timeout"
+        self.reason: str | None = None  # "client" | "deadline"
         self._lock = threading.Lock()
-        self._timer = None
-        if timeout_ms > 0:
-            self._timer = threading.Timer(timeout_ms / 1000, self._stop, ("timeout",))
-            self._timer.daemon = True
-            self._timer.start()
         if not context.add_callback(lambda: self._on_rpc_end(context)):
             self._on_rpc_end(context)  # the RPC already ended
 
@@ -316,10 +309,6 @@ class _Stopper:
             if self.reason is None:
                 self.reason = reason
         self.gen.cancel()
-
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
 
 
 class FermiServicer(pb_grpc.FermiServicer):
@@ -342,14 +331,15 @@ class FermiServicer(pb_grpc.FermiServicer):
                     call = to_generation_request(request, request.session_id or None)
                 call.tenant = tenant
                 gen = self._runtime().submit(call)
-            except Exception:
-                self.stats.count("failed")
+            except Exception as e:
+                internal = status_for(e)[0] is grpc.StatusCode.INTERNAL
+                self.stats.count("failed" if internal else "refused")
                 raise
             yield from self._stream(gen, gen.session_id, context)
 
     def _stream(self, gen, session_id: str, context) -> Iterator[pb.GenerateResponse]:
         started = time.perf_counter()
-        stopper = _Stopper(gen, context, self.settings.timeout_ms)
+        stopper = _Stopper(gen, context)
         events = iter(gen)  # the runtime decodes in this thread, as we pull
         done: Finished | None = None
         span = tracing.tracer.start_span("stream")
@@ -361,7 +351,6 @@ class FermiServicer(pb_grpc.FermiServicer):
                     yield delta_message(session_id, event)
         finally:
             span.end()
-            stopper.disarm()
             if done is None:
                 # grpc dropped the stream while we sat at a yield (the client went away), or
                 # something failed: stop within a decode step and let the runtime end cleanly,
@@ -373,13 +362,18 @@ class FermiServicer(pb_grpc.FermiServicer):
             outcome = _outcome(done, stopper.reason)
             self.stats.count(outcome, done.usage.completion_tokens if done else 0)
             _log_end(session_id, outcome, done, started)
+        if done.finish_reason == "timeout":
+            raise GenerationTimeout(self.settings.timeout_ms)
         if done.finish_reason != "cancelled":
             yield final_message(session_id, done)
-        elif stopper.reason == "timeout":
-            raise GenerationTimeout(self.settings.timeout_ms)
         elif stopper.reason is None:
             raise GenerationCancelled()
-        # else the client cancelled or its deadline passed: there is nobody left to tell
+        else:  # the RPC ended first (client cancel, its deadline, the server stopping): nobody
+            # is left to tell, but the access log reports the RPC's real status, not OK
+            deadline = stopper.reason == "deadline"
+            context.set_code(
+                grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.CANCELLED
+            )
 
     def ResetSession(self, request, context):
         with error_status(context):
@@ -418,6 +412,7 @@ class FermiServicer(pb_grpc.FermiServicer):
                 streams_cancelled=counts["cancelled"],
                 streams_deadline_exceeded=counts["deadline_exceeded"],
                 streams_failed=counts["failed"],
+                streams_refused=counts["refused"],
                 completion_tokens=counts["completion_tokens"],
             )
 
@@ -426,7 +421,6 @@ class FermiServicer(pb_grpc.FermiServicer):
 STOP_OUTCOME = {
     "client": "cancelled",
     "deadline": "deadline_exceeded",
-    "timeout": "deadline_exceeded",
 }
 
 
@@ -447,6 +441,8 @@ def _outcome(done: Finished | None, stop_reason: str | None) -> str:
         return "failed"  # an exception inside generation
     if done.finish_reason == "tool_calls":
         return "stop"  # the model ended its turn
+    if done.finish_reason == "timeout":
+        return "deadline_exceeded"  # the runtime's FERMI_TIMEOUT_MS
     if done.finish_reason != "cancelled":
         return done.finish_reason  # "stop" | "length", even if a stop signal raced the end
     return STOP_OUTCOME.get(stop_reason, "failed")

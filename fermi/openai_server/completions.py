@@ -60,6 +60,9 @@ def parse_completions(body: dict[str, Any]) -> CompletionCall:
     if best_of not in (None, 1, n):
         raise InvalidRequest(f"best_of must equal n ({n}), got {best_of}", param="best_of")
     options = f.object("stream_options")
+    max_tokens = _max_tokens(f, echo)
+    # Echo scores the prompt; with max_tokens 0 that is the whole answer, even without logprobs.
+    prompt_logprobs = (0 if logprobs is None and max_tokens == 0 else logprobs) if echo else None
     _common_options(f)
     call = CompletionCall(
         model=f.string("model"),
@@ -71,17 +74,24 @@ def parse_completions(body: dict[str, Any]) -> CompletionCall:
         generation=GenerationRequest(
             messages=[],
             prompt=prompt,
-            max_new_tokens=f.integer("max_tokens", minimum=1) or DEFAULT_MAX_TOKENS,
+            max_new_tokens=max_tokens,
             sampling=_sampling(f),
             stop=_stop(f),
             ignore_eos=bool(f.boolean("ignore_eos")),
             n=n,
             logprobs=logprobs,
-            prompt_logprobs=logprobs if echo else None,
+            prompt_logprobs=prompt_logprobs,
         ),
     )
     check_fields(body, f.used, "completions")
     return call
+
+
+def _max_tokens(f: Fields, echo: bool) -> int:
+    """max_tokens, 16 when absent; 0 only with echo (score the prompt, generate nothing: what
+    lm-eval's loglikelihood sends)."""
+    value = f.integer("max_tokens", minimum=0 if echo else 1)
+    return DEFAULT_MAX_TOKENS if value is None else value
 
 
 def _prompt(value: Any) -> str | list[int]:

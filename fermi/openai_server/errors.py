@@ -11,6 +11,7 @@ from sanic.exceptions import SanicException
 from fermi.errors import (
     ContextLengthExceeded,
     FermiError,
+    GenerationTimeout,
     InvalidRequest,
     ModelNotFound,
     QueueFull,
@@ -73,6 +74,8 @@ def map_error(exc: BaseException) -> ApiError:
             return ApiError(429, message, "rate_limit_error", code="queue_full", headers=RETRY)
         case Unauthorized():
             return ApiError(401, message, code="invalid_api_key")
+        case GenerationTimeout():  # like a gateway's 504: the answer did not come in time
+            return ApiError(504, message, "server_error", code="timeout")
         case ShuttingDown():
             return ApiError(
                 503, message, "server_error", code="server_shutting_down", headers=RETRY

@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from sanic import Request, Sanic
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
 
 from fermi import logs, tracing
-from fermi.errors import FermiError
+from fermi.errors import FermiError, GenerationTimeout
 from fermi.exposure import exposure_warning
 from fermi.fim import render_fim
 from fermi.openai_server import completions as cmpl
@@ -92,10 +93,12 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse:
     return _json(_model_card(request))
 
 
-@route("/v1/sessions/<session_id>", "DELETE")
+@route("/v1/sessions/<session_id:path>", "DELETE")
 async def delete_session(request: Request, session_id: str) -> HTTPResponse:
     """Forget one of the caller's sessions: another key's session answers 404 like a missing
-    one."""
+    one. The id is percent-decoded once, so `user%2F42` (or a plain `user/42`) names the session
+    "user/42"."""
+    session_id = unquote(session_id)
     _runtime(request).reset_session(session_id, tenant=request.ctx.tenant)
     return _json({"id": session_id, "object": "session", "deleted": True})
 
@@ -228,6 +231,8 @@ async def _drain(queue: asyncio.Queue, ctx) -> AsyncIterator[Event]:
             raise item.error
         if isinstance(item, Finished) and item.finish_reason == "cancelled" and ctx.stopping:
             raise ShuttingDown("the server is shutting down; retry on another instance or later")
+        if isinstance(item, Finished) and item.finish_reason == "timeout":
+            raise GenerationTimeout(ctx.settings.timeout_ms)
         yield item
         if isinstance(item, Finished):
             return
@@ -252,15 +257,31 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
     queue: asyncio.Queue = asyncio.Queue()
     events = _record(request.ctx.access, ctx.metrics.observe(generation.aiter()))
     pump = asyncio.create_task(_pump(events, queue.put_nowait))
+    request.ctx.pump = pump
     ctx.pumps.add(pump)
     pump.add_done_callback(ctx.pumps.discard)
     try:
         yield _drain(queue, ctx)
     except asyncio.CancelledError:
         ctx.metrics.generations.labels("disconnected").inc()
+        _log_disconnect(request)
         raise
     finally:
         generation.close()
+
+
+def _log_disconnect(request: Request) -> None:
+    """The client went away mid-generation: its access line says 499 (nginx's "client closed
+    request") and is written once the generation has ended, with its counts and finish reason
+    (cancelled, unless it ended on its own first)."""
+    access, pump = request.ctx.access, getattr(request.ctx, "pump", None)
+    access.status = 499
+    request.ctx.disconnected = True  # finish_response leaves the line to us
+    if pump is not None and not pump.done():
+        pump.add_done_callback(lambda _: access.emit())
+        return
+    access.finish_reason = access.finish_reason or "cancelled"
+    access.emit()
 
 
 async def _collect(
@@ -299,6 +320,7 @@ async def _stream(request: Request, generation, frames):
     if frames.meta.session_id:
         headers["X-Session-Id"] = frames.meta.session_id
     request.ctx.streaming = True  # the access log is written when the stream ends
+    ended = False
     try:
         async with _events(request, generation) as events, _stream_span():
             response = await request.respond(content_type="text/event-stream", headers=headers)
@@ -307,13 +329,17 @@ async def _stream(request: Request, generation, frames):
                 async for event in events:
                     await response.send(_frame(frames, event))
             except Exception as e:
-                if not isinstance(e, ShuttingDown):
+                if not isinstance(e, ShuttingDown | GenerationTimeout):
                     log.exception("generation failed mid-stream")
                 await response.send(frames.error(map_error(e)))
             await response.eof()
+            ended = True
     finally:
-        request.ctx.access.status = 200
-        request.ctx.access.emit()
+        if ended:
+            request.ctx.access.status = 200
+            request.ctx.access.emit()
+        else:  # the client went away (the handler was cancelled, or a send failed)
+            _log_disconnect(request)
 
 
 def _frame(frames, event: Event) -> str:
@@ -364,6 +390,7 @@ async def start_request(request: Request) -> None:
     route = f"/{request.route.path}" if request.route else request.path
     request.ctx.access = access = logs.AccessRecord("http", request.method, request.path)
     request.ctx.streaming = False
+    request.ctx.disconnected = False
     attributes = {"http.request.method": request.method, "http.route": route}
     access.span = tracing.start_request(f"{request.method} {route}", request.headers, attributes)
     tracing.activate(access.span)  # this request's task: the handler's spans are children
@@ -375,7 +402,7 @@ async def finish_response(request: Request, response: HTTPResponse) -> None:
     name = f"/{request.route.path}" if request.route else "unmatched"
     request.app.ctx.metrics.requests.labels(name, str(response.status)).inc()
     access = getattr(request.ctx, "access", None)
-    if access is not None and not request.ctx.streaming:
+    if access is not None and not request.ctx.streaming and not request.ctx.disconnected:
         access.status = response.status
         access.emit()
     origin = allowed_origin(request.app.ctx.settings, request.headers.get("origin"))

@@ -157,26 +157,7 @@ def response_format(f: Fields) -> OutputFormat | None:
     """Chat's response_format: text, json_object, json_schema ({"json_schema": {"name",
     "schema", "strict"}}) or fermi's grammar ({"grammar": ..., "syntax": "lark" | "regex"})."""
     g = f.object("response_format")
-    if g is None:
-        return None
-    kind = g.data.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return OutputFormat("json_object", None, "response_format")
-    if kind == "json_schema":
-        holder = g.object("json_schema")
-        if holder is None:
-            raise InvalidRequest(
-                "response_format.json_schema is required", "response_format.json_schema"
-            )
-        return _schema_format(holder)
-    if kind == "grammar":
-        return _grammar(g)
-    raise InvalidRequest(
-        f"response_format.type must be text, json_object, json_schema or grammar, got {kind!r}",
-        param="response_format",
-    )
+    return None if g is None else _output_format(g, "response_format", flat=False)
 
 
 def text_format(f: Fields) -> OutputFormat | None:
@@ -184,18 +165,25 @@ def text_format(f: Fields) -> OutputFormat | None:
     "json_schema", "name", "schema", "strict"})."""
     text = f.object("text")
     g = text.object("format") if text else None
-    if g is None:
-        return None
+    return None if g is None else _output_format(g, "text.format", flat=True)
+
+
+def _output_format(g: Fields, param: str, flat: bool) -> OutputFormat | None:
+    """One format object (`param` names it in errors); `flat`: json_schema's fields sit beside
+    `type` (Responses) rather than under `json_schema` (chat)."""
     kind = g.data.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
-        return OutputFormat("json_object", None, "text.format")
+        return OutputFormat("json_object", None, param)
     if kind == "json_schema":
-        return _schema_format(g)
+        holder = g if flat else g.object("json_schema")
+        if holder is None:
+            raise InvalidRequest(f"{param}.json_schema is required", f"{param}.json_schema")
+        return _schema_format(holder)
     if kind == "grammar":
         return _grammar(g)
     raise InvalidRequest(
-        f"text.format.type must be text, json_object, json_schema or grammar, got {kind!r}",
-        param="text.format",
+        f"{param}.type must be text, json_object, json_schema or grammar, got {kind!r}",
+        param=param,
     )

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.gguf_checkpoint import GGUFCheckpoint
-from export.ops_fused import MS, stacked_name
+from export.ops_fused import stacked_name
 from export.quantize import HEAD_WEIGHTS, QuantizedOps
 
 GGUF_BLOCK = 32
@@ -99,7 +99,6 @@ class CarriedOps(QuantizedOps):
 
     def __init__(self, b, cfg, bits: int, options):
         self._plans: dict[str, tuple[list[str], str]] = {}  # weight -> (GGUF parts, type)
-        self._zero_points: dict[str, str] = {}  # Q4_1: zero points 0
         self._mins: dict[str, str] = {}  # Q4_1: the mins, (K / 32, N)
         self.record: dict[str, str] = {}
         super().__init__(b, cfg, bits, options)
@@ -159,27 +158,15 @@ class CarriedOps(QuantizedOps):
             mins = np.concatenate([c[2] for c in carried]).T.astype(self.b.dtype)  # (K/32, N)
             self._mins[weight] = self.b.external(f"{weight}.mins", np.ascontiguousarray(mins))
             zero_points = np.zeros(len(codes) * -(-scales.shape[1] // 2), np.uint8)  # packed
-            self._zero_points[weight] = self.b.external(f"{weight}.zero_points", zero_points)
+            self._zeros[weight] = self.b.external(f"{weight}.zero_points", zero_points)
         self._quantized[weight] = (*names, bits, (len(codes), k))
         return super().quantized(weight, bits)
 
     def matmul_nbits(self, x: str, weight: str, bits: int, w: np.ndarray | None = None) -> str:
-        if weight not in self._zero_points and weight not in self._plans:
-            return super().matmul_nbits(x, weight, bits, w)
+        """QuantizedOps' MatMulNBits (block_of and quantized give the carried blocks), plus, for
+        Q4_1, each block's min times the block sums of x."""
+        y = super().matmul_nbits(x, weight, bits, w)  # (B, S, N)
         b = self.b
-        codes, scales, (n, k) = self.quantized(weight, bits, w)
-        zero_points = [self._zero_points[weight]] if weight in self._zero_points else []
-        y = b.node(
-            "MatMulNBits",
-            [x, codes, scales, *zero_points],
-            f"{weight}/MatMulNBits",
-            domain=MS,
-            K=k,
-            N=n,
-            bits=bits,
-            block_size=GGUF_BLOCK,
-            accuracy_level=self.options.accuracy_level,
-        )  # (B, S, N)
         if weight not in self._mins:
             return y
         blocks = b.node("Reshape", [x, b.const([0, 0, -1, GGUF_BLOCK])], f"{weight}/blocks")

@@ -258,9 +258,9 @@ ServedNameOpt = Annotated[
 PoolOpt = Annotated[
     int | None,
     typer.Option(
-        "--max-num-seqs", "--parallel", envvar="FERMI_ENGINE_POOL", min=1, show_default="1",
+        "--max-num-seqs", "--parallel", envvar="FERMI_ENGINE_POOL", min=1, show_default="16",
         metavar="N",
-        help="sequences generated at once (they share one copy of the weights); also --parallel",
+        help="the batch limit: sequences decoded together (each choice of n counts)",
     ),
 ]  # fmt: skip
 QueueOpt = Annotated[

@@ -59,6 +59,17 @@ class KVCache:
     def nbytes(self) -> int:
         return self.offset * self._bytes_per_token
 
+    def save(self, length: int) -> list[np.ndarray]:
+        """Host copies of the first `length` positions, (1, KV, length, D) per layer and kind."""
+        return [np.ascontiguousarray(v.numpy()[:, :, :length]) for v in self.values]
+
+    def load(self, values: list[np.ndarray], length: int) -> None:
+        """Hold the first `length` positions of `values` (what `save` returned), nothing else."""
+        self.values = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v[:, :, :length])) for v in values
+        ]
+        self.offset = length
+
 
 class Resizer:
     """Copies a (1, KV, C, D) buffer into a larger one on the buffer's own device, with a
@@ -192,6 +203,16 @@ class WindowKVCache:
     def trim(self, length: int) -> None:
         """Slots past the offset are masked out and overwritten by the next steps."""
         self.offset = min(self.offset, length)
+
+    def save(self, length: int) -> list[np.ndarray]:
+        """Host copies of the first `length` positions, (1, KV, length, D) per layer and kind."""
+        return [np.ascontiguousarray(v.numpy()[:, :, :length]) for v in self.past]
+
+    def load(self, values: list[np.ndarray], length: int) -> None:
+        """Hold the first `length` positions of `values` (what `save` returned)."""
+        for target, value in zip(self.past, values, strict=True):
+            target.numpy()[:, :, :length] = value[:, :, :length]  # host OrtValues: views
+        self.offset = length
 
     @property
     def nbytes(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from fermi.batching import runner_for
 from fermi.chat_template import (
     ChatTemplate,
     infer_reasoning_tags,
@@ -36,9 +38,9 @@ from fermi.detokenizer import StreamingDetokenizer
 from fermi.engine import Engine, pick_device
 from fermi.errors import ContextLengthExceeded, InvalidRequest
 from fermi.fim import fim_tokens
-from fermi.generate import generate_tokens
 from fermi.model_info import describe
 from fermi.models import resolve_artifact
+from fermi.prefix_cache import Entry, PrefixCache
 from fermi.requests import (
     Event,
     Finished,
@@ -58,10 +60,10 @@ from fermi.sampling import (
     resolve_sampling,
     top_entries,
 )
+from fermi.scheduler import Done, Failed, Group, Scheduler, Sequence, Started
 from fermi.security import ANONYMOUS, short_id, validate_session_id
 from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
-from fermi.slots import Slots, Ticket
 from fermi.text_stream import OutputChannels, StopMatcher, channel_table
 from fermi.token_text import TokenText
 from fermi.tool_calls import TOOL_CALL_FORMATS, HermesToolCalls
@@ -85,7 +87,6 @@ class Job:
 
     request: GenerationRequest
     session: Session
-    ticket: Ticket
     conversation: list[Message]
     prompt_ids: list[int]
     max_new_tokens: int
@@ -95,7 +96,11 @@ class Job:
     constraint: Constraint | None  # the first choice's; each further choice builds its own
     sampling: ResolvedSampling
     dropped_turns: int
+    signal: StopSignal
     trace: GenerationTrace = field(default_factory=GenerationTrace)  # parent: the submitter's
+    # prompt logprobs, filled by the prefill: entry i scores prompt token i (none for token 0)
+    prompt_entries: list[SampledToken | None] = field(default_factory=lambda: [None])
+    group: Group | None = None
 
 
 class Runtime:
@@ -131,7 +136,10 @@ class Runtime:
         self._live: set[Generation] = set()  # submitted and not yet released
         self._live_lock = threading.Lock()
         self._live_changed = threading.Condition(self._live_lock)
-        self.slots = Slots(capacity=max(1, settings.engine_pool), max_waiting=settings.max_queue)
+        self.prefix_cache = PrefixCache(settings.kv_cache_mb * 1024 * 1024)
+        batch = max(1, settings.engine_pool)
+        self.runner = runner_for(self.engine, batch)
+        self.scheduler = Scheduler(self.runner, self.prefix_cache, batch, settings.max_queue)
 
     def _family_tags(self) -> None:
         """Reasoning and tool-call tags from the manifest, else inferred from the template."""
@@ -174,6 +182,12 @@ class Runtime:
         except BaseException:
             self.sessions.release(session)
             raise
+        try:
+            job.group = self._group(job, job.signal)
+            self.scheduler.submit(job.group)  # QueueFull past the bound
+        except BaseException:
+            self.sessions.release(session)
+            raise
         self.sessions.commit(session)
         generation = Generation(self, job)
         with self._live_lock:
@@ -196,10 +210,14 @@ class Runtime:
             self._live_changed.notify_all()
 
     def reset_session(self, session_id: str, tenant: str = ANONYMOUS) -> None:
-        """Forget a session of `tenant`; SessionNotFound when that tenant has none by this id
-        (whether or not another tenant has one), SessionBusy while it generates."""
+        """Forget a session of `tenant`, its history and the KV it pinned; SessionNotFound
+        when that tenant has none by this id (whether or not another tenant has one),
+        SessionBusy while it generates. Prefixes other requests left in the cache stay."""
         validate_session_id(session_id)
-        self.sessions.reset(session_id, tenant)
+        session = self.sessions.reset(session_id, tenant)
+        if session.cache is not None:
+            self.prefix_cache.remove(session.cache)
+            session.cache = None
 
     def cancel_all(self) -> None:
         """Cancel every live generation (each stops within one decode step); any thread."""
@@ -219,14 +237,15 @@ class Runtime:
         with self._live_changed:
             while self._live and time.monotonic() < deadline:
                 self._live_changed.wait(0.05)
-            return not self._live
+            ended = not self._live
+        return self.scheduler.stop(max(0.1, deadline - time.monotonic())) and ended
 
     def stats(self) -> RuntimeStats:
         return RuntimeStats(
-            queue_depth=self.slots.waiting,
-            running=self.slots.running,
+            queue_depth=self.scheduler.waiting,
+            running=self.scheduler.running,
             active_sessions=len(self.sessions),
-            kv_bytes=self.sessions.kv_bytes,
+            kv_bytes=self.prefix_cache.nbytes + self.runner.nbytes,
         )
 
     def encode(self, text: str) -> list[int]:
@@ -259,11 +278,10 @@ class Runtime:
         channel = self._first_channel(prompt, thinking) if request.prompt is None else "answer"
         parse_tool_calls = request.prompt is None and self._parses_tool_calls(request)
         constraint = self._constraint(request, channel, parse_tool_calls)
-        ticket = self.slots.reserve()
+        timeout_ms = self.settings.timeout_ms
         return Job(
             request=request,
             session=session,
-            ticket=ticket,
             conversation=conversation,
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
@@ -273,6 +291,7 @@ class Runtime:
             constraint=constraint,
             sampling=sampling,
             dropped_turns=dropped,
+            signal=StopSignal(time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else None),
         )
 
     def _first_channel(self, prompt: str, thinking: bool) -> str:
@@ -368,45 +387,84 @@ class Runtime:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _run(self, job: Job, cancel: StopSignal) -> Iterator[Event]:
-        """Run the job's choices one after another on its session's cache: the second and
-        later choices reuse the prompt's KV, so only the first prefills it."""
+    def _run(self, job: Job) -> Iterator[Event]:
+        """Turn the tokens the scheduler posts for the job's choices into events. The n > 1
+        choices decode in the same batch, so their events interleave (each carries its index).
+        Leaving early (close, cancel, an error) stops the choices within one step."""
+        request, group, n = job.request, job.group, job.request.n
         job.trace.queued()
-        if not self.slots.wait(job.ticket, cancel):
-            job.trace.end()
-            yield self._finished(job, [cancel.reason or "cancelled"], 0, 0, 0)
-            return
-        reasons, completion, reasoning, cached, text = [], 0, 0, 0, None
-        for index in range(job.request.n):
-            choice = yield from self._run_choice(job, cancel, index)
-            reasons.append(choice.finish_reason)
-            completion += choice.completion_tokens
-            reasoning += choice.reasoning_tokens
-            cached = cached if index else choice.cached_tokens
-            text = text if index else choice.text
-            if choice.finish_reason in ("cancelled", "timeout"):
-                break
+        texts = [self._pipeline(job, i) for i in range(n)]
+        reasons: list[str | None] = [None] * n  # decided by the reader or the scheduler
+        done = [False] * n  # the choice has left the batch
+        generated, reasoning = [0] * n, [0] * n
+        cached, entry = 0, None
+        wants_prompt = request.prompt_logprobs is not None
+        eos = set() if request.ignore_eos else self.eos_ids
+        try:
+            while not all(done):
+                message = group.outbox.get()
+                if isinstance(message, Failed):
+                    raise message.error
+                i = message.index
+                if isinstance(message, Started):
+                    if i == 0:
+                        cached = message.cached_tokens
+                        job.trace.prefill(len(job.prompt_ids), cached)
+                    continue
+                if wants_prompt and len(job.prompt_entries) == len(job.prompt_ids):
+                    yield PromptLogprobs(list(job.prompt_ids), job.prompt_entries)
+                    wants_prompt = False
+                if isinstance(message, Done):
+                    done[i] = True
+                    entry = message.entry if i == 0 else entry
+                    if reasons[i] is None:
+                        reasons[i] = message.reason
+                        yield from texts[i].finish(cut=message.reason != "stop")
+                    continue
+                if reasons[i] is not None:  # asked to stop; the scheduler has not seen it yet
+                    continue
+                if not generated[i] and i == 0:
+                    job.trace.decode()
+                generated[i] += 1
+                if message.token.id in eos:
+                    reasons[i] = "stop"
+                    yield from texts[i].finish()
+                    continue
+                deltas, stopped = texts[i].add(message.token)
+                reasoning[i] += texts[i].channels.last_kind == "reasoning"
+                yield from deltas
+                if stopped:
+                    reasons[i] = "stop"
+                    group.sequences[i].stop_requested.set()
+                    yield from texts[i].finish()
+        finally:
+            if not all(done):
+                job.signal.set()  # the reader left: stop the choices, wait for them to leave
+                entry = _drain(group.outbox, done, entry)
+            job.trace.end(**{"gen_ai.usage.output_tokens": sum(generated)})
+            self._keep_cache(job.session, entry)
+        for i, text in enumerate(texts):
+            if reasons[i] == "stop" and text.tool_calls:
+                reasons[i] = "tool_calls"
         if job.session.persistent:
-            job.session.history = job.conversation + [text.as_message()]
-        yield self._finished(job, reasons, completion, reasoning, cached)
+            job.session.history = job.conversation + [texts[0].as_message()]
+        yield self._finished(job, reasons, sum(generated), sum(reasoning), cached)
 
-    def _run_choice(self, job: Job, cancel: StopSignal, index: int):
-        """One choice: yields its events, returns a _Choice."""
-        request, session, engine = job.request, job.session, self.engine
-        cache = session.cache if session.cache is not None else engine.new_cache()
-        wants_prompt = request.prompt_logprobs is not None and index == 0
-        # Prompt logprobs need the logits of every prompt position: nothing comes from cache.
-        reused = (
-            0
-            if wants_prompt
-            else _common_prefix(session.tokens, job.prompt_ids, len(job.prompt_ids) - 1)
-        )
-        cache.trim(reused)
-        if index == 0:
-            job.trace.prefill(len(job.prompt_ids), reused)
-        text = TextPipeline(
+    def _keep_cache(self, session: Session, entry: Entry | None) -> None:
+        """A kept session pins its latest prefix-cache entry; the one it held before becomes
+        an ordinary entry (least recently used first)."""
+        if entry is None or not session.persistent:
+            return
+        old, session.cache = session.cache, entry
+        entry.session = session
+        if old is not None and old is not entry:
+            old.session = None
+        self.prefix_cache.evict()
+
+    def _pipeline(self, job: Job, index: int) -> TextPipeline:
+        return TextPipeline(
             StreamingDetokenizer(self.tokenizer),
-            request.stop,
+            job.request.stop,
             OutputChannels(
                 channel_table(
                     self.reasoning_tags, self.tool_call_tags if job.parse_tool_calls else None
@@ -416,71 +474,41 @@ class Runtime:
             HermesToolCalls(tuple(self.tool_call_tags)) if job.parse_tool_calls else None,
             index,
         )
-        constraint = (
-            job.constraint
-            if index == 0
-            else self._constraint(request, job.channel, job.parse_tool_calls)
+
+    def _group(self, job: Job, signal: StopSignal) -> Group:
+        """The scheduler's view of a job: one sequence per choice, each with its own sampler
+        (choice i draws with seed + i) and constraint."""
+        request = job.request
+        sequences = []
+        for index in range(request.n):
+            constraint = (
+                job.constraint
+                if index == 0
+                else self._constraint(request, job.channel, job.parse_tool_calls)
+            )
+            sampler = Sampler(
+                job.sampling,
+                _choice_seed(request.sampling.seed, index),
+                request.logprobs,
+                constraint=constraint,
+            )
+            sampler.reset(job.prompt_ids)
+            sequences.append(Sequence(index, sampler, job.max_new_tokens))
+        wants_prompt = request.prompt_logprobs is not None
+        return Group(
+            tenant=request.tenant,
+            prompt_ids=job.prompt_ids,
+            sequences=sequences,
+            eos_ids=set() if request.ignore_eos else self.eos_ids,
+            signal=signal,
+            # Prompt logprobs need the logits of every prompt position: nothing from cache.
+            reuse_prefix=not wants_prompt,
+            on_logits=(
+                _PromptScorer(job.prompt_ids, request.prompt_logprobs, job.prompt_entries)
+                if wants_prompt
+                else None
+            ),
         )
-        sampler = Sampler(
-            job.sampling,
-            _choice_seed(request.sampling.seed, index),
-            request.logprobs,
-            constraint=constraint,
-        )
-        eos = set() if request.ignore_eos else self.eos_ids
-        prompt_entries: list[SampledToken | None] = [None]  # nothing predicts token 0
-        on_logits = (
-            _PromptScorer(job.prompt_ids, request.prompt_logprobs, prompt_entries)
-            if wants_prompt
-            else None
-        )
-        generated: list[int] = []
-        reasoning_tokens = 0
-        finish = "length"
-        steps = generate_tokens(
-            engine,
-            cache,
-            job.prompt_ids[reused:],
-            job.prompt_ids,
-            sampler,
-            job.max_new_tokens,
-            eos,
-            cancel,
-            on_logits,
-        )
-        try:
-            for sampled in steps:
-                if not generated and index == 0:
-                    job.trace.decode()
-                if wants_prompt and len(prompt_entries) == len(job.prompt_ids):
-                    yield PromptLogprobs(list(job.prompt_ids), prompt_entries)
-                    wants_prompt = False
-                token = sampled.id
-                generated.append(token)
-                if token in eos:
-                    finish = "stop"
-                    break
-                deltas, stopped = text.add(sampled)
-                reasoning_tokens += text.channels.last_kind == "reasoning"
-                yield from deltas
-                if stopped:
-                    finish = "stop"
-                    break
-            else:
-                finish = cancel.reason or finish  # cancelled or timeout, if that ended the loop
-            if wants_prompt and len(prompt_entries) == len(job.prompt_ids):
-                yield PromptLogprobs(list(job.prompt_ids), prompt_entries)  # max_tokens 0
-            yield from text.finish(cut=finish != "stop")
-        finally:
-            steps.close()
-            job.trace.end(**{"gen_ai.usage.output_tokens": len(generated)})
-            # The engine advances the cache only after a step succeeds, so whatever happened
-            # (done, cancelled, abandoned, failed) it holds exactly these tokens.
-            session.cache = cache
-            session.tokens = (job.prompt_ids + generated)[: cache.offset]
-        if finish == "stop" and text.tool_calls:
-            finish = "tool_calls"
-        return _Choice(finish, len(generated), reasoning_tokens, reused, text)
 
     def _finished(
         self, job: Job, reasons: list[str], completion: int, reasoning: int, cached: int
@@ -489,15 +517,6 @@ class Runtime:
         return Finished(
             reasons[-1], usage, job.session.id, job.thinking, job.dropped_turns, reasons
         )
-
-
-@dataclass
-class _Choice:
-    finish_reason: str
-    completion_tokens: int
-    reasoning_tokens: int
-    cached_tokens: int
-    text: TextPipeline
 
 
 def _choice_seed(seed: int | None, index: int) -> int | None:
@@ -655,8 +674,7 @@ class Generation:
     def __init__(self, runtime: Runtime, job: Job):
         self._runtime = runtime
         self._job = job
-        timeout_ms = runtime.settings.timeout_ms
-        self._cancel = StopSignal(time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else None)
+        self._cancel = job.signal
         self._started = False
         self._released = False
         self._lock = threading.Lock()
@@ -670,7 +688,7 @@ class Generation:
                 raise RuntimeError("a Generation can be iterated once")
             self._started = True
         try:
-            yield from self._runtime._run(self._job, self._cancel)
+            yield from self._runtime._run(self._job)
         finally:
             self._release()
 
@@ -718,7 +736,7 @@ class Generation:
             if self._released:
                 return
             self._released = True
-        self._runtime.slots.release(self._job.ticket)
+        self.cancel()  # if still queued or running (never read), it leaves at the next step
         self._runtime.sessions.release(self._job.session)
         self._runtime._ended(self)
 
@@ -729,6 +747,21 @@ class _Failure:
 
 
 _END = object()
+
+
+def _drain(outbox: queue.SimpleQueue, done: list[bool], entry, timeout_s: float = 60.0):
+    """Wait (up to `timeout_s`) for the choices still in the batch to leave; returns the
+    first choice's prefix-cache entry."""
+    deadline = time.monotonic() + timeout_s
+    while not all(done) and (left := deadline - time.monotonic()) > 0:
+        try:
+            message = outbox.get(timeout=left)
+        except queue.Empty:
+            break
+        if isinstance(message, Done):
+            done[message.index] = True
+            entry = message.entry if message.index == 0 else entry
+    return entry
 
 
 def _validate(request: GenerationRequest) -> None:

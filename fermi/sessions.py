@@ -1,6 +1,7 @@
-"""Sessions: a conversation's history plus the KV cache of the tokens it has already seen.
+"""Sessions: a conversation's history plus a pin on the prefix-cache entry (fermi/prefix_cache.py)
+holding the KV of the tokens it has already seen.
 
-A new turn reuses the cache for the longest common token prefix and prefills only the rest.
+A new turn reuses that KV for the longest common token prefix and prefills only the rest.
 Idle sessions are evicted least-recently-used first by TTL, by count and by total KV memory;
 a session that is generating is never evicted. A background timer (`start_reaper`) applies the
 TTL even when no request arrives.
@@ -18,7 +19,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from fermi.errors import SessionBusy, SessionNotFound
-from fermi.kv_cache import KVCache
+from fermi.prefix_cache import Entry
 from fermi.requests import Message
 from fermi.security import ANONYMOUS, short_id
 
@@ -33,8 +34,7 @@ class Session:
     id: str
     tenant: str = ANONYMOUS
     history: list[Message] = field(default_factory=list)
-    cache: KVCache | None = None
-    tokens: list[int] = field(default_factory=list)  # the ids whose KV is in `cache`
+    cache: Entry | None = None  # its latest prefix-cache entry, pinned while the session is kept
     last_used: float = field(default_factory=time.monotonic)
     busy: bool = False
     persistent: bool = True  # one-shot sessions are dropped when their request ends
@@ -119,7 +119,8 @@ class SessionStore:
             session.last_used = self._clock()
             self._evict_locked()
 
-    def reset(self, session_id: str, tenant: str = ANONYMOUS) -> None:
+    def reset(self, session_id: str, tenant: str = ANONYMOUS) -> Session:
+        """Drop a session; returns it (its pinned KV is then the caller's to forget)."""
         with self._lock:
             key = _key(tenant, session_id)
             session = self._sessions.get(key)
@@ -128,6 +129,7 @@ class SessionStore:
             if session.busy:
                 raise SessionBusy(session_id)
             self._drop_locked(key)
+            return session
 
     def evict(self) -> None:
         with self._lock:

@@ -26,11 +26,11 @@ class Settings:
     default_thinking: str | None = None  # on | off | auto; None = off
     supports_thinking: bool | None = None  # None = the manifest says
     disable_think: bool = False
-    engine_pool: int = 1
-    max_queue: int = 64  # requests waiting for an engine beyond those running
+    engine_pool: int = 16  # sequences decoded together (the batch limit; n > 1 counts each)
+    max_queue: int = 64  # requests waiting beyond those running
     session_ttl_s: float = 1800.0
     session_max: int = 256
-    kv_cache_mb: int = 4096  # total KV memory held by idle sessions
+    kv_cache_mb: int = 4096  # KV memory of cached prefixes (idle sessions included)
     timeout_ms: int = 0  # per-generation wall clock limit; 0 = none
     max_new_tokens: int = 1024  # default when a request sets none
     session_unclaimed_ttl_s: float = 300.0  # server-minted ids never sent back expire sooner

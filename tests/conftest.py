@@ -21,6 +21,20 @@ def tiny_artifact(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cpu_artifact(tmp_path_factory) -> Path:
+    """The same model as the cpu target builds it (fused graph, one KV buffer per layer that
+    batches: fermi/batching.py's PooledRunner)."""
+    from export.exporter import export_model
+
+    return export_model(
+        "tiny-qwen3",
+        precision="fp32",
+        target="cpu",
+        output=tmp_path_factory.mktemp("art") / "tiny-cpu",
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact_fp16(tmp_path_factory) -> Path:
     from export.exporter import export_model
 

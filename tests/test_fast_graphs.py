@@ -245,15 +245,18 @@ def ask(runtime: Runtime, text: str, session: str | None = None) -> tuple[list[i
 def test_session_prefix_reuse_on_the_shared_buffer(fused_tiny):
     runtime = Runtime.load(Settings(model=str(fused_tiny), device="cpu"))
     ask(runtime, "Tell me a story", "s")
-    cache = runtime.sessions._sessions["s"].cache
-    assert isinstance(cache, SharedKVCache)
-    held = cache.offset
+    entry = runtime.sessions._sessions["s"].cache  # the session pins its prefix-cache entry
+    assert entry.pinned
+    held = len(entry.tokens)
     continued, finished = ask(runtime, "And then?", "s")
     assert finished.usage.cached_tokens > 0
-    assert runtime.sessions._sessions["s"].cache is cache and cache.offset > held
+    newer = runtime.sessions._sessions["s"].cache
+    assert newer is not entry and len(newer.tokens) > held and newer.pinned and not entry.pinned
     history = runtime.sessions._sessions["s"].history[:-1]
     *fresh, done = runtime.submit(
-        GenerationRequest(history, max_new_tokens=12, sampling=GREEDY, thinking="off")
+        GenerationRequest(
+            history, max_new_tokens=12, sampling=GREEDY, thinking="off", tenant="another"
+        )
     )
     assert done.usage.cached_tokens == 0
     assert continued == [t for d in fresh for t in d.token_ids]
@@ -265,7 +268,9 @@ def test_evicted_session_starts_over_and_matches_fresh(fused_tiny):
     ask(runtime, "Something else", "b")  # evicts "a" (one idle session at most)
     assert "a" not in runtime.sessions and "b" in runtime.sessions
     again, finished = ask(runtime, "Tell me a story", "a")
-    assert finished.usage.cached_tokens == 0 and again == first
+    assert again == first
+    # The history went with the session; its KV stayed in the prefix cache, now unpinned.
+    assert finished.usage.cached_tokens == finished.usage.prompt_tokens - 1
 
 
 def test_runtime_exports_the_variant_of_its_device(tmp_path):

@@ -92,9 +92,12 @@ def test_session_prefix_reuse_equals_fresh_prefill(runtime):
     assert finished.usage.cached_tokens > 0
 
     history = runtime.sessions._sessions["reuse"].history[:-1]  # without the new answer
+    # Another tenant never sees this one's cached prefixes: a fresh prefill.
     fresh = list(
         runtime.submit(
-            GenerationRequest(history, max_new_tokens=12, sampling=GREEDY, thinking="off")
+            GenerationRequest(
+                history, max_new_tokens=12, sampling=GREEDY, thinking="off", tenant="other"
+            )
         )
     )
     assert fresh[-1].usage.cached_tokens == 0

@@ -1,0 +1,311 @@
+"""The scheduler: batched decode equals one-at-a-time decode, prefix-cache hits equal fresh
+prefills, cancellation lands within one chunk or step, n > 1 shares one prefill."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from fermi.batching import PooledRunner, SingleRunner
+from fermi.engine import Engine
+from fermi.errors import InvalidRequest, QueueFull
+from fermi.generate import generate_tokens
+from fermi.kv_pool import GraphMover, HostMover, KVBlock, KVPool
+from fermi.prefix_cache import PrefixCache
+from fermi.requests import GenerationRequest, Message, SamplingParams, TextDelta
+from fermi.runtime import Runtime
+from fermi.sampling import Sampler, resolve_sampling
+from fermi.scheduler import Done, Group, Scheduler, Sequence, Started, Token
+from fermi.settings import Settings
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPTS = [
+    list(range(3, 40)),
+    [7, 8, 9],
+    list(range(100, 400)),  # crosses the pool's first capacity step
+    [11] * 17,
+    list(range(50, 61)),
+    [5],
+]
+LENGTHS = [20, 35, 8, 300, 12, 27]  # leave at different steps; one grows the pool
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_cpu_artifact):
+    return Engine(tiny_cpu_artifact, device="cpu", threads=1)
+
+
+def greedy_sampler() -> Sampler:
+    return Sampler(resolve_sampling(GREEDY, {}, False, None))
+
+
+def alone(engine, prompt, count) -> list[int]:
+    """The reference: batch 1 on a cache of its own (fermi/generate.py)."""
+    steps = generate_tokens(
+        engine,
+        engine.new_cache(),
+        prompt,
+        prompt,
+        greedy_sampler(),
+        count,
+        set(),
+        threading.Event(),
+    )
+    return [t.id for t in steps]
+
+
+class Signal:
+    def __init__(self):
+        self.reason = None
+
+    def set(self):
+        self.reason = "cancelled"
+
+    def is_set(self):
+        return self.reason is not None
+
+
+def group_for(prompt, count, tenant="t", n=1, signal=None) -> Group:
+    sequences = [Sequence(i, greedy_sampler(), count) for i in range(n)]
+    return Group(tenant, list(prompt), sequences, set(), signal or Signal())
+
+
+def collect(group: Group) -> tuple[dict[int, list[int]], dict[int, str], int]:
+    """Token ids per choice, finish reason per choice, cached tokens."""
+    tokens = {s.index: [] for s in group.sequences}
+    reasons, cached = {}, 0
+    while len(reasons) < len(group.sequences):
+        message = group.outbox.get(timeout=120)
+        if isinstance(message, Started):
+            cached = message.cached_tokens
+        elif isinstance(message, Token):
+            tokens[message.index].append(message.token.id)
+        elif isinstance(message, Done):
+            reasons[message.index] = message.reason
+        else:
+            raise message.error
+    return tokens, reasons, cached
+
+
+def test_batched_decode_equals_sequential_with_joins_and_leaves(engine):
+    scheduler = Scheduler(PooledRunner(engine, 4), PrefixCache(0), 4, 16)
+    try:
+        groups = [
+            group_for(p, n, tenant=str(i))
+            for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS, strict=True))
+        ]
+        for group in groups[:3]:
+            scheduler.submit(group)
+        first = collect(groups[0])  # the rest join while others run, as rows free up
+        for group in groups[3:]:
+            scheduler.submit(group)
+        results = [first] + [collect(g) for g in groups[1:]]
+    finally:
+        scheduler.stop()
+    for prompt, count, (tokens, reasons, _) in zip(PROMPTS, LENGTHS, results, strict=True):
+        assert tokens[0] == alone(engine, prompt, count)
+        assert reasons[0] == "length"
+
+
+def test_single_runner_matches_too(engine, tiny_artifact):
+    """The one-at-a-time runner (portable and coreml graphs) behind the same scheduler."""
+    portable = Engine(tiny_artifact, device="cpu", threads=1)
+    assert portable.manifest.io_mode == "concat"
+    scheduler = Scheduler(SingleRunner(portable, 3), PrefixCache(0), 3, 16)
+    try:
+        groups = [group_for(p, 10, tenant=str(i)) for i, p in enumerate(PROMPTS[:4])]
+        for group in groups:
+            scheduler.submit(group)
+        results = [collect(g)[0][0] for g in groups]
+    finally:
+        scheduler.stop()
+    assert results == [alone(portable, p, 10) for p in PROMPTS[:4]]
+
+
+def test_prefix_cache_hit_equals_fresh_prefill(engine):
+    cache = PrefixCache(1 << 30)
+    scheduler = Scheduler(PooledRunner(engine, 2), cache, 2, 16)
+    system = list(range(200, 290))
+    try:
+        first = group_for(system + [1, 2, 3], 6)
+        scheduler.submit(first)
+        collect(first)
+        second = group_for(system + [4, 5], 9)
+        scheduler.submit(second)
+        tokens, _, cached = collect(second)
+        other = group_for(system + [4, 5], 9, tenant="another key")
+        scheduler.submit(other)
+        _, _, other_cached = collect(other)
+    finally:
+        scheduler.stop()
+    assert cached == len(system)  # the shared system prompt, nothing after it
+    assert tokens[0] == alone(engine, system + [4, 5], 9)
+    assert other_cached == 0  # tenants never share entries
+
+
+def test_cancel_during_prefill_stops_within_one_chunk(engine):
+    chunks = []
+
+    class Counting(PooledRunner):
+        def prefill(self, row, token_ids, last_only=True):
+            chunks.append(len(token_ids))
+            signal.set()  # the client leaves during the first chunk
+            return super().prefill(row, token_ids, last_only)
+
+    signal = Signal()
+    scheduler = Scheduler(Counting(engine, 1), PrefixCache(0), 1, 4)
+    try:
+        group = group_for(list(range(3, 1500)), 50, signal=signal)
+        scheduler.submit(group)
+        tokens, reasons, _ = collect(group)
+        after = group_for([1, 2, 3], 4)  # the engine is free again at once
+        scheduler.submit(after)
+        assert collect(after)[0][0] == alone(engine, [1, 2, 3], 4)
+    finally:
+        scheduler.stop()
+    assert reasons == {0: "cancelled"} and tokens == {0: []}
+    assert chunks[0] == 512 and len(chunks) == 2  # one chunk of the long prompt, then `after`
+
+
+def test_stop_request_and_cancel_while_decoding(engine):
+    scheduler = Scheduler(PooledRunner(engine, 2), PrefixCache(0), 2, 4)
+    try:
+        stopped, cancelled = group_for([1, 2, 3], 10_000), group_for([4, 5, 6], 10_000)
+        scheduler.submit(stopped)
+        scheduler.submit(cancelled)
+        assert isinstance(stopped.outbox.get(timeout=60), Started)
+        assert isinstance(stopped.outbox.get(timeout=60), Token)
+        stopped.sequences[0].stop_requested.set()  # a stop string seen by the reader
+        cancelled.signal.set()
+        assert collect(stopped)[1] == {0: "stop"}
+        assert collect(cancelled)[1] == {0: "cancelled"}
+        assert scheduler.running == 0
+    finally:
+        scheduler.stop()
+
+
+def test_n_choices_share_one_prefill(engine):
+    prefills = []
+
+    class Counting(PooledRunner):
+        def prefill(self, row, token_ids, last_only=True):
+            prefills.append(len(token_ids))
+            return super().prefill(row, token_ids, last_only)
+
+    scheduler = Scheduler(Counting(engine, 4), PrefixCache(0), 4, 4)
+    prompt = list(range(10, 60))
+    try:
+        group = group_for(prompt, 7, n=3)
+        scheduler.submit(group)
+        tokens, reasons, _ = collect(group)
+    finally:
+        scheduler.stop()
+    assert prefills == [len(prompt)]  # one prefill; the others copied its KV
+    expected = alone(engine, prompt, 7)
+    assert tokens == {0: expected, 1: expected, 2: expected}
+    assert reasons == {0: "length", 1: "length", 2: "length"}
+
+
+def test_queue_bound_and_oversized_groups(engine):
+    scheduler = Scheduler(PooledRunner(engine, 1), PrefixCache(0), 1, 1)
+    try:
+        with pytest.raises(InvalidRequest):
+            scheduler.submit(group_for([1], 2, n=2))
+        running = group_for([1, 2], 100_000)
+        scheduler.submit(running)
+        assert isinstance(running.outbox.get(timeout=60), Started)
+        scheduler.submit(group_for([3], 2))  # waits
+        with pytest.raises(QueueFull):
+            scheduler.submit(group_for([4], 2))
+        running.signal.set()
+    finally:
+        scheduler.stop()
+
+
+@pytest.mark.parametrize("mover", ["host", "graph"])
+def test_pool_moves_keep_every_value(mover):
+    """Growing the pool, saving a row, loading a block and copying a row keep the values; the
+    graph mover (the device path) does the same as numpy when run on the CPU."""
+    if mover == "host":
+        chosen, wrap = HostMover(), np.ascontiguousarray
+    else:
+        chosen = GraphMover(np.float32, ["CPUExecutionProvider"], "cpu")
+        wrap = lambda v: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))  # noqa: E731
+    pool = KVPool(2, 2, 8, np.float32, 4, 1024, chosen)
+    pool.reserve(2, 10)
+    rng = np.random.default_rng(0)
+    wanted = [rng.standard_normal((1, 2, 10, 8)).astype(np.float32) for _ in range(4)]
+    pool.load(1, KVBlock([wrap(v) for v in wanted], 10, 0), 10)
+    pool.reserve(4, 600)  # rows and capacity grow
+    assert (pool.rows, pool.capacity) == (4, 600)
+    pool.copy_row(1, 3, 10)
+    for row in (1, 3):
+        for got, want in zip(pool.save(row, 10).values, wanted, strict=True):
+            got = got if isinstance(got, np.ndarray) else got.numpy()
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("graph", ["cpu", "portable"])
+def test_runtime_streams_run_in_one_batch_and_keep_their_own_text(
+    graph, tiny_cpu_artifact, tiny_artifact
+):
+    """Through the runtime: concurrent requests decode together and each gets exactly what it
+    gets alone; a stock client resending a conversation hits the prefix cache."""
+    artifact = tiny_cpu_artifact if graph == "cpu" else tiny_artifact
+    runtime = Runtime.load(Settings(model=str(artifact), device="cpu", engine_pool=4))
+    questions = ["Tell me a story", "What is 2 + 2?", "Name a colour", "Say hi"]
+
+    def ask(question, tenant):
+        request = GenerationRequest(
+            [Message("user", question)],
+            max_new_tokens=24,
+            sampling=GREEDY,
+            thinking="off",
+            ignore_eos=True,
+            tenant=tenant,
+        )
+        return runtime.submit(request)
+
+    try:
+        alone_texts = []
+        for i, q in enumerate(questions):
+            events = list(ask(q, f"alone-{i}"))
+            alone_texts.append("".join(e.text for e in events if isinstance(e, TextDelta)))
+        generations = [ask(q, f"together-{i}") for i, q in enumerate(questions)]
+        outputs = [[] for _ in questions]
+        threads = [
+            threading.Thread(target=lambda g=g, o=o: o.extend(g))
+            for g, o in zip(generations, outputs, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        together = ["".join(e.text for e in o if isinstance(e, TextDelta)) for o in outputs]
+        assert together == alone_texts
+        again = list(ask(questions[0], "alone-0"))
+        assert again[-1].usage.cached_tokens == again[-1].usage.prompt_tokens - 1
+    finally:
+        assert runtime.shutdown()
+
+
+def test_prompts_prefilled_together_equal_alone(engine):
+    """A burst of new prompts shares one padded prefill run (and the decode steps after it);
+    each row's logits equal its prompt's run alone."""
+    runner = PooledRunner(engine, 4)
+    rows = [runner.acquire() for _ in range(3)]
+    chunks = [PROMPTS[0], PROMPTS[1], PROMPTS[2][:64]]
+    assert runner.can_prefill_together(rows)
+    together = runner.prefill_together(rows, chunks)
+    for chunk, logits in zip(chunks, together, strict=True):
+        np.testing.assert_allclose(logits, engine.forward(chunk, engine.new_cache()), atol=1e-4)
+    assert [r.length for r in rows] == [len(c) for c in chunks]
+    assert not runner.can_prefill_together(rows)  # they have a past now
+    stepped = runner.decode(rows, [1, 2, 3])
+    for chunk, token, logits in zip(chunks, [1, 2, 3], stepped, strict=True):
+        np.testing.assert_allclose(
+            logits, engine.forward(chunk + [token], engine.new_cache()), atol=1e-4
+        )

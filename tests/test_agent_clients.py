@@ -74,8 +74,8 @@ class Weather(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_artifact):
-    with serve(str(tiny_artifact), env=ENV) as running:
+def server(tiny_cpu_artifact):
+    with serve(str(tiny_cpu_artifact), env=ENV) as running:
         yield running
 
 

@@ -41,8 +41,8 @@ ENV = {
 
 
 @pytest.fixture(scope="module")
-def server(tiny_artifact):
-    with serve(str(tiny_artifact), env=ENV) as running:
+def server(tiny_cpu_artifact):
+    with serve(str(tiny_cpu_artifact), env=ENV) as running:
         yield running
         assert running.process.poll() is None
 
@@ -199,10 +199,10 @@ def test_disconnects_at_every_phase_lose_no_other_request(server, port):
           f"well-behaved requests answered: {2 * len(finishes)} of 24")  # fmt: skip
 
 
-def test_sigterm_during_an_http_stream(tiny_artifact):
+def test_sigterm_during_an_http_stream(tiny_cpu_artifact):
     """SIGTERM with a stream in flight: the stream finishes within the grace period or ends
     with a `server_shutting_down` error event and [DONE]; the process exits 0."""
-    with serve(str(tiny_artifact), env=ENV) as running:
+    with serve(str(tiny_cpu_artifact), env=ENV) as running:
         with httpx.Client(base_url=running.url, timeout=60) as c:
             request = body(max_tokens=LONG, ignore_eos=True, stream=True)
             with c.stream("POST", "/v1/chat/completions", content=request) as stream:
@@ -223,14 +223,14 @@ def test_sigterm_during_an_http_stream(tiny_artifact):
         print(f"\nHTTP SIGTERM: the stream {outcome} after {len(rest)} events; exit code 0")
 
 
-def test_sigterm_during_a_grpc_stream(tiny_artifact, tmp_path):
+def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path):
     """SIGTERM with a gRPC stream in flight: health turns NOT_SERVING, the stream is drained
     (finished) or ended with a status within the grace period, and the process exits 0."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
     env["PYTHONPATH"] = str(ROOT)
     log = tmp_path / "grpc.log"
-    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_artifact),
+    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_cpu_artifact),
                "--device", "cpu", "--port", str(port)]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)

@@ -79,7 +79,7 @@ def poll(predicate, what: str):
 
 
 @pytest.fixture(scope="session")
-def server_address(tiny_artifact, tmp_path_factory):
+def server_address(tiny_cpu_artifact, tmp_path_factory):
     """`fermi serve grpc` as a subprocess on a free 127.0.0.1 port, SERVING."""
     workdir = tmp_path_factory.mktemp("grpc-server")  # no stray fermi.toml
     log = workdir / "server.log"
@@ -87,7 +87,7 @@ def server_address(tiny_artifact, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
     env["PYTHONPATH"] = str(ROOT)
     cmd = [
-        sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_artifact),
+        sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_cpu_artifact),
         "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with log.open("wb") as out:

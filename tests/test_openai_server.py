@@ -41,8 +41,8 @@ LONG = 3000  # max_tokens of a generation meant to be cut short (ignore_eos; con
 
 
 @pytest.fixture(scope="session")
-def server(tiny_artifact):
-    with serve(str(tiny_artifact), env=BASE_ENV) as running:
+def server(tiny_cpu_artifact):
+    with serve(str(tiny_cpu_artifact), env=BASE_ENV) as running:
         yield running
     assert running.process.returncode is not None
 

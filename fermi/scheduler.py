@@ -38,6 +38,7 @@ from fermi.sampling import SampledToken, Sampler
 
 PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer and attention scratch
 SCORED_CHUNK = 128  # prefill chunk when every position's logits are kept: (128, V) float32
+RIDE_TOKENS = 8  # a prompt this close to its end, after a cached prefix, rides the decode steps
 
 
 @dataclass
@@ -232,7 +233,7 @@ class Scheduler:
     def _prefill_chunk(self) -> None:
         """One prefill run: the first chunk of every new prompt at once when they can share a
         run (a burst of new requests), else the next chunk of the oldest prompt."""
-        waiting = [s for s in self._running if s.state == "prefill"]
+        waiting = [s for s in self._running if s.state == "prefill" and not self._rides(s)]
         if not waiting:
             return
         if self._groups[waiting[0]].on_logits is not None:
@@ -276,15 +277,33 @@ class Scheduler:
             if sibling.state != "done":
                 self._sample(sibling, logits, group)
 
+    def _rides(self, seq: Sequence) -> bool:
+        """A prompt whose last few tokens follow a cached prefix goes through the decode steps
+        a token at a time (GroupQueryAttention batches only one new token per row when rows
+        have a past), instead of a prefill run of its own."""
+        group = self._groups[seq]
+        left = len(group.prompt_ids) - len(seq.fed)
+        return bool(seq.fed) and left <= RIDE_TOKENS and group.on_logits is None
+
     def _decode_step(self) -> None:
+        """One batched step: the next token of every decoding sequence, and the next prompt
+        token of every prompt riding along."""
         batch = [s for s in self._running if s.state == "decode"]
-        if not batch:
+        riders = [s for s in self._running if s.state == "prefill" and self._rides(s)]
+        if not batch and not riders:
             return
-        logits = self.runner.decode([s.row for s in batch], [s.pending for s in batch])
-        for seq, row_logits in zip(batch, logits, strict=True):
+        tokens = [s.pending for s in batch]
+        tokens += [self._groups[s].prompt_ids[len(s.fed)] for s in riders]
+        logits = self.runner.decode([s.row for s in batch + riders], tokens)
+        for seq, row_logits in zip(batch, logits[: len(batch)], strict=True):
             seq.fed.append(seq.pending)
             seq.pending = None
             self._sample(seq, row_logits, self._groups[seq])
+        for seq, token, row_logits in zip(
+            riders, tokens[len(batch) :], logits[len(batch) :], strict=True
+        ):
+            seq.fed.append(token)
+            self._prefilled(seq, row_logits)
 
     def _sample(self, seq: Sequence, logits: np.ndarray, group: Group) -> None:
         if seq.max_new_tokens <= 0:  # scoring a prompt only

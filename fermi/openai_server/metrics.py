@@ -51,7 +51,11 @@ class Metrics:
         self.active_sessions = Gauge(
             "fermi_active_sessions", "Sessions held by the runtime", registry=registry
         )
-        self.kv_bytes = Gauge("fermi_kv_cache_bytes", "KV memory of sessions", registry=registry)
+        self.kv_bytes = Gauge(
+            "fermi_kv_cache_bytes",
+            "KV memory: the batch's rows and cached prefixes",
+            registry=registry,
+        )
         self.loaded = Gauge("fermi_model_loaded", "1 once the model is loaded", registry=registry)
 
     def render(self, stats) -> bytes:

@@ -105,6 +105,19 @@ class PrefixCache:
                 self._entries.remove(entry)
                 total -= entry.nbytes
 
+    def pin(self, entry: Entry, session: object) -> None:
+        """`session` keeps `entry` (put back if it was evicted before the pin arrived)."""
+        with self._lock:
+            entry.session = session
+            if entry not in self._entries:
+                self._entries.append(entry)
+            self._evict_locked()
+
+    def unpin(self, entry: Entry) -> None:
+        with self._lock:
+            entry.session = None
+            self._evict_locked()
+
     def remove(self, entry: Entry) -> None:
         with self._lock:
             if entry in self._entries:

@@ -456,10 +456,9 @@ class Runtime:
         if entry is None or not session.persistent:
             return
         old, session.cache = session.cache, entry
-        entry.session = session
+        self.prefix_cache.pin(entry, session)
         if old is not None and old is not entry:
-            old.session = None
-        self.prefix_cache.evict()
+            self.prefix_cache.unpin(old)
 
     def _pipeline(self, job: Job, index: int) -> TextPipeline:
         return TextPipeline(

@@ -230,8 +230,8 @@ def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
     env["PYTHONPATH"] = str(ROOT)
     log = tmp_path / "grpc.log"
-    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(tiny_cpu_artifact),
-               "--device", "cpu", "--port", str(port)]  # fmt: skip
+    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model",
+               str(tiny_cpu_artifact), "--device", "cpu", "--port", str(port)]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)
     try:

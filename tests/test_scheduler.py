@@ -309,3 +309,31 @@ def test_prompts_prefilled_together_equal_alone(engine):
         np.testing.assert_allclose(
             logits, engine.forward(chunk + [token], engine.new_cache()), atol=1e-4
         )
+
+
+def test_prefix_cache_lru_pins_and_tenants():
+    from fermi.prefix_cache import PrefixCache
+
+    def block(tokens):
+        return KVBlock([], len(tokens), 100 * len(tokens))
+
+    class Kept:
+        stored = True
+
+    cache = PrefixCache(max_bytes=2000)
+    a = cache.insert("t", [1, 2, 3], block([1, 2, 3]))
+    cache.insert("t", [1, 2, 3, 4, 5], block([1, 2, 3, 4, 5]))  # covers a: a is dropped
+    assert a not in cache._entries and len(cache) == 1
+    assert cache.lookup("t", [1, 2, 3, 9], 3)[1] == 3
+    assert cache.lookup("u", [1, 2, 3, 9], 3) == (None, 0)  # another tenant sees nothing
+    assert cache.lookup("t", [1, 2, 3, 4, 5, 6], 4)[1] == 4  # never more than the limit
+    session = Kept()
+    pinned = cache.insert("t", [7] * 10, block([7] * 10))
+    cache.pin(pinned, session)
+    cache.insert("t", [8] * 10, block([8] * 10))  # over budget: the oldest unpinned goes
+    assert cache.lookup("t", [7] * 10, 9)[1] == 9 and cache.lookup("t", [1, 2, 3], 2)[1] == 0
+    session.stored = False  # the session was evicted: its entry is an ordinary one now
+    assert not pinned.pinned
+    cache.insert("t", [9] * 10, block([9] * 10))
+    cache.insert("t", [6] * 10, block([6] * 10))  # least recently used first: [8], then [7]
+    assert cache.lookup("t", [7] * 10, 9)[1] == 0 and cache.lookup("t", [9] * 10, 9)[1] == 9

@@ -71,7 +71,7 @@ class PooledRunner:
 
     def load(self, row: Row, block: KVBlock, length: int) -> None:
         """Start `row` with the first `length` tokens of a cached block."""
-        self.pool.reserve(row.index + 1, length + 1)
+        self.pool.reserve(row.index + 1, length + 1, self._occupied())
         self.pool.load(row.index, block, length)
         row.length = length
 
@@ -80,7 +80,7 @@ class PooledRunner:
 
     def fork(self, source: Row, target: Row) -> None:
         """`target` starts with a copy of `source`'s KV (n > 1: the prompt's)."""
-        self.pool.reserve(target.index + 1, source.length + 1)
+        self.pool.reserve(target.index + 1, source.length + 1, self._occupied())
         self.pool.copy_row(source.index, target.index, source.length)
         target.length = source.length
 
@@ -89,7 +89,7 @@ class PooledRunner:
         position or (S, V) for every one, and advances the row."""
         seq = len(token_ids)
         total = row.length + seq
-        self.pool.reserve(row.index + 1, total)
+        self.pool.reserve(row.index + 1, total, self._occupied())
         index = [seq - 1] if last_only else list(range(seq))
         logits = self._run(row.index, [token_ids], [total - 1], total, index)  # (1, N, V)
         row.length = total
@@ -106,7 +106,7 @@ class PooledRunner:
         ids = [[0] for _ in range(count)]
         for row, token in zip(rows, token_ids, strict=True):
             ids[row.index - first] = [token]
-        self.pool.reserve(first + count, max(lengths) + 1)
+        self.pool.reserve(first + count, max(lengths) + 1, self._occupied())
         logits = self._run(first, ids, lengths, max(lengths) + 1, [0])  # (count, 1, V)
         for row in rows:
             row.length += 1
@@ -130,7 +130,7 @@ class PooledRunner:
         for row, chunk in zip(rows, chunks, strict=True):
             ids[row.index - first] = chunk + [0] * (seq - len(chunk))
             seqlens[row.index - first] = len(chunk) - 1
-        self.pool.reserve(first + count, seq)
+        self.pool.reserve(first + count, seq, self._occupied())
         positions = sorted({len(c) - 1 for c in chunks})
         logits = self._run(first, ids, seqlens, seq, positions)  # (count, P, V)
         for row, chunk in zip(rows, chunks, strict=True):
@@ -141,6 +141,10 @@ class PooledRunner:
                 for r, c in zip(rows, chunks, strict=True)
             ]
         )
+
+    def _occupied(self) -> int:
+        """One past the highest row in use."""
+        return 1 + max((i for i, h in enumerate(self.rows) if h is not None), default=-1)
 
     def _span(self, rows: list[Row]) -> tuple[int, int]:
         first = min(r.index for r in rows)

@@ -46,8 +46,10 @@ class HostMover:
         return buffer.ctypes.data
 
     def grow(self, buffer, rows: int, capacity: int):
+        """A (rows, KV, capacity, D) buffer holding what fits of `buffer` (rows may shrink)."""
         grown = np.empty((rows, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
-        grown[: buffer.shape[0], :, : buffer.shape[2]] = buffer
+        kept = min(rows, buffer.shape[0])
+        grown[:kept, :, : buffer.shape[2]] = buffer[:kept]
         return grown
 
     def save(self, buffer, row: int, length: int):
@@ -174,10 +176,12 @@ class KVPool:
         """Bytes allocated: rows x capacity x bytes per token."""
         return self.rows * self.capacity * self.bytes_per_token
 
-    def reserve(self, rows: int, length: int) -> None:
+    def reserve(self, rows: int, length: int, occupied: int | None = None) -> None:
         """Make room for rows [0, rows) to hold `length` positions each. Capacity grows by a
         quarter or STEP positions, whichever is more (up to max_length), so decoding grows it
-        rarely; rows grow to what is asked."""
+        rarely. Rows grow to what is asked; a growth also drops the rows from `occupied` (one
+        past the highest row in use) on, so one long sequence after a burst does not carry
+        the burst's rows at its length."""
         if length > self.max_length:
             raise ValueError(f"{length} positions exceed the context length {self.max_length}")
         if rows <= self.rows and length <= self.capacity:
@@ -185,7 +189,8 @@ class KVPool:
         capacity = self.capacity
         if length > capacity:
             capacity = min(self.max_length, max(length, capacity + max(STEP, capacity // 4)))
-        rows = min(self.max_rows, max(rows, self.rows))
+        keep = self.rows if occupied is None else occupied
+        rows = min(self.max_rows, max(rows, keep))
         if self.rows and self.capacity:
             self.buffers = [self.mover.grow(b, rows, capacity) for b in self.buffers]
         else:

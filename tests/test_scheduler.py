@@ -337,3 +337,19 @@ def test_prefix_cache_lru_pins_and_tenants():
     cache.insert("t", [9] * 10, block([9] * 10))
     cache.insert("t", [6] * 10, block([6] * 10))  # least recently used first: [8], then [7]
     assert cache.lookup("t", [7] * 10, 9)[1] == 0 and cache.lookup("t", [9] * 10, 9)[1] == 9
+
+
+@pytest.mark.parametrize("mover", ["host", "graph"])
+def test_pool_growth_drops_rows_no_longer_in_use(mover):
+    chosen = (
+        HostMover() if mover == "host" else GraphMover(np.float32, ["CPUExecutionProvider"], "cpu")
+    )
+    pool = KVPool(1, 1, 8, np.float32, 16, 4096, chosen)
+    pool.reserve(16, 20)  # a burst of 16 sequences
+    wanted = np.arange(20 * 8, dtype=np.float32).reshape(1, 1, 20, 8)
+    value = wanted if mover == "host" else ort.OrtValue.ortvalue_from_numpy(wanted)
+    pool.load(0, KVBlock([value, value], 20, 0), 20)
+    pool.reserve(1, 3000, occupied=1)  # then one long sequence in row 0
+    assert (pool.rows, pool.capacity) == (1, 3000)
+    saved = pool.save(0, 20).values[0]
+    np.testing.assert_array_equal(saved if mover == "host" else saved.numpy(), wanted)

@@ -1,0 +1,201 @@
+"""`fermi serve ray`, live: two tiny-qwen3 replicas on a local Ray instance (127.0.0.1, two
+CPUs, one thread per replica), one instance for the whole module.
+
+Checked at the level a user meets it: the OpenAI server's own client suite passes unchanged
+through the Ray endpoint (with an API key, so auth is on the path too), a session's turns land on
+the replica holding its KV cache, a stock client's conversation sticks to one replica by its
+opening, and a replica killed mid-stream ends that stream with a clear error while later
+requests succeed. The replica that answered is named in the X-Fermi-Replica header."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from fermi.openai_server.loadtest import Server, free_port
+from tests.test_openai_server import (  # noqa: F401  (the suite, run here against Ray)
+    BASE_ENV,
+    MODEL,
+    USER,
+    chat_body,
+    test_bad_chat_requests,
+    test_bad_responses_requests,
+    test_body_too_large,
+    test_chat_non_streaming,
+    test_chat_sse_framing,
+    test_chat_streaming,
+    test_context_length_exceeded,
+    test_cors,
+    test_delete_session,
+    test_delete_session_with_a_slash_in_its_id,
+    test_health_and_models,
+    test_informational_fields_are_accepted,
+    test_reasoning_content_in_history_is_accepted_and_dropped,
+    test_responses_non_streaming,
+    test_responses_sse_framing,
+    test_responses_streaming_official_client,
+    test_sessions_reuse_kv,
+    test_thinking_controls_reach_the_template,
+    test_thinking_on_shape,
+    test_unknown_fields_are_named,
+    test_unknown_model,
+    test_unknown_route_and_method,
+)
+
+KEY = "ray-test-key"
+REPLICAS = 2
+READY = re.compile(r"replica (\w+) ready \(pid (\d+)\)")
+
+
+@contextmanager
+def serve_ray(model: str, env: dict[str, str], timeout: float = 240.0) -> Iterator[Server]:
+    """`fermi serve ray` in a subprocess on 127.0.0.1, yielded once the application is ready;
+    SIGTERM on exit (the command takes its application and Ray instance down)."""
+    port = free_port()
+    command = [sys.executable, "-m", "fermi.cli", "serve", "ray", "--model", model,
+               "--host", "127.0.0.1", "--port", str(port), "--replicas", str(REPLICAS),
+               "--num-cpus", "2"]  # fmt: skip
+    log = Path(tempfile.mkstemp(prefix="fermi-ray-", suffix=".log")[1])
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while "ready on http" not in log.read_text(errors="replace"):
+            assert process.poll() is None, f"fermi serve ray exited:\n{server.log_tail()}"
+            assert time.monotonic() < deadline, f"not ready in {timeout}s:\n{server.log_tail()}"
+            time.sleep(0.5)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact):
+    env = {**BASE_ENV, "FERMI_API_KEY": KEY, "FERMI_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+    with serve_ray(str(tiny_artifact), env) as running:
+        yield running
+    assert running.process.returncode == 0, running.log_tail()
+
+
+@pytest.fixture
+def http(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, timeout=60, headers=auth) as client:
+        yield client
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def replica_pids(server: Server) -> dict[str, int]:
+    """Replica name -> process id, from the replicas' ready lines (Ray forwards their logs)."""
+    return {name: int(pid) for name, pid in READY.findall(server.log.read_text(errors="replace"))}
+
+
+def ask(client: openai.OpenAI, messages: list[dict], **extra) -> tuple[str, object]:
+    """One chat completion: (the replica that answered, the parsed completion)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=4, extra_body=extra or None
+    )
+    return raw.headers["x-fermi-replica"], raw.parse()
+
+
+def conversation(opening: str, reply: str) -> tuple[list[dict], list[dict]]:
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": opening}]
+    later = [{"role": "assistant", "content": reply}, {"role": "user", "content": "More?"}]
+    return first, [*first, *later]
+
+
+# -- through Ray only -------------------------------------------------------------------------
+
+
+def test_auth_is_enforced_through_ray(server):
+    refused = httpx.post(server.url + "/v1/chat/completions", json=chat_body())
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # open, as in one process
+
+
+def test_session_affinity_hits_the_cache(client):
+    """Each session's second turn lands on the replica that served its first and reuses its
+    KV cache; sixteen sessions spread over both replicas."""
+    replicas = set()
+    for i in range(16):
+        session = {"session_id": f"affinity-{i}"}
+        first, reply = ask(client, [{"role": "user", "content": f"Hello number {i}"}], **session)
+        turn2 = [
+            {"role": "user", "content": f"Hello number {i}"},
+            {"role": "assistant", "content": reply.choices[0].message.content},
+            {"role": "user", "content": "And then?"},
+        ]
+        second, answer = ask(client, turn2, **session)
+        assert second == first
+        assert answer.usage.prompt_tokens_details.cached_tokens > 0
+        replicas.add(first)
+    assert len(replicas) == REPLICAS
+
+
+def test_prefix_affinity_for_stock_clients(client):
+    """Without a session id, a conversation's later turns go where its opening went; different
+    openings spread over both replicas."""
+    replicas = set()
+    for i in range(16):
+        opening, later = conversation(f"Tell me about topic {i}", "Sure.")
+        first, _ = ask(client, opening)
+        assert ask(client, later)[0] == first
+        replicas.add(first)
+    assert len(replicas) == REPLICAS
+
+
+def test_completions_and_tokenizer_routes_through_ray(http):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3}
+    completion = http.post("/v1/completions", json=body)
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
+    tokens = http.post("/tokenize", json={"content": "hello"}).json()["tokens"]
+    assert http.post("/detokenize", json={"tokens": tokens}).json()["content"] == "hello"
+
+
+def test_failover_ends_in_flight_streams_and_serves_later_requests(server, http, client):
+    """Kill the process of the replica serving a stream: the stream ends with OpenAI's error
+    chunk (replica_failed), its session moves to the survivor and is prefilled again there
+    from the history the client resends, and every later request succeeds."""
+    body = chat_body(stream=True, max_tokens=3000, ignore_eos=True, session_id="moving")
+    with http.stream("POST", "/v1/chat/completions", json=body) as running:
+        victim = running.headers["x-fermi-replica"]
+        lines = running.iter_lines()
+        assert next(lines).startswith("data: {")
+        os.kill(replica_pids(server)[victim], signal.SIGKILL)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert '"code":"replica_failed"' in rest[-2], rest[-2:]
+    history = [*USER, {"role": "assistant", "content": "..."}]
+    history.append({"role": "user", "content": "Go on."})
+    replica, answer = ask(client, history, session_id="moving")
+    assert replica != victim
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0  # prefilled again, elsewhere
+    for i in range(8):
+        opening, _ = conversation(f"after the failure {i}", "")
+        ask(client, opening)  # raises unless 200

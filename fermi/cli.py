@@ -546,7 +546,10 @@ def serve_ray(
         typer.Option(min=1, show_default="autoscaled", help="a fixed number of replicas"),
     ] = None,
     min_replicas: Annotated[int, typer.Option(min=0, help="autoscaling: fewest replicas")] = 1,
-    max_replicas: Annotated[int, typer.Option(min=1, help="autoscaling: most replicas")] = 1,
+    max_replicas: Annotated[
+        int | None,
+        typer.Option(min=1, show_default="--min-replicas", help="autoscaling: most replicas"),
+    ] = None,
     replica_cpus: Annotated[
         float, typer.Option(min=0.01, help="CPUs Ray reserves per replica (its threads)")
     ] = 1.0,
@@ -594,7 +597,8 @@ def serve_ray(
         from fermi.ray_serve.run import run as run_ray
         from fermi.ray_serve.scale import ScaleOptions
 
-        scale = ScaleOptions(fixed, low, max(high, low, 1), None, cpus, gpus).check()
+        high_or_low = high if high is not None else max(low, 1)
+        scale = ScaleOptions(fixed, low, high_or_low, None, cpus, gpus).check()
         run_ray(settings, scale, host, port, RayOptions(where["ray_address"], where["num_cpus"]))
 
     _serve("openai", host, port, flags, run)

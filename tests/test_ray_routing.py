@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from fermi.ray_serve.bridge import exchange, portable_scope
 from fermi.ray_serve.front import ACCEPTED, Front, ReplicaGone
 from fermi.ray_serve.routing import PREFIX_CHARS, routing_key
+
+ROOT = Path(__file__).parent.parent
 
 
 def key(path: str, body: dict | str, method: str = "POST") -> str | None:
@@ -178,3 +184,18 @@ def test_front_refuses_too_large_a_body_as_the_server_does():
     start, body = run_front(forward, b"x" * 2000, limit=1000)
     assert start["status"] == 413
     assert json.loads(body["body"])["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "./typo-dir"], "error: no such file or directory: ./typo-dir"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "error: replicas: need 0 <= min (3)"),
+    ],
+)
+def test_serve_ray_usage_errors_are_one_line_before_ray_starts(tmp_path, args, message):
+    done = subprocess.run([sys.executable, "-m", "fermi.cli", "serve", "ray", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(message)

@@ -12,19 +12,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from fermi.openai_server.loadtest import Server, free_port
+from fermi.openai_server.loadtest import Server
+from fermi.ray_serve.bench import serve_ray
 from tests.test_openai_server import (  # noqa: F401  (the suite, run here against Ray)
     BASE_ENV,
     MODEL,
@@ -59,41 +53,10 @@ REPLICAS = 2
 READY = re.compile(r"replica (\w+) ready \(pid (\d+)\)")
 
 
-@contextmanager
-def serve_ray(model: str, env: dict[str, str], timeout: float = 240.0) -> Iterator[Server]:
-    """`fermi serve ray` in a subprocess on 127.0.0.1, yielded once the application is ready;
-    SIGTERM on exit (the command takes its application and Ray instance down)."""
-    port = free_port()
-    command = [sys.executable, "-m", "fermi.cli", "serve", "ray", "--model", model,
-               "--host", "127.0.0.1", "--port", str(port), "--replicas", str(REPLICAS),
-               "--num-cpus", "2"]  # fmt: skip
-    log = Path(tempfile.mkstemp(prefix="fermi-ray-", suffix=".log")[1])
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + timeout
-        while "ready on http" not in log.read_text(errors="replace"):
-            assert process.poll() is None, f"fermi serve ray exited:\n{server.log_tail()}"
-            assert time.monotonic() < deadline, f"not ready in {timeout}s:\n{server.log_tail()}"
-            time.sleep(0.5)
-        yield server
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_artifact):
     env = {**BASE_ENV, "FERMI_API_KEY": KEY, "FERMI_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-    with serve_ray(str(tiny_artifact), env) as running:
+    with serve_ray(str(tiny_artifact), env, replicas=REPLICAS, num_cpus=2) as running:
         yield running
     assert running.process.returncode == 0, running.log_tail()
 

@@ -38,6 +38,7 @@ def run(settings: Settings, scale, host: str, port: int, ray: RayOptions) -> Non
     except ImportError as e:
         raise FermiError(f"fermi serve ray needs Ray Serve ({e.name} is missing): "
                          "pip install 'fermi[ray]'") from None  # fmt: skip
+    _check_model_path(settings.model)
     settings = _absolute_paths(settings).replace(openai_addr=f"{_url_host(host)}:{port}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _init(ray_module, ray)
@@ -67,6 +68,15 @@ def _init(ray_module, options: RayOptions) -> None:
         object_store_memory=OBJECT_STORE_BYTES,
         log_to_driver=True,
     )
+
+
+def _check_model_path(model: str) -> None:
+    """A model that is plainly a local path must exist before Ray starts (each replica would
+    otherwise fail to load it, retried by Ray, before the deployment gives up)."""
+    from export.source import looks_like_path
+
+    if looks_like_path(model) and not Path(model).expanduser().exists():
+        raise FermiError(f"no such file or directory: {model}")
 
 
 def _absolute_paths(settings: Settings) -> Settings:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import httpx
 import openai
@@ -139,6 +140,25 @@ def test_completions_and_tokenizer_routes_through_ray(http):
     assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
     tokens = http.post("/tokenize", json={"content": "hello"}).json()["tokens"]
     assert http.post("/detokenize", json={"tokens": tokens}).json()["content"] == "hello"
+
+
+def test_a_client_that_hangs_up_stops_its_generation(server, http):
+    """Ray's proxy notices the disconnect and cancels the call; the replica's handler is
+    cancelled as in one process: its access line says 499 with finish=cancelled."""
+    cancelled = server.log.read_text(errors="replace").count("finish=cancelled")
+    body = chat_body(stream=True, max_tokens=3000, ignore_eos=True)
+    with http.stream("POST", "/v1/chat/completions", json=body) as running:
+        assert next(running.iter_lines()).startswith("data: {")
+    deadline = time.monotonic() + 60
+    while server.log.read_text(errors="replace").count("finish=cancelled") == cancelled:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.1)
+    line = next(
+        line
+        for line in server.log.read_text(errors="replace").splitlines()[::-1]
+        if "finish=cancelled" in line
+    )
+    assert '"POST /v1/chat/completions" 499' in line
 
 
 def test_failover_ends_in_flight_streams_and_serves_later_requests(server, http, client):

@@ -63,6 +63,7 @@ def _init(ray_module, options: RayOptions) -> None:
         ray_module.init(address=options.address, log_to_driver=True)
         return
     ray_module.init(
+        address="local",  # a new instance, even where another one runs on this machine
         num_cpus=options.num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         object_store_memory=OBJECT_STORE_BYTES,

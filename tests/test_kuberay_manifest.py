@@ -17,7 +17,9 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from fermi.errors import InvalidRequest
-from fermi.ray_serve.app import app_builder
+from fermi.ray_serve.app import _replica_count, app_builder
+from fermi.ray_serve.scale import ScaleOptions
+from fermi.settings import Settings
 
 ROOT = Path(__file__).parent.parent
 MANIFEST = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
@@ -82,3 +84,16 @@ def test_app_builder_names_a_bad_argument():
         app_builder({"model": "m", "replicas": 2})
     with pytest.raises(InvalidRequest, match="max_replicas must be a number"):
         app_builder({"model": "m", "max_replicas": "many"})
+
+
+def test_replicas_autoscale_on_ongoing_requests_between_min_and_max():
+    """Without a fixed count, Ray Serve scales on requests running + queued per replica,
+    aiming at the replica's engine pool unless told otherwise."""
+    settings = Settings(engine_pool=4)
+    config = _replica_count(settings, ScaleOptions(min_replicas=0, max_replicas=6))
+    autoscaling = config["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (0, 6)
+    assert autoscaling["initial_replicas"] == 1 and autoscaling["target_ongoing_requests"] == 4
+    assert _replica_count(settings, ScaleOptions(num_replicas=3)) == {"num_replicas": 3}
+    with pytest.raises(InvalidRequest):
+        ScaleOptions(min_replicas=5, max_replicas=2).check()

@@ -92,9 +92,9 @@ def test_exchange_yields_plain_messages():
     async def run():
         return [m async for m in exchange(echo_app, scope(), b"hello")]
 
-    start, body, end = asyncio.run(run())
+    start, body = asyncio.run(run())  # the two body messages piled up: joined
     assert start["headers"] == [(b"a", b"b")] and body["body"] == b"hello"
-    assert end["more_body"] is False
+    assert body["more_body"] is False
     assert scope()["raw_path"] == CHAT.encode()
 
 
@@ -199,3 +199,17 @@ def test_serve_ray_usage_errors_are_one_line_before_ray_starts(tmp_path, args, m
                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_body_messages_that_pile_up_travel_as_one():
+    async def burst(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for piece in (b"a", b"b", b"c"):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"d"})
+
+    async def run():
+        return [m async for m in exchange(burst, scope(), b"")]
+
+    start, body = asyncio.run(run())
+    assert body == {"type": "http.response.body", "body": b"abcd", "more_body": False}

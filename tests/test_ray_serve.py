@@ -20,7 +20,11 @@ import pytest
 
 from fermi.openai_server.loadtest import Server
 from fermi.ray_serve.bench import serve_ray
-from tests.test_openai_server import (  # noqa: F401  (the suite, run here against Ray)
+
+# The suite, run here against Ray. Not test_responses_sse_framing: its last event depends on the
+# model not sampling EOS within 4 tokens, which holds for one process's fixed order of requests
+# but not when two replicas share them in the order routing gives.
+from tests.test_openai_server import (  # noqa: F401
     BASE_ENV,
     MODEL,
     USER,
@@ -39,7 +43,6 @@ from tests.test_openai_server import (  # noqa: F401  (the suite, run here again
     test_informational_fields_are_accepted,
     test_reasoning_content_in_history_is_accepted_and_dropped,
     test_responses_non_streaming,
-    test_responses_sse_framing,
     test_responses_streaming_official_client,
     test_sessions_reuse_kv,
     test_thinking_controls_reach_the_template,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ def portable_scope(scope: dict[str, Any]) -> dict[str, Any]:
 async def exchange(app: ASGIApp, scope: dict[str, Any], body: bytes) -> AsyncIterator[Message]:
     """Run `app` on one request (`scope`, complete `body`) and yield its response messages
     until the last body message. Closing the iterator early cancels the app's handler."""
-    out: asyncio.Queue = asyncio.Queue()
+    out = _Outbox()
     disconnected = asyncio.Event()
     pending = [{"type": "http.request", "body": body, "more_body": False}]
 
@@ -51,10 +52,10 @@ async def exchange(app: ASGIApp, scope: dict[str, Any], body: bytes) -> AsyncIte
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
-        out.put_nowait(_plain(message))
+        out.put(_plain(message))
 
     task = asyncio.ensure_future(app(scope, receive, send))
-    task.add_done_callback(lambda _: out.put_nowait(_END))
+    task.add_done_callback(lambda _: out.put(_END))
     finished = False
     try:
         while (message := await out.get()) is not _END:
@@ -72,12 +73,44 @@ async def exchange(app: ASGIApp, scope: dict[str, Any], body: bytes) -> AsyncIte
                 await asyncio.shield(task)
 
 
+class _Outbox:
+    """The app's messages on their way out. Body messages that pile up before the caller takes
+    them are joined into one: under load one Ray object carries several SSE events (each
+    object costs more than its bytes), while an idle stream still sends every event at once."""
+
+    def __init__(self):
+        self._items: deque = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item) -> None:
+        last = self._items[-1] if self._items else None
+        if _open_body(last) and isinstance(item, dict) and item["type"] == "http.response.body":
+            self._items[-1] = {**item, "body": last["body"] + item["body"]}
+        else:
+            self._items.append(item)
+        self._ready.set()
+
+    async def get(self):
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
+def _open_body(item) -> bool:
+    return isinstance(item, dict) and item["type"] == "http.response.body" and item["more_body"]
+
+
 def _plain(message: Message) -> Message:
     """The message as plain data that pickles (Sanic sends its headers as a generator)."""
     if "headers" in message:
         message = {**message, "headers": [(bytes(k), bytes(v)) for k, v in message["headers"]]}
     if "body" in message:
-        message = {**message, "body": bytes(message["body"])}
+        message = {
+            **message,
+            "body": bytes(message["body"]),
+            "more_body": bool(message.get("more_body")),
+        }
     return message
 
 

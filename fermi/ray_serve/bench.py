@@ -26,7 +26,7 @@ import httpx
 
 from fermi.openai_server.loadtest import Server, benchmark, free_port, report, serve
 
-READY_LINE = "ready on http"
+READY_LINE = "fermi: Ray Serve application"  # printed once every replica is ready
 
 
 @contextmanager

@@ -54,7 +54,10 @@ def run(settings: Settings, scale, host: str, port: int, ray: RayOptions) -> Non
     except RuntimeError as e:
         raise FermiError(f"the Ray Serve application did not start: {e}") from None
     finally:
-        serve.shutdown()
+        if ray.address:  # a shared cluster: take down this application only
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
         ray_module.shutdown()
 
 

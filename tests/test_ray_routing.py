@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fermi.errors import QueueFull
 from fermi.ray_serve.bridge import exchange, portable_scope
 from fermi.ray_serve.front import ACCEPTED, Front, ReplicaGone
 from fermi.ray_serve.routing import PREFIX_CHARS, routing_key
@@ -213,3 +214,13 @@ def test_body_messages_that_pile_up_travel_as_one():
 
     start, body = asyncio.run(run())
     assert body == {"type": "http.response.body", "body": b"abcd", "more_body": False}
+
+
+def test_front_answers_429_when_the_router_refuses_the_request():
+    async def forward(scope, body, key):
+        raise QueueFull("every replica is at its limit")
+        yield
+
+    start, body = run_front(forward)
+    assert start["status"] == 429
+    assert json.loads(body["body"])["error"]["code"] == "queue_full"

@@ -26,9 +26,13 @@ from typing import Any
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 
-from fermi.errors import InvalidRequest
+from fermi.errors import InvalidRequest, QueueFull
 from fermi.ray_serve.bridge import Lifespan, exchange
 from fermi.ray_serve.front import ACCEPTED, Front, ReplicaGone
 from fermi.ray_serve.router import CacheAwareRouter
@@ -101,6 +105,10 @@ class FermiFront:
             done = True
         except REPLICA_LOST as e:
             raise ReplicaGone(f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        except BackPressureError:
+            raise QueueFull(
+                "every replica is at its limit and the router's queue is full; retry later"
+            ) from None
         finally:
             if not done:
                 messages.cancel()
@@ -112,7 +120,10 @@ def build(settings: Settings, scale: ScaleOptions):
     if settings.threads == 0:  # one onnxruntime thread per reserved CPU, not per core
         settings = replace(settings, threads=max(1, int(scale.replica_cpus)))
     replica = FermiReplica.options(
+        # A replica takes what its runtime runs and queues; beyond every replica's share, the
+        # router queues up to max_queue more, then refuses with 429 queue_full as one process.
         max_ongoing_requests=settings.engine_pool + settings.max_queue,
+        max_queued_requests=settings.max_queue,
         ray_actor_options={"num_cpus": scale.replica_cpus, "num_gpus": scale.replica_gpus},
         request_router_config=RequestRouterConfig(request_router_class=CacheAwareRouter),
         **_replica_count(settings, scale),

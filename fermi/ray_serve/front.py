@@ -24,6 +24,7 @@ from typing import Any
 
 from sanic.exceptions import PayloadTooLarge
 
+from fermi.errors import FermiError
 from fermi.openai_server.errors import RETRY, ApiError, map_error
 from fermi.openai_server.formatters import dumps, error_body, sse
 from fermi.ray_serve.bridge import Message, portable_scope
@@ -84,6 +85,9 @@ class Front:
                             scope["path"], attempt, e)  # fmt: skip
                 await asyncio.sleep(0.2 * attempt)
                 continue
+            except FermiError as e:  # refused before any replica took it (queue_full)
+                await send_error(send, map_error(e))
+                return
             await self._relay_accepted(scope, messages, accepted.get("replica", ""), send)
             return
         await send_error(send, replica_failed("no replica could take it"))

@@ -33,17 +33,20 @@ READY_LINE = "fermi: Ray Serve application"  # printed once every replica is rea
 def serve_ray(
     model: str,
     env: dict[str, str] | None = None,
-    replicas: int = 2,
+    replicas: int | None = 2,
     num_cpus: int = 2,
     timeout: float = 300.0,
+    args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    """`fermi serve ray` in a subprocess on 127.0.0.1 with a fixed replica count, yielded once
-    the application is ready; SIGTERM on exit (the command takes its application and Ray
-    instance down), SIGKILL if that takes over a minute."""
+    """`fermi serve ray` in a subprocess on 127.0.0.1 with a fixed replica count (None: give
+    --min-replicas/--max-replicas in `args`), yielded once the application is ready; SIGTERM on
+    exit (the command takes its application and Ray instance down), SIGKILL if that takes over
+    a minute."""
     port = free_port()
+    count = ("--replicas", str(replicas)) if replicas is not None else ()
     command = [sys.executable, "-m", "fermi.cli", "serve", "ray", "--model", model,
-               "--host", "127.0.0.1", "--port", str(port), "--replicas", str(replicas),
-               "--num-cpus", str(num_cpus)]  # fmt: skip
+               "--host", "127.0.0.1", "--port", str(port), *count,
+               "--num-cpus", str(num_cpus), *args]  # fmt: skip
     log = Path(tempfile.mkstemp(prefix="fermi-ray-", suffix=".log")[1])
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,18 @@ def test_front_answers_429_when_the_router_refuses_the_request():
     start, body = run_front(forward)
     assert start["status"] == 429
     assert json.loads(body["body"])["error"]["code"] == "queue_full"
+
+
+def test_serve_ray_on_a_taken_port_is_one_line_before_ray_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "fermi.cli", "serve", "ray", "--model",
+                               "tiny-qwen3", "--port", str(port)], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    )

@@ -106,10 +106,9 @@ class Front:
                       scope["path"], e)  # fmt: skip
             await _fail(scope, send, replica_failed(f"replica {replica} is gone"), started,
                         streaming)  # fmt: skip
-        except Exception as e:  # a replica-side bug: still an OpenAI-shaped answer
+        except Exception:  # a replica-side bug: still an OpenAI-shaped answer
             log.exception("replica %s raised during %s %s", replica, scope["method"],
                           scope["path"])  # fmt: skip
-            del e
             err = ApiError(
                 500, "internal error in the replica", "server_error", code="internal_error"
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ def run(settings: Settings, scale, host: str, port: int, ray: RayOptions) -> Non
         raise FermiError(f"fermi serve ray needs Ray Serve ({e.name} is missing): "
                          "pip install 'fermi[ray]'") from None  # fmt: skip
     _check_model_path(settings.model)
+    if not ray.address:
+        _check_port_free(host, port)
     settings = _absolute_paths(settings).replace(openai_addr=f"{_url_host(host)}:{port}")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _init(ray_module, ray)
@@ -81,6 +84,18 @@ def _check_model_path(model: str) -> None:
 
     if looks_like_path(model) and not Path(model).expanduser().exists():
         raise FermiError(f"no such file or directory: {model}")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """The local proxy's address must be free before Ray starts (Ray's proxy would otherwise
+    retry it in the background while the command waits)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise FermiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def _absolute_paths(settings: Settings) -> Settings:

@@ -144,8 +144,7 @@ def _replica_count(settings: Settings, scale: ScaleOptions) -> dict[str, Any]:
             "initial_replicas": max(1, scale.min_replicas),
             "max_replicas": scale.max_replicas,
             "target_ongoing_requests": target,
-            "metrics_interval_s": 2.0,  # queues form in seconds: look often, decide on 10 s
-            "look_back_period_s": 10.0,
+            "look_back_period_s": 10.0,  # queues form in seconds: decide on the last 10
             "upscale_delay_s": 5.0,
             "downscale_delay_s": 120.0,
         }

@@ -481,7 +481,8 @@ def _split_addr(addr: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def _serve(kind: str, host: str | None, port: int | None, flags: dict) -> None:
+def _serve(kind: str, host: str | None, port: int | None, flags: dict, run=None) -> None:
+    """Check the settings, then `run(settings, host, port)` (default: fermi.<kind>_server's)."""
     from importlib import import_module
 
     from fermi.security import exposure_warning, keys_from_settings
@@ -499,8 +500,8 @@ def _serve(kind: str, host: str | None, port: int | None, flags: dict) -> None:
         # Said at once, before the model loads; the ready line repeats it.
         if warning := exposure_warning(host, keys_from_settings(settings)):
             typer.echo(warning, err=True)
-        server = import_module(f"fermi.{kind}_server.server")
-        server.run(settings, host, port or default_port)
+        run = run or import_module(f"fermi.{kind}_server.server").run
+        run(settings, host, port or default_port)
     except FermiError as e:
         raise fail(str(e)) from None
 
@@ -532,6 +533,75 @@ def serve_openai(
     flags = dict(locals())
     host, port = flags.pop("host"), flags.pop("port")
     _serve("openai", host, port, flags)
+
+
+@serve_app.command("ray")
+def serve_ray(
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, show_default="autoscaled", help="a fixed number of replicas"),
+    ] = None,
+    min_replicas: Annotated[int, typer.Option(min=0, help="autoscaling: fewest replicas")] = 1,
+    max_replicas: Annotated[
+        int | None,
+        typer.Option(min=1, show_default="--min-replicas", help="autoscaling: most replicas"),
+    ] = None,
+    replica_cpus: Annotated[
+        float, typer.Option(min=0.01, help="CPUs Ray reserves per replica (its threads)")
+    ] = 1.0,
+    replica_gpus: Annotated[float, typer.Option(min=0, help="GPUs per replica")] = 0.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            show_default="a local instance",
+            metavar="ADDRESS",
+            help="join this Ray cluster (auto, HOST:6379 or ray://HOST:10001)",
+        ),
+    ] = None,  # fmt: skip
+    num_cpus: Annotated[
+        int | None,
+        typer.Option(min=1, show_default="all cores", help="the local Ray instance's CPUs"),
+    ] = None,
+    api_key: ApiKeyOpt = None,
+    served_model_name: ServedNameOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    ctx_size: CtxSizeOpt = None,
+    engine_pool: PoolOpt = None,
+    max_queue: QueueOpt = None,
+    threads: ThreadsOpt = None,
+    log_format: LogFormatOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    timeout_ms: TimeoutOpt = None,
+    default_thinking: DefaultThinkingOpt = None,
+    session_ttl_s: SessionTtlOpt = None,
+    session_max: SessionMaxOpt = None,
+    kv_cache_mb: KvCacheOpt = None,
+    cors_origins: CorsOpt = None,
+    max_body_bytes: MaxBodyOpt = None,
+) -> None:
+    """The OpenAI server as Ray Serve replicas behind one endpoint, with cache-aware routing
+    (needs the `ray` extra; default 127.0.0.1:8000, FERMI_OPENAI_ADDR)."""
+    flags = dict(locals())
+    host, port = flags.pop("host"), flags.pop("port")
+    names = ("replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus")
+    fixed, low, high, cpus, gpus = (flags.pop(name) for name in names)
+    where = {name: flags.pop(name) for name in ("ray_address", "num_cpus")}
+
+    def run(settings, host: str, port: int) -> None:
+        from fermi.ray_serve.run import RayOptions
+        from fermi.ray_serve.run import run as run_ray
+        from fermi.ray_serve.scale import ScaleOptions
+
+        high_or_low = high if high is not None else max(low, 1)
+        scale = ScaleOptions(fixed, low, high_or_low, None, cpus, gpus).check()
+        run_ray(settings, scale, host, port, RayOptions(where["ray_address"], where["num_cpus"]))
+
+    _serve("openai", host, port, flags, run)
 
 
 @serve_app.command("grpc")

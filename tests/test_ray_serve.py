@@ -58,9 +58,9 @@ READY = re.compile(r"replica (\w+) ready \(pid (\d+)\)")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_artifact):
+def server(tiny_cpu_artifact):
     env = {**BASE_ENV, "FERMI_API_KEY": KEY, "FERMI_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-    with serve_ray(str(tiny_artifact), env, replicas=REPLICAS, num_cpus=2) as running:
+    with serve_ray(str(tiny_cpu_artifact), env, replicas=REPLICAS, num_cpus=2) as running:
         yield running
     assert running.process.returncode == 0, running.log_tail()
 
@@ -132,7 +132,10 @@ def test_prefix_affinity_for_stock_clients(client):
     for i in range(16):
         opening, later = conversation(f"Tell me about topic {i}", "Sure.")
         first, _ = ask(client, opening)
-        assert ask(client, later)[0] == first
+        second, answer = ask(client, later)
+        assert second == first
+        # the opening's KV, left in that replica's prefix cache, is reused
+        assert answer.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens // 2
         replicas.add(first)
     assert len(replicas) == REPLICAS
 
@@ -181,7 +184,8 @@ def test_failover_ends_in_flight_streams_and_serves_later_requests(server, http,
     history.append({"role": "user", "content": "Go on."})
     replica, answer = ask(client, history, session_id="moving")
     assert replica != victim
-    assert answer.usage.prompt_tokens_details.cached_tokens == 0  # prefilled again, elsewhere
+    # prefilled again elsewhere: at most the opening other requests left in its prefix cache
+    assert answer.usage.prompt_tokens_details.cached_tokens < answer.usage.prompt_tokens - 4
     for i in range(8):
         opening, _ = conversation(f"after the failure {i}", "")
         ask(client, opening)  # raises unless 200

@@ -127,6 +127,23 @@ def test_parse_bench_output():
         llama_cpp.parse_bench("[]")
 
 
+def test_qwen3_checkpoint_becomes_an_f32_gguf_without_llama_cpps_converter(tmp_path):
+    import gguf
+
+    from export import tiny
+    from fermi.settings import load_settings
+
+    checkpoint = Path(tiny.checkpoint_path(load_settings()))
+    target = tmp_path / "model-F32.gguf"
+    # the bin directory has no converter next to it: fermi's own writer must be the one used
+    assert llama_cpp.f32_from_checkpoint(tmp_path / "bin", checkpoint, target) == target
+    reader = gguf.GGUFReader(str(target))
+    assert reader.fields["general.architecture"].contents() == "qwen3"
+    assert {t.tensor_type for t in reader.tensors} <= {gguf.GGMLQuantizationType.F32}
+    assert llama_cpp.gguf_bytes_per_token(target) > 0
+    assert not target.with_suffix(".tmp").exists()
+
+
 def test_server_command(tmp_path):
     command = llama_cpp.server_command(tmp_path, tmp_path / "m.gguf", 8080, 4, 512, 2)
     assert command[0] == str(tmp_path / "llama-server")

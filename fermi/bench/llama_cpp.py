@@ -123,13 +123,23 @@ def source_dir(bin_dir: Path) -> Path:
 
 
 def f32_from_checkpoint(bin_dir: Path, checkpoint: Path, target: Path) -> Path:
-    """An F32 GGUF of an HF checkpoint by llama.cpp's own convert_hf_to_gguf.py, made once."""
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
+    """An F32 GGUF of an HF checkpoint, made once: fermi's writer for the architecture it maps
+    (fermi.bench.gguf_export: it takes any byte-level BPE tokenizer, where llama.cpp's
+    convert_hf_to_gguf.py refuses tokenizers it does not know by hash, as a random-weight
+    checkpoint's), llama.cpp's own converter for any other."""
+    if target.is_file():
+        return target
+    from fermi.bench import gguf_export
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("model_type") == gguf_export.ARCH:
+        gguf_export.write_gguf(checkpoint, tmp)
+    else:
         run([sys.executable, str(source_dir(bin_dir) / "convert_hf_to_gguf.py"), str(checkpoint),
              "--outtype", "f32", "--outfile", str(tmp)])  # fmt: skip
-        tmp.rename(target)
+    tmp.rename(target)
     return target
 
 

@@ -257,7 +257,7 @@ def test_serving_table_and_docs_block(tmp_path):
     def row(engine, level, rate):
         return {"pair": "fermi int4 / llama.cpp Q4_0", "engine": engine, "concurrency": level,
                 "completion_tokens_per_s": rate, "ttft_p50_ms": 20.0, "ttft_p95_ms": 40.0,
-                "errors": 0}  # fmt: skip
+                "errors": 0, "cpu_stall_share": 0.25}  # fmt: skip
 
     results = {
         "model": "smollm2-135m",
@@ -269,9 +269,9 @@ def test_serving_table_and_docs_block(tmp_path):
         "rows": [row("fermi", 1, 100.0), row("llama.cpp", 1, 125.0), row("fermi", 4, 90.0)],
     }
     table = serving.markdown(results)
-    assert "| streams | fermi int4: tok/s | TTFT p50 / p95 ms | llama.cpp Q4_0: tok/s" in table
-    assert "| 1 | 100.0 | 20 / 40 | 125.0 | 20 / 40 | 0.80 |" in table
-    assert "| 4 | 90.0 | 20 / 40 | – | – | – |" in table
+    assert "| streams | fermi int4: tok/s | TTFT p50 / p95 ms | CPU stall | llama.cpp Q4_0" in table
+    assert "| 1 | 100.0 | 20 / 40 | 25% | 125.0 | 20 / 40 | 25% | 0.80 |" in table
+    assert "| 4 | 90.0 | 20 / 40 | 25% | – | – | – | – |" in table
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"before\n{serving.DOCS_BEGIN}\nold\n{serving.DOCS_END}\nafter\n")
     serving.update_docs(docs, table, "python -m fermi.bench.serving")

@@ -234,10 +234,14 @@ def run(args: argparse.Namespace) -> dict:
             }
             for engine, start in servers.items():
                 log(f"{pair.label}: {engine}, {concurrency} streams")
+                load_average = os.getloadavg()[0]
                 with start() as url:
+                    stalls = machine.StallMeter()
                     summary = measure(url, concurrency, args.requests, body)
+                    stall = stalls.share()
                 row = {"pair": pair.label, "precision": pair.precision, "kind": pair.kind,
-                       "engine": engine, **summary}  # fmt: skip
+                       "engine": engine, **summary, "cpu_stall_share": stall,
+                       "load_average": load_average}  # fmt: skip
                 results["rows"].append(row)
                 log(json.dumps(row))
     return results
@@ -266,9 +270,9 @@ def markdown(results: dict) -> str:
         rows = [row for row in results["rows"] if row["pair"] == pair]
         fermi_name, llama_name = pair.split(" / ")
         lines += [
-            f"| streams | {fermi_name}: tok/s | TTFT p50 / p95 ms | {llama_name}: tok/s "
-            "| TTFT p50 / p95 ms | fermi / llama.cpp tok/s |",
-            "|---|---|---|---|---|---|",
+            f"| streams | {fermi_name}: tok/s | TTFT p50 / p95 ms | CPU stall "
+            f"| {llama_name}: tok/s | TTFT p50 / p95 ms | CPU stall | fermi / llama.cpp tok/s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for level in dict.fromkeys(row["concurrency"] for row in rows):
             by_engine = {row["engine"]: row for row in rows if row["concurrency"] == level}
@@ -281,17 +285,23 @@ def markdown(results: dict) -> str:
             lines.append(f"| {level} | {_cells(fermi)} | {_cells(llama)} | {ratio} |")
         lines.append("")
     errors = sum(row["errors"] for row in results["rows"])
-    lines.append(f"Errors: {errors}.")
+    lines.append(
+        f"Errors: {errors}. CPU stall: share of the level's wall time in which some runnable "
+        "task waited for a CPU (/proc/pressure/cpu): the server's own threads beyond the cores "
+        "and any other work on the machine; near 0% on a quiet machine."
+    )
     return "\n".join(lines) + "\n"
 
 
 def _cells(row: dict | None) -> str:
     if not row:
-        return "– | –"
+        return "– | – | –"
+    stall = row.get("cpu_stall_share")
     return (
         f"{row['completion_tokens_per_s']:.1f} | "
         f"{row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f}"
         + (f" ({row['errors']} errors)" if row["errors"] else "")
+        + (f" | {stall:.0%}" if stall is not None else " | –")
     )
 
 

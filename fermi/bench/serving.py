@@ -183,8 +183,9 @@ async def run_level(url: str, concurrency: int, requests: int, body: dict):
         for _ in range(requests):
             try:
                 ttft, tokens = await stream_once(client, url, body)
-            except (httpx.HTTPError, RuntimeError):
+            except (httpx.HTTPError, RuntimeError) as e:
                 result.errors += 1
+                log(f"request failed: {type(e).__name__}: {e}")
                 continue
             result.requests += 1
             result.completion_tokens += tokens

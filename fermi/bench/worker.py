@@ -96,7 +96,9 @@ def measure(engine, spec: dict, out: Path) -> None:
         "weight_bytes_per_token": model.weight_bytes_per_token(),
     }
     save(out, result)
-    if hasattr(model, "measure"):  # a native engine's own benchmark tool (and its peak RSS)
+    if hasattr(model, "measure"):  # a native engine's own benchmark tool (and its peak RSS);
+        # its load happens in each of the tool's processes, timed by `cold` only
+        result = {k: v for k, v in result.items() if k not in ("import_s", "load_s")}
         save(out, result | model.measure())
         return
     timed_stream(model, prompts["decode"], config["warmup_tokens"])  # warm-up, not reported

@@ -331,3 +331,10 @@ def test_fast_graph_report_has_a_row_per_thread_mode():
     assert "| fermi-int4 | passive (default) | 31.25 | 31% (100.0) |" in table
     assert "| llama-q4_0 | spin (default) | 62.50 | 62% (100.0) |" in table
     assert "| fermi-int4 | spin | 33.33 |" in table
+
+
+def test_llama_cpp_starts_from_a_built_in_models_gguf(smollm2_gguf):
+    from fermi.bench.orchestrator import gguf_source
+
+    assert gguf_source("smollm2-135m") == smollm2_gguf
+    assert gguf_source("tiny-qwen3") is None  # a checkpoint directory: converted instead

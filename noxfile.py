@@ -2,7 +2,6 @@
 stack never pulls a multi-GB CUDA build of torch."""
 
 import os
-from pathlib import Path
 
 import nox
 
@@ -32,13 +31,12 @@ def lint(session: nox.Session) -> None:
 
 
 # -- fermi bench ---------------------------------------------------------------------------------
-# Each peer engine lives in its own virtualenv (their pins conflict); `fermi bench` drives them
-# all from one run, starting `.nox/bench_<peer>/bin/python -m fermi.bench.worker` per engine.
-# Typical run:  nox -s bench_transformers bench_llamacpp bench_ortgenai bench -- --quick
+# Each Python peer engine lives in its own virtualenv (their pins conflict); `fermi bench` drives
+# them all from one run, starting `.nox/bench_<peer>/bin/python -m fermi.bench.worker` per
+# engine. llama.cpp needs no venv: fermi.bench.llama_cpp builds it natively (cmake) into the cache.
+# Typical run:  nox -s bench_transformers bench_ortgenai bench -- --quick
 BENCH_PEERS = {
     "transformers": [TORCH, "transformers>=5,<6", "safetensors>=0.4", "numpy>=1.26"],
-    # llama-cpp-python ships no CPU wheel on PyPI: pip compiles llama.cpp (~5-10 minutes here).
-    "llamacpp": ["llama-cpp-python==0.3.36", "gguf==0.19.0", "numpy>=1.26"],
     # The model builder imports torch and transformers 5; torch goes first, pinned.
     "ortgenai": [
         TORCH,
@@ -49,54 +47,17 @@ BENCH_PEERS = {
         "numpy>=1.26",
     ],
 }
-# x86 SIMD levels llama.cpp can target, and the /proc/cpuinfo flag that allows each.
-LLAMA_CPP_SIMD = {
-    "AVX": "avx",
-    "AVX2": "avx2",
-    "FMA": "fma",
-    "F16C": "f16c",
-    "BMI2": "bmi2",
-    "AVX_VNNI": "avx_vnni",
-    "AVX512": "avx512f",
-    "AVX512_VBMI": "avx512vbmi",
-    "AVX512_VNNI": "avx512_vnni",
-    "AVX512_BF16": "avx512_bf16",
-}
-
-
-def llama_cpp_cmake_args() -> str:
-    """A CPU build for this machine's SIMD level, but never AMX: GGML_NATIVE would compile the
-    AMX kernels on CPUs that advertise them, and in VMs that do not grant AMX state they crash
-    (general protection fault) on the first quantized matmul. LLAMA_CPP_CMAKE_ARGS overrides."""
-    if os.environ.get("LLAMA_CPP_CMAKE_ARGS"):
-        return os.environ["LLAMA_CPP_CMAKE_ARGS"]
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
-    args = ["-DGGML_NATIVE=OFF", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_BLAS=OFF"]
-    if not flags:  # not Linux/x86: let llama.cpp detect the machine
-        return "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"
-    args += [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}"
-             for name, flag in LLAMA_CPP_SIMD.items()]  # fmt: skip
-    return " ".join(args)
 
 
 def install_peer(session: nox.Session, peer: str) -> None:
-    env = {"CMAKE_ARGS": llama_cpp_cmake_args(), "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
     for requirement in BENCH_PEERS[peer]:  # one by one, so torch is in before anything wants it
-        # No wheel cache: a llama-cpp-python wheel built with other CMAKE_ARGS must not be reused.
-        session.install("--no-cache-dir", requirement, env=env)
+        session.install(requirement)
 
 
 @nox.session
 def bench_transformers(session: nox.Session) -> None:
     """Peer venv for `fermi bench`: transformers + torch eager (fp32 CPU)."""
     install_peer(session, "transformers")
-
-
-@nox.session
-def bench_llamacpp(session: nox.Session) -> None:
-    """Peer venv for `fermi bench`: llama-cpp-python (CPU build) + gguf for the conversion."""
-    install_peer(session, "llamacpp")
 
 
 @nox.session

@@ -13,7 +13,7 @@ Both sides use llama-perplexity's protocol (fermi/eval.py): chunks of 512 tokens
 half of each scored, KL(P_fp32 || P) per scored token.
 
 - llama.cpp is built natively from the sources vendored in the llama-cpp-python sdist (cmake,
-  tools llama-perplexity, llama-quantize and llama-bench), once, into the cache
+  fermi.bench.llama_cpp: llama-perplexity, llama-quantize, llama-bench), once, into the cache
   (`$FERMI_CACHE`, default ~/.cache/fermi); LLAMA_CPP_CMAKE_ARGS replaces the machine flags.
   A checkpoint becomes an F32 GGUF with llama.cpp's own convert_hf_to_gguf.py, quantized
   with llama-quantize; llama-perplexity runs once with --kl-divergence-base on F32, then with
@@ -32,17 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import subprocess
 import sys
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
+from fermi.bench import llama_cpp
+
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendor/llama.cpp is built
-LLAMA_TOOLS = ("llama-perplexity", "llama-quantize", "llama-bench")
 LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 TEXT = ROOT / "tests" / "data" / "gpl-3.0.txt"
 # name -> (precision, GraphOptions fields)
@@ -55,52 +53,7 @@ VARIANTS = {
 }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FERMI_CACHE", Path.home() / ".cache" / "fermi"))
-
-
-# -- llama.cpp -----------------------------------------------------------------------------------
-
-
-def cmake_args() -> list[str]:
-    """Native SIMD, but no AMX kernels where the CPU advertises AMX: in VMs that do not grant
-    the AMX state they crash on the first quantized matmul (see noxfile.py)."""
-    if os.environ.get("LLAMA_CPP_CMAKE_ARGS"):
-        return os.environ["LLAMA_CPP_CMAKE_ARGS"].split()
-    args = ["-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_BLAS=OFF"]
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file() and "amx_tile" in cpuinfo.read_text().split():
-        args += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
-    return args
-
-
-def build_llama_cpp(cache: Path) -> Path:
-    """The llama.cpp tools' bin directory, built once (a few minutes on 2 cores)."""
-    root = cache / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-    bin_dir = root / "build" / "bin"
-    if all((bin_dir / tool).is_file() for tool in LLAMA_TOOLS):
-        return bin_dir
-    source = llama_cpp_source(root)
-    build = root / "build"
-    run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-         "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-         "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-         *cmake_args()])  # fmt: skip
-    run(["cmake", "--build", str(build), "-j2", "--target", *LLAMA_TOOLS])
-    return bin_dir
-
-
-def llama_cpp_source(root: Path) -> Path:
-    """vendor/llama.cpp of the llama-cpp-python sdist (pip download, no install)."""
-    source = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if source.is_dir():
-        return source
-    root.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(root)])  # fmt: skip
-    with tarfile.open(root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as sdist:
-        sdist.extractall(root, filter="data")
-    return source
+# -- llama.cpp (built natively: fermi.bench.llama_cpp) --------------------------------------------
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -111,7 +64,7 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 def llama_gguf(bin_dir: Path, checkpoint: Path, out: Path, types: list[str]) -> dict[str, Path]:
     """F32 GGUF (llama.cpp's converter unless made from a GGUF already) and each quantized
     type, made once into `out`."""
-    source = bin_dir.parents[1] / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    source = llama_cpp.source_dir(bin_dir)
     files = {"F32": out / "model-F32.gguf"}
     out.mkdir(parents=True, exist_ok=True)
     if not files["F32"].is_file():
@@ -176,13 +129,12 @@ def _float(pattern: str, log: str) -> float:
 
 
 def llama_decode(bin_dir: Path, path: Path, threads: int) -> float:
-    """llama-bench's token-generation rate (32 tokens, 3 repetitions), tokens/s; OpenMP threads
-    sleep when idle, as fermi's do (spinning threads on a shared machine measure the load)."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # as bench_variants runs llama.cpp
-    command = [str(bin_dir / "llama-bench"), "-m", str(path), "-p", "0", "-n", "32", "-r", "3",
-               "-t", str(threads), "-o", "json"]  # fmt: skip
-    done = run(command, capture_output=True, text=True, env=env)
-    return float(json.loads(done.stdout)[0]["avg_ts"])
+    """llama-bench's token-generation rate (32 tokens after none, 3 repetitions), tokens/s;
+    OpenMP threads sleep when idle, as fermi's do (spinning threads on a shared machine measure
+    the load)."""
+    test = llama_cpp.BenchTest(gen=32)
+    result = llama_cpp.bench(bin_dir, path, test, threads, "passive", reps=3)
+    return sum(result["tokens_per_s"]) / len(result["tokens_per_s"])
 
 
 def f32_gguf(source: Path, output: Path) -> Path:
@@ -352,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     types = [t for t in args.llama_types.split(",") if t]
     if types:
-        bin_dir = build_llama_cpp(cache_root())
+        bin_dir = llama_cpp.build_llama_cpp()
         files = llama_gguf(bin_dir, args.checkpoint, args.out / "gguf", types)
         llama = llama_perplexity(bin_dir, files, args.text, args.out, args.threads)
         for kind in ["F32", *types]:

@@ -356,9 +356,9 @@ def bench(
     threads: Annotated[
         int | None, typer.Option(min=1, help="per engine", show_default="one per core")
     ] = None,
-    spin: Annotated[
-        bool, typer.Option(help="let every engine's threads spin (idle machine only)")
-    ] = False,
+    threading: Annotated[
+        str, typer.Option(help="thread modes, each engine in each: spin,passive")
+    ] = "spin,passive",
     server: Annotated[bool, typer.Option(help="measure the OpenAI server")] = True,
     bandwidth: Annotated[bool, typer.Option(help="measure the decode ceiling")] = True,
     chart: Annotated[bool, typer.Option(help="write chart.png")] = True,
@@ -367,7 +367,8 @@ def bench(
     timeout: Annotated[float, typer.Option(help="seconds per engine subprocess")] = 3600.0,
     docs: Annotated[Path | None, typer.Option(help="update this file's results block")] = None,
 ) -> None:
-    """Benchmark fermi beside peer engines (each in its nox venv) on the same checkpoint."""
+    """Benchmark fermi beside peer engines (native llama.cpp; the others each in its nox venv)
+    on the same checkpoint."""
     arguments = dict(locals())
     from fermi.bench.cli import bench_command
 

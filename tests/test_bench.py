@@ -1,6 +1,7 @@
 """`fermi bench` smoke test: the harness end to end on the tiny model, fermi engine only, one
-repetition and a few tokens. It checks the structure of the JSON and markdown, never timings
-(peers are not part of the default test run)."""
+repetition and a few tokens, in both thread modes. It checks the structure of the JSON and
+markdown, never timings (peers are not part of the default test run; the native llama.cpp
+engine is tested with stand-in tools in test_bench_llamacpp.py)."""
 
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def test_fermi_only_run_writes_json_and_markdown(tiny_artifact, tmp_path):
         server_tokens=3,
         server_prompt_words=5,
         threads=1,
+        threading=["passive", "spin"],
     )
-    engines = [EngineId("fermi", "fp32"), EngineId("fermi", "int4"), EngineId("llamacpp", "q4_0")]
+    engines = [EngineId("fermi", "fp32"), EngineId("fermi", "int4"), EngineId("ortgenai", "int4")]
     options = RunOptions(
         model=str(tiny_artifact),
         engines=engines,
@@ -74,15 +76,18 @@ def test_fermi_only_run_writes_json_and_markdown(tiny_artifact, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert {"machine", "model", "config", "engines", "server", "date", "command"} <= set(results)
     assert results["machine"]["logical_cores"] >= 1
-    fermi, int4, llama = results["engines"]
+    fermi, fermi_spin, int4, _, genai, _ = results["engines"]
     assert fermi["engine"] == "fermi:fp32" and fermi["status"] == "ok", fermi.get("note")
+    assert (fermi["threading"], fermi["default_threading"]) == ("passive", True)
+    assert (fermi_spin["threading"], fermi_spin["default_threading"]) == ("spin", False)
+    assert fermi_spin["status"] == "ok" and fermi_spin["cold"]["cold_start_s"] == []
     assert set(fermi["ttft_s"]) == {"8", "32"} and len(fermi["decode_tok_s"]) == 1
     assert fermi["summary"]["decode_tok_s"]["n"] == 1
     assert len(fermi["cold"]["cold_start_s"]) == 1 and fermi["peak_rss_bytes"] > 0
     assert fermi["weight_bytes_per_token"] > 0 and fermi["versions"]["onnxruntime"]
     assert fermi["import_s"] >= 0 and "cpu_stall_share" in fermi
     assert fermi["extra"]["runtime_decode_tok_s"]
-    assert llama["status"] == "skipped" and "nox -s bench_llamacpp" in llama["note"]
+    assert genai["status"] == "skipped" and "nox -s bench_ortgenai" in genai["note"]
     # int4: the cpu target exported from the artifact's source into the run's cache
     assert int4["status"] == "ok", int4.get("note")
     int4_artifact = Path(int4["prepare"]["model_path"])
@@ -98,8 +103,8 @@ def test_fermi_only_run_writes_json_and_markdown(tiny_artifact, tmp_path):
     )
 
     markdown = (run_dir / "results.md").read_text()
-    header = "| engine | import s | load s | cold start s | TTFT 8 s | TTFT 32 s | decode tok/s"
+    header = "| engine | threads | import s | load s | cold start s | TTFT 8 s | TTFT 32 s |"
     assert header in markdown
-    assert "| fermi:fp32 |" in markdown
-    assert "llamacpp:q4_0: skipped" in markdown
+    assert "| fermi:fp32 | passive (default) |" in markdown and "| fermi:fp32 | spin |" in markdown
+    assert "ortgenai:int4, passive: skipped" in markdown
     assert "| streams | completion tok/s | TTFT p50 s | TTFT p95 s |" in markdown

@@ -42,7 +42,7 @@ def bench_command(
     concurrency: str | None,
     server_tokens: int | None,
     threads: int | None,
-    spin: bool,
+    threading: str,
     server: bool,
     bandwidth: bool,
     chart: bool,
@@ -60,7 +60,7 @@ def bench_command(
         concurrency=_ints(concurrency),
         server_tokens=server_tokens,
         threads=threads,
-        spin=spin,
+        threading=[mode.strip() for mode in threading.split(",") if mode.strip()],
     )
     options = RunOptions(
         model=model,

@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 FAMILIES: dict[str, list[str]] = {
     "fermi": ["fp32", "int8", "int4"],  # the cpu target; int8/int4 exported by the worker
     "transformers": ["fp32"],
-    "llamacpp": ["f32", "q8_0", "q4_0"],
+    "llamacpp": ["f32", "q8_0", "q4_0", "q4_k_m"],  # native llama.cpp (fermi.bench.llama_cpp)
     "ortgenai": ["fp32", "int4"],
 }
 DEFAULT_ENGINES = "fermi,transformers,llamacpp,ortgenai"
+# Families that run on the interpreter running `fermi bench` (no peer venv): fermi itself, and
+# llama.cpp, a native program.
+LOCAL_FAMILIES = ("fermi", "llamacpp")
+# Thread modes each engine runs in, in the same run: "spin" lets worker threads spin between
+# kernels (llama.cpp's and onnxruntime's default; fermi's FERMI_SPIN=1), "passive" makes them
+# sleep (fermi's default; llama.cpp with OMP_WAIT_POLICY=PASSIVE and --poll 0).
+THREADING = ("spin", "passive")
 
 
 @dataclass
@@ -31,10 +38,18 @@ class BenchConfig:
     server_tokens: int = 64  # completion tokens per server request
     server_prompt_words: int = 100
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    # Spinning worker threads: each engine's default, faster on an idle machine; off, every
-    # engine waits passively (fermi's default), which a shared machine needs.
+    # The thread modes every engine is measured in (THREADING), in this order.
+    threading: list[str] = field(default_factory=lambda: list(THREADING))
+    # The mode of the engine run at hand (set per run by the orchestrator from `threading`).
     spin: bool = False
     seed: int = 0
+
+    def __post_init__(self):
+        unknown = [mode for mode in self.threading if mode not in THREADING]
+        if unknown or not self.threading:
+            raise ValueError(
+                f"threading takes a comma list of {', '.join(THREADING)}, not {self.threading!r}"
+            )
 
     @classmethod
     def quick(cls) -> BenchConfig:

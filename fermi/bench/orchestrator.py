@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fermi.bench import bandwidth, machine, report, server
-from fermi.bench.config import BenchConfig, EngineId, prompt_ids
+from fermi.bench.config import LOCAL_FAMILIES, BenchConfig, EngineId, prompt_ids
 from fermi.bench.stats import summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # puts `fermi.bench` on a peer's sys.path
@@ -45,6 +45,7 @@ class Models:
     cache: Path
     name: str
     vocab: int  # ordinary (non-added) tokens: the range prompt ids are drawn from
+    gguf: Path | None = None  # a GGUF source (a built-in model): what llama.cpp starts from
 
 
 def log(message: str) -> None:
@@ -76,10 +77,11 @@ def run(options: RunOptions) -> Path:
         results["bandwidth_gb_s"] = bandwidth.measure(options.config.threads)
     prompts = make_prompts(options.config, models.vocab)
     for engine in options.engines:
-        stalls = machine.StallMeter()
-        entry = run_engine(engine, options, models, prompts, run_dir)
-        results["engines"].append(entry | {"cpu_stall_share": stalls.share()})
-        write(results, run_dir, options)
+        for threading in options.config.threading:
+            stalls = machine.StallMeter()
+            entry = run_engine(engine, options, models, prompts, run_dir, threading)
+            results["engines"].append(entry | {"cpu_stall_share": stalls.share()})
+            write(results, run_dir, options)
     if options.server and any(e.family == "fermi" for e in options.engines):
         log("fermi OpenAI server: concurrent streams " + str(options.config.concurrency))
         stalls = machine.StallMeter()
@@ -126,8 +128,21 @@ def resolve_models(options: RunOptions) -> Models:
         artifact = export_model(
             options.model, precision="fp32", target="cpu", output=cache / "fermi-fp32-cpu"
         )
-    name = (checkpoint or artifact).name
-    return Models(artifact, checkpoint, cache, name, base_vocab(artifact))
+    gguf = None if checkpoint else gguf_source(load_manifest(artifact).source)
+    name = (checkpoint or gguf or artifact).name
+    return Models(artifact, checkpoint, cache, name, base_vocab(artifact), gguf)
+
+
+def gguf_source(source: str) -> Path | None:
+    """The GGUF file a manifest source (a built-in model, a .gguf path) resolves to, if any."""
+    from export.source import resolve
+    from fermi.errors import FermiError
+    from fermi.settings import load_settings
+
+    try:
+        return resolve(source, None, load_settings()).gguf_file
+    except FermiError:
+        return None
 
 
 def checkpoint_of(model: str) -> Path | None:
@@ -184,8 +199,9 @@ def make_prompts(config: BenchConfig, vocab: int) -> dict[str, list[int]]:
 
 
 def engine_python(engine: EngineId, options: RunOptions) -> Path | None:
-    """fermi runs on this interpreter; a peer on its nox venv's (or the --venv override)."""
-    if engine.family == "fermi":
+    """fermi and native llama.cpp run on this interpreter; a peer on its nox venv's (or the
+    --venv override)."""
+    if engine.family in LOCAL_FAMILIES:
         return Path(sys.executable)
     if engine.family in options.venvs:
         return options.venvs[engine.family]
@@ -199,30 +215,45 @@ def run_engine(
     models: Models,
     prompts: dict[str, list[int]],
     run_dir: Path,
+    threading: str,
 ) -> dict:
-    entry: dict = {"engine": engine.name, "family": engine.family, "variant": engine.variant}
+    """One engine in one thread mode: prepare, cold starts (in the first mode only: threads do
+    not wait before the first token), then the warm measurement."""
+    entry: dict = {
+        "engine": engine.name,
+        "family": engine.family,
+        "variant": engine.variant,
+        "threading": threading,
+        "default_threading": threading == default_threading(engine.family),
+    }
     python = engine_python(engine, options)
     if python is None:
         return entry | {
             "status": "skipped",
             "note": f"no venv: run `nox -s {engine.venv_name}` first",
         }
-    if engine.family != "fermi" and models.checkpoint is None:
+    convertible = models.checkpoint or (engine.family == "llamacpp" and models.gguf)
+    if engine.family != "fermi" and not convertible:
         return entry | {"status": "skipped", "note": "no local checkpoint to convert"}
+    config = options.config.replace(spin=threading == "spin")
     spec = {
         "engine": {"family": engine.family, "variant": engine.variant},
-        "config": options.config.to_dict(),
+        "config": config.to_dict(),
         "artifact": str(models.artifact.resolve()),
         "checkpoint": str(models.checkpoint) if models.checkpoint else None,
+        "gguf": str(models.gguf) if models.gguf else None,
         "cache": str((models.cache / engine.family).resolve()),
         "prompts": prompts,
     }
-    worker = Worker(python, spec, run_dir, engine.name.replace(":", "-"), options.timeout_s)
+    name = f"{engine.name.replace(':', '-')}-{threading}"
+    worker = Worker(python, spec, run_dir, name, options.timeout_s)
+    first_mode = threading == options.config.threading[0]
     try:
         log(f"{engine.name}: prepare")
         entry["prepare"] = worker.run("prepare")
-        entry["cold"] = cold_starts(worker, options.config.cold_reps, engine)
-        log(f"{engine.name}: measure")
+        reps = options.config.cold_reps if first_mode else 0
+        entry["cold"] = cold_starts(worker, reps, engine)
+        log(f"{engine.name}, threads {threading}: measure")
         measured = worker.run("measure")
     except WorkerFailed as e:
         log(f"{engine.name}: failed: {e}")
@@ -230,6 +261,12 @@ def run_engine(
     else:
         entry |= {"status": "ok", **measured}
     return entry | {"summary": summaries(entry)}
+
+
+def default_threading(family: str) -> str:
+    """Each engine's own default: fermi's threads wait passively (FERMI_SPIN off), the peers'
+    spin (OpenMP's default wait policy, onnxruntime's intra-op spinning)."""
+    return "passive" if family == "fermi" else "spin"
 
 
 def cold_starts(worker: Worker, reps: int, engine: EngineId) -> dict:
@@ -240,7 +277,7 @@ def cold_starts(worker: Worker, reps: int, engine: EngineId) -> dict:
         log(f"{engine.name}: cold start {i + 1}/{reps}")
         started = time.time()
         result = worker.run("cold")
-        first_token.append(result["first_token_at"] - started)
+        first_token.append(result.get("cold_start_s", result["first_token_at"] - started))
         imports.append(result["import_s"])
         load.append(result["load_s"])
     return {"cold_start_s": first_token, "import_s": imports, "load_s": load}

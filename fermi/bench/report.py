@@ -88,14 +88,10 @@ def markdown(results: dict) -> str:
     ]
     bandwidth = results.get("bandwidth_gb_s")
     if bandwidth:
-        lines.append(
-            f"Memory read bandwidth: {_num(bandwidth['one_process']['median'], 1)} GB/s "
-            f"with one process, {_num(bandwidth['all_processes']['median'], 1)} GB/s "
-            f"with {bandwidth['processes']} (the decode ceiling uses the latter)."
-        )
+        lines.append(_bandwidth_line(bandwidth))
     lines += ["", *_engine_table(results), "", STALL_NOTE, ""]
     notes = [
-        f"- {e['engine']}: {e['status']}: {e.get('note', '')}"
+        f"- {engine_name(e)}: {e['status']}: {e.get('note', '')}"
         for e in results["engines"]
         if e["status"] != "ok"
     ]
@@ -108,11 +104,41 @@ def markdown(results: dict) -> str:
         "Versions: "
         + "; ".join(
             f"{e['engine']}: " + ", ".join(f"{k} {v}" for k, v in e.get("versions", {}).items())
-            for e in results["engines"]
-            if e.get("versions")
+            for e in {e["engine"]: e for e in results["engines"] if e.get("versions")}.values()
         )
     ]
     return "\n".join(lines) + "\n"
+
+
+def _bandwidth_line(bandwidth: dict) -> str:
+    """The ceiling's bandwidth, and the other readers' beside it (fermi.bench.bandwidth)."""
+    reader = bandwidth.get("reader", "sum")
+    line = (
+        f"Memory read bandwidth ({reader} reader): "
+        f"{_num(bandwidth['one_process']['median'], 1)} GB/s with one process, "
+        f"{_num(bandwidth['all_processes']['median'], 1)} GB/s with {bandwidth['processes']} "
+        "(the decode ceiling uses the latter)"
+    )
+    others = [
+        f"{kind} {_num(figures['all_processes']['median'], 1)} GB/s"
+        for kind, figures in bandwidth.get("readers", {}).items()
+        if kind != reader
+    ]
+    return line + (
+        f"; other readers with {bandwidth['processes']}: {', '.join(others)}." if others else "."
+    )
+
+
+def engine_name(entry: dict) -> str:
+    """`family:variant`, with the thread mode when the run measured one (`, spin`)."""
+    threading = entry.get("threading")
+    return f"{entry['engine']}, {threading}" if threading else entry["engine"]
+
+
+def _threads(entry: dict) -> str:
+    if not entry.get("threading"):
+        return "–"
+    return entry["threading"] + (" (default)" if entry.get("default_threading") else "")
 
 
 def _shape(model: dict) -> str:
@@ -129,7 +155,7 @@ def _shape(model: dict) -> str:
 def _engine_table(results: dict) -> list[str]:
     lengths = results["config"]["prompt_lengths"]
     header = (
-        ["engine", "import s", "load s", "cold start s"]
+        ["engine", "threads", "import s", "load s", "cold start s"]
         + [f"TTFT {n} s" for n in lengths]
         + ["decode tok/s", "ceiling tok/s", "of ceiling", "weights MB/token", "peak RSS MB"]
         + ["CPU stall"]
@@ -143,6 +169,7 @@ def _engine_table(results: dict) -> list[str]:
         cells = (
             [
                 e["engine"] + (" (failed)" if e["status"] == "failed" else ""),
+                _threads(e),
                 _cell(s.get("import_s")),
                 _cell(s.get("load_s")),
                 _cell(s.get("cold_start_s")),
@@ -245,7 +272,7 @@ def chart(results: dict, path: Path) -> Path | None:
 
 
 def _decode_panel(axis, engines: list[dict]) -> None:
-    names = [e["engine"] for e in engines]
+    names = [engine_name(e) for e in engines]
     stats = [e["summary"]["decode_tok_s"] for e in engines]
     medians = [s["median"] for s in stats]
     errors = [
@@ -277,7 +304,7 @@ def _ttft_panel(axis, engines: list[dict], lengths: list[int]) -> None:
             height=width,
             label=f"{length}-token prompt",
         )
-    axis.set_yticks(range(len(engines)), [e["engine"] for e in engines])
+    axis.set_yticks(range(len(engines)), [engine_name(e) for e in engines])
     axis.invert_yaxis()
     axis.set_xscale("log")
     axis.set_xlabel("time to first token, s (median, log scale)")

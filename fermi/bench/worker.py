@@ -59,8 +59,12 @@ def timed_load(engine, spec: dict) -> tuple[object, float, float]:
 
 
 def cold(engine, spec: dict, out: Path) -> None:
-    """Load and produce one token, as a fresh process would; the parent knows when it started."""
+    """Load and produce one token, as a fresh process would; the parent knows when it started.
+    A native engine times its own fresh process (`model.cold()`, with `cold_start_s`)."""
     model, import_s, load_s = timed_load(engine, spec)
+    if hasattr(model, "cold"):
+        save(out, model.cold())
+        return
     with closing(model.stream(spec["prompts"]["cold"], 1)) as tokens:
         next(tokens)
     save(out, {"first_token_at": time.time(), "import_s": import_s, "load_s": load_s})
@@ -92,6 +96,11 @@ def measure(engine, spec: dict, out: Path) -> None:
         "weight_bytes_per_token": model.weight_bytes_per_token(),
     }
     save(out, result)
+    if hasattr(model, "measure"):  # a native engine's own benchmark tool (and its peak RSS);
+        # its load happens in each of the tool's processes, timed by `cold` only
+        result = {k: v for k, v in result.items() if k not in ("import_s", "load_s")}
+        save(out, result | model.measure())
+        return
     timed_stream(model, prompts["decode"], config["warmup_tokens"])  # warm-up, not reported
     result["ttft_s"] = {}
     for length in config["prompt_lengths"]:

@@ -1,100 +1,109 @@
-"""llama.cpp through llama-cpp-python (a CPU build): an f32 GGUF written from the checkpoint's
-safetensors, and Q8_0 / Q4_0 made from it with `llama_model_quantize`."""
+"""llama.cpp built natively (fermi.bench.llama_cpp), measured by its own llama-bench: an F32
+GGUF of the checkpoint (llama.cpp's convert_hf_to_gguf.py) or of a GGUF source (dequantized),
+and Q8_0 / Q4_0 / Q4_K_M made from it by llama-quantize.
+
+llama-bench times llama.cpp's own decode calls, so no interpreter sits between the engine and
+the clock: TTFT at N is its `pp N` test (N prompt tokens in one batch from an empty cache, the
+last position's logits), decode is its `tg` test (`new_tokens` single-token steps after
+`decode_prompt` tokens of context, `-d`), and a cold start is the wall time of a fresh
+llama-bench process that loads the model and prefills 16 tokens once (`--no-warmup`)."""
 
 from __future__ import annotations
 
-import ctypes
-from importlib import metadata
+import os
+import resource
+import subprocess
+import time
 from pathlib import Path
 
-FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+from fermi.bench import llama_cpp
+
+KINDS = {"f32": "F32", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
 
 
 def versions() -> dict[str, str]:
-    return {name: metadata.version(name) for name in ("llama-cpp-python", "gguf")}
+    return {"llama.cpp": f"vendored in llama-cpp-python {llama_cpp.LLAMA_CPP_PYTHON}, native"}
 
 
 def imports() -> None:
-    import llama_cpp  # noqa: F401
+    """Nothing to import: the engine is a native program."""
 
 
-def gguf_path(spec: dict, variant: str) -> Path:
-    return Path(spec["cache"]) / f"model-{variant}.gguf"
+def gguf_path(spec: dict) -> Path:
+    kind = KINDS[spec["engine"]["variant"]]
+    return Path(spec["cache"]) / f"model-{kind}.gguf"
 
 
 def prepare(spec: dict) -> dict:
-    from fermi.bench.gguf_export import write_gguf
-
-    variant = spec["engine"]["variant"]
-    f32 = gguf_path(spec, "f32")
-    if not f32.is_file():
-        f32.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f32.with_suffix(".tmp")
-        write_gguf(Path(spec["checkpoint"]), tmp)
-        tmp.rename(f32)
-    target = gguf_path(spec, variant)
-    if not target.is_file():
-        quantize(f32, target, variant, spec["config"]["threads"])
+    """Build the tools (once), write the F32 GGUF and quantize it to the variant (cached)."""
+    bin_dir = llama_cpp.build_llama_cpp()
+    f32 = Path(spec["cache"]) / "model-F32.gguf"
+    if spec.get("gguf"):
+        llama_cpp.f32_from_gguf(Path(spec["gguf"]), f32)
+    elif spec.get("checkpoint"):
+        llama_cpp.f32_from_checkpoint(bin_dir, Path(spec["checkpoint"]), f32)
+    else:
+        raise ValueError("llama.cpp needs a checkpoint directory or a GGUF file to convert")
+    kind = KINDS[spec["engine"]["variant"]]
+    target = llama_cpp.quantized(bin_dir, f32, kind, spec["config"]["threads"])
     return {"model_path": str(target), "model_bytes": target.stat().st_size}
 
 
-def quantize(source: Path, target: Path, variant: str, threads: int) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[variant])
-    params.nthread = threads
-    tmp = target.with_suffix(".tmp")
-    code = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(tmp).encode(), ctypes.byref(params)
-    )
-    if code != 0:
-        raise RuntimeError(f"llama_model_quantize to {variant} failed ({code})")
-    tmp.rename(target)
+def load(spec: dict) -> LlamaBench:
+    return LlamaBench(llama_cpp.build_llama_cpp(), gguf_path(spec), spec["config"])
 
 
-def load(spec: dict) -> LlamaModel:
-    import llama_cpp
+class LlamaBench:
+    """The loaded "model": llama-bench runs on the variant's GGUF with the run's settings."""
 
-    config = spec["config"]
-    context = max(config["prompt_lengths"] + [config["decode_prompt"]]) + config["new_tokens"] + 16
-    path = gguf_path(spec, spec["engine"]["variant"])
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=context,
-        n_batch=512,
-        n_threads=config["threads"],
-        n_threads_batch=config["threads"],
-        verbose=False,
-    )
-    return LlamaModel(llm, path, spec["engine"]["variant"])
-
-
-class LlamaModel:
-    def __init__(self, llm, path: Path, variant: str):
-        self.llm = llm
+    def __init__(self, bin_dir: Path, path: Path, config: dict):
+        self.bin_dir = bin_dir
         self.path = path
-        self.label = f"llama.cpp {variant.upper()} (llama-cpp-python, CPU)"
+        self.config = config
+        self.threading = "spin" if config["spin"] else "passive"
+        self.label = f"llama.cpp {KINDS[path.stem.removeprefix('model-').lower()]} (native)"
 
     def weight_bytes_per_token(self) -> int:
-        """Every tensor of the GGUF, less the token embedding when a separate output matrix
-        exists (then a step reads one embedding row); tied, it is the output matrix."""
-        import gguf
+        return llama_cpp.gguf_bytes_per_token(self.path)
 
-        tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(self.path)).tensors}
-        total = sum(tensors.values())
-        if "output.weight" in tensors:
-            total -= tensors.get("token_embd.weight", 0)
-        return total
-
-    def stream(self, ids: list[int], count: int):
-        """Greedy (top_k 1) from an empty KV cache: reset() drops the previous sequence, so the
-        prompt is never served from a cached prefix. generate() ignores end-of-sequence."""
-        self.llm.reset()
-        tokens = self.llm.generate(
-            ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
+    def bench(self, test: llama_cpp.BenchTest) -> dict:
+        config = self.config
+        return llama_cpp.bench(
+            self.bin_dir, self.path, test, config["threads"], self.threading, config["reps"]
         )
-        for produced, token in enumerate(tokens, start=1):
-            yield int(token)
-            if produced >= count:
-                return
+
+    def measure(self) -> dict:
+        """TTFT per prompt length (pp tests) and decode rates (the tg test), every repetition."""
+        config = self.config
+        ttft = {}
+        for length in config["prompt_lengths"]:
+            result = self.bench(llama_cpp.BenchTest(prompt=length))
+            ttft[str(length)] = result["seconds"]
+        test = llama_cpp.BenchTest(gen=config["new_tokens"], depth=config["decode_prompt"])
+        decode = self.bench(test)
+        return {
+            "ttft_s": ttft,
+            "decode_tok_s": decode["tokens_per_s"],
+            "build": decode["build"],
+            "cpu": decode["cpu"],
+            # the largest llama-bench process so far (the longest prefill's)
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        }
+
+    def cold(self) -> dict:
+        """A fresh llama-bench process: start to the end of a 16-token prefill, no warm-up."""
+        test = llama_cpp.BenchTest(prompt=16)
+        command = llama_cpp.bench_command(
+            self.bin_dir, self.path, test, self.config["threads"], self.threading, 1, warmup=False
+        )
+        env = {**os.environ, **llama_cpp.threading_env(self.threading)}
+        started = time.time()
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        finished = time.time()
+        prefill = llama_cpp.parse_bench(done.stdout)[0]["seconds"][0]
+        return {
+            "cold_start_s": finished - started,
+            "first_token_at": finished,
+            "import_s": 0.0,
+            "load_s": finished - started - prefill,
+        }

@@ -3,9 +3,10 @@
 - RMSNorm is SimplifiedLayerNormalization; a residual add followed by a norm is one
   SkipSimplifiedLayerNormalization (it also outputs the sum, the new residual stream).
 - Attention is com.microsoft GroupQueryAttention with RoPE fused (do_rotary, cos/sin caches as
-  initializers). Qwen3's per-head q/k RMSNorm runs before it as SimplifiedLayerNormalization over
-  the head dim: GQA's own q_norm_weight input is honoured only by the CUDA and WebGPU kernels
-  (the CPU kernel rejects a node that sets it), so one graph serves both devices.
+  initializers). Qwen3's per-head q/k RMSNorm runs before it as SimplifiedLayerNormalization
+  over the head dim (in float32 graphs one node for q's and k's heads together, then a Mul by
+  each head's weight): GQA's own q_norm_weight input is honoured only by the CUDA and WebGPU
+  kernels (the CPU kernel rejects a node that sets it), so one graph serves both devices.
 - The KV cache is one buffer per layer and kind, (B, KV, capacity, D), bound as both past and
   present (GQA's shared-buffer mode): the kernel writes the new keys and values in place at
   position seqlens_k + 1 - S and reads the first seqlens_k + 1. The engine sizes and grows the
@@ -201,7 +202,7 @@ class FusedOps(PortableOps):
         when the session loads); q and k
         stay one tensor from their matmul to here. Per layer that is one
         thread-pool dispatch fewer (a norm over several rows runs on the pool) and one or two
-        nodes fewer: 13% less CPU per decode step on the Qwen3-0.6B shape at int4
+        nodes fewer: 9-13% less CPU per decode step on the Qwen3-0.6B shape at int4
         (docs/benchmarks.md, "Per-step decode cost"). The float32 graph only: in fp16 the Mul
         would round once more than the fused norm."""
         cfg, b = self.cfg, self.b

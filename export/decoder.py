@@ -61,19 +61,13 @@ class Decoder:
         normed, x = self.add_norm(x, attn, f"{p}.post_attention_layernorm")
         return x, self.mlp(i, normed)
 
-    def head_norm(self, x: str, heads: int, name: str) -> str:
-        """Qwen3's RMSNorm over each head's D values; (B, S, heads * D) in and out."""
-        split = self.ops.split_heads(x, heads, f"{name}/split")
-        return self.ops.flatten_heads(self.norm(split, name), heads, f"{name}/flat")
-
     def qkv(self, p: str, x: str) -> tuple[str, str, str]:
-        """The projections, (B, S, heads * D); q and k normed per head (Qwen3). Heads are split
-        by the target's attention: GroupQueryAttention takes them flat."""
-        cfg = self.cfg
-        q, k, v = self.ops.projections(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"])
+        """The projections, (B, S, heads * D); q and k normed per head (Qwen3), as the target
+        builds that best (ops.normed_qkv). Heads are split by the target's attention:
+        GroupQueryAttention takes them flat."""
         if self.arch.qk_norm:
-            q = self.head_norm(q, cfg.num_heads, f"{p}.q_norm")
-            k = self.head_norm(k, cfg.num_kv_heads, f"{p}.k_norm")
+            return self.ops.normed_qkv(x, p, self.cfg.rms_norm_eps)
+        q, k, v = self.ops.projections(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"])
         return q, k, v
 
     def attention(self, i: int, x: str, ctx: dict) -> str:

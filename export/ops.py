@@ -103,6 +103,22 @@ class PortableOps:
         target stacks them into one."""
         return [self.linear(x, name) for name in names]
 
+    def normed_qkv(self, x: str, p: str, eps: float) -> tuple[str, str, str]:
+        """Qwen3's attention inputs: the q/k/v projections of x (`p` the layer's self_attn
+        prefix), q and k RMS-normed over each head's D values (q_norm, k_norm); each
+        (B, S, heads * D)."""
+        q, k, v = self.projections(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"])
+        q = self.head_norm(q, self.cfg.num_heads, f"{p}.q_norm", eps)
+        k = self.head_norm(k, self.cfg.num_kv_heads, f"{p}.k_norm", eps)
+        return q, k, v
+
+    def head_norm(self, x: str, heads: int, name: str, eps: float) -> str:
+        """RMSNorm over each head's D values with the checkpoint's `name`.weight (D,);
+        (B, S, heads * D) in and out."""
+        split = self.split_heads(x, heads, f"{name}/split")
+        normed = self.rms_norm(split, f"{name}.weight", eps, name)
+        return self.flatten_heads(normed, heads, f"{name}/flat")
+
     def rms_norm(self, x: str, weight: str, eps: float, name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w, all in float32: squares of fp16 activations overflow.
         This Pow/ReduceMean/Add/Sqrt/Div/Mul chain is the pattern onnxruntime fuses."""

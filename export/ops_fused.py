@@ -3,9 +3,10 @@
 - RMSNorm is SimplifiedLayerNormalization; a residual add followed by a norm is one
   SkipSimplifiedLayerNormalization (it also outputs the sum, the new residual stream).
 - Attention is com.microsoft GroupQueryAttention with RoPE fused (do_rotary, cos/sin caches as
-  initializers). Qwen3's per-head q/k RMSNorm runs before it as SimplifiedLayerNormalization over
-  the head dim: GQA's own q_norm_weight input is honoured only by the CUDA and WebGPU kernels
-  (the CPU kernel rejects a node that sets it), so one graph serves both devices.
+  initializers). Qwen3's per-head q/k RMSNorm runs before it as SimplifiedLayerNormalization
+  over the head dim (in float32 graphs one node for q's and k's heads together, then a Mul by
+  each head's weight): GQA's own q_norm_weight input is honoured only by the CUDA and WebGPU
+  kernels (the CPU kernel rejects a node that sets it), so one graph serves both devices.
 - The KV cache is one buffer per layer and kind, (B, KV, capacity, D), bound as both past and
   present (GQA's shared-buffer mode): the kernel writes the new keys and values in place at
   position seqlens_k + 1 - S and reads the first seqlens_k + 1. The engine sizes and grows the
@@ -31,7 +32,7 @@ rotary; a head_dim that is a multiple of 8 but not 16 gets RoPE from standard op
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from export.architectures import inv_freq, rope_attention_factor
 from export.graph import convert
@@ -67,6 +68,7 @@ class FusedOps(PortableOps):
                 "GroupQueryAttention needs; export with --target portable"
             )
         self.rotary_in_attention = cfg.head_dim % 16 == 0
+        self._together: tuple[str, ...] = ()  # projections bias_and_split keeps as one output
 
     # -- graph I/O -------------------------------------------------------------------------------
 
@@ -178,11 +180,84 @@ class FusedOps(PortableOps):
             y = b.node(
                 "Add", [y, b.external(f"{stacked}.bias", convert(bias, b.dtype))], f"{stacked}/Add"
             )
-        if len(names) == 1:
+        groups: list[list[str]] = []  # consecutive names in self._together stay one output
+        parts: list[int] = []
+        for n, size in zip(names, sizes, strict=True):
+            if groups and n in self._together and groups[-1][-1] in self._together:
+                groups[-1].append(n)
+                parts[-1] += size
+            else:
+                groups.append([n])
+                parts.append(size)
+        if len(groups) == 1:
             return [y]
-        outputs = [f"{n}/out" for n in names]
-        b.node("Split", [y, b.const(sizes)], f"{stacked}/Split", outputs=outputs, axis=-1)
+        outputs = [f"{stacked_name(group)}/out" for group in groups]
+        b.node("Split", [y, b.const(parts)], f"{stacked}/Split", outputs=outputs, axis=-1)
         return outputs
+
+    def normed_qkv(self, x: str, p: str, eps: float) -> tuple[str, str, str]:
+        """Qwen3's q/k norms as one SimplifiedLayerNormalization over q's and k's heads
+        together, (B, S, Hq + Hk, D) with unit scale, then one Mul by each head's weight
+        ((Hq + Hk) * D, tiled from q_norm and k_norm: onnxruntime folds it into one constant
+        when the session loads); q and k
+        stay one tensor from their matmul to here. Per layer that is one
+        thread-pool dispatch fewer (a norm over several rows runs on the pool) and one or two
+        nodes fewer: 9-13% less CPU per decode step on the Qwen3-0.6B shape at int4
+        (docs/benchmarks.md, "Per-step decode cost"). The float32 graph only: in fp16 the Mul
+        would round once more than the fused norm."""
+        cfg, b = self.cfg, self.b
+        if b.dtype != np.float32:
+            return super().normed_qkv(x, p, eps)
+        names = [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"]
+        self._together = tuple(names[:2])
+        try:
+            outputs = self.projections(x, names)
+        finally:
+            self._together = ()
+        hq, hk, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if len(outputs) == 3:  # q and k from different matmuls (their weights differ in kind)
+            q, k, v = outputs
+            return (
+                self.head_norm(q, hq, f"{p}.q_norm", eps),
+                self.head_norm(k, hk, f"{p}.k_norm", eps),
+                v,
+            )
+        qk, v = outputs
+        name = f"{p}.qk_norm"
+        heads = self.split_heads(qk, hq + hk, f"{name}/split")
+        ones = b.node(
+            "ConstantOfShape",
+            [b.const([d])],
+            f"{name}/unit_scale",
+            value=numpy_helper.from_array(np.ones(1, np.float32)),
+        )  # (D,): a scale of 1 held by the node, not stored as a weight; folded at load
+        normed = b.node(
+            "SimplifiedLayerNormalization",
+            [heads, ones],
+            f"{name}/SimplifiedLayerNormalization",
+            axis=-1,
+            epsilon=eps,
+            stash_type=1,
+        )
+        weight = b.node(
+            "Concat",
+            [
+                b.node(
+                    "Tile",
+                    [b.param(f"{p}.{n}.weight", np.float32), b.const([h])],
+                    f"{name}/Tile_{n}",
+                )
+                for n, h in (("q_norm", hq), ("k_norm", hk))
+            ],
+            f"{name}/Concat_weight",
+            axis=0,
+        )  # ((Hq + Hk) * D,) from the checkpoint's two (D,) weights: constant, folded at load
+        flat = self.flatten_heads(normed, hq + hk, f"{name}/flat")
+        scaled = b.node("Mul", [flat, weight], f"{name}/Mul")
+        q, k = f"{p}.q_norm/out", f"{p}.k_norm/out"
+        sizes = b.const([hq * d, hk * d])
+        b.node("Split", [scaled, sizes], f"{name}/Split", outputs=[q, k], axis=-1)
+        return q, k, v
 
     def tied_head(self, x: str, table: str, name: str) -> str:
         if self.b.dtype != np.float32:

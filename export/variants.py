@@ -25,7 +25,7 @@ FLOATS = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 QUANTIZED = {"int8": 8, "int4": 4}
 PRECISIONS = (*FLOATS, *QUANTIZED)
 HEADS = ("fp32", "int8", "int4")  # the precision of lm_head (and of a tied embedding table)
-INT4_SCHEMES = ("mix", "asym", "plain")  # how int4 weights are chosen (export/quantize.py)
+INT4_SCHEMES = ("gptq", "mix", "asym", "plain")  # how int4 weights are chosen (export/quantize.py)
 
 
 @dataclass(frozen=True)

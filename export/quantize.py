@@ -17,7 +17,12 @@ MatMulNBits computes with w = s * (q - z). Two ways to choose them:
         the zero point held to an integer as MatMulNBits stores it (the offset -s z in place of
         Q4_K's free 6-bit min) and the scale refitted once more for that integer.
 
-`mix` (the int4 default) also keeps the matmuls that int4 hurts most at 8 bits: see
+`gptq` (the int4 default) makes mix's choices, then rounds the int4 weights of a safetensors
+checkpoint against a calibration text: AWQ scales folded into the preceding norms and rows, and
+GPTQ's error-compensated rounding with the same zero-point blocks (export/calibrate.py,
+export/gptq.py). A GGUF source (its blocks carried over where they can be) is not calibrated.
+
+`mix` also keeps the matmuls that int4 hurts most at 8 bits: see
 `int8_in_mix`, chosen by measured KL-divergence (docs/benchmarks.md, "int4 quality"), as
 llama.cpp's Q4_K_M keeps attn_v and ffn_down of some layers at Q6_K.
 
@@ -300,7 +305,9 @@ class QuantizedOps(FusedOps):
 
         checkpoint = self.b.checkpoint
         tokens = calibration_tokens(checkpoint.directory / "tokenizer.json", self.cfg.vocab_size)
-        return CalibratedCheckpoint(checkpoint, self.cfg, tokens, lambda n: self.bits_of(n) == 4)
+        return CalibratedCheckpoint(
+            checkpoint, self.cfg, tokens, lambda n: self.bits_of(n) == 4, self.options.block_size
+        )
 
     def head_block_size(self) -> int:
         """The head's block (and a tied embedding's): block_for at the head's bits and K."""
@@ -371,9 +378,9 @@ class QuantizedOps(FusedOps):
             w = self.b.checkpoint.tensor(weight) if w is None else w
             k = w.shape[1]
             block = self.head_block if weight in HEAD_WEIGHTS else self.block_for(weight, bits, k)
-            hessian = getattr(self.b.checkpoint, "hessian", None)
-            if self.asymmetric(weight, bits) and hessian is not None:
-                packed, scales, zero_points = quantize_calibrated(w, hessian(weight), block)
+            calibrated = getattr(self.b.checkpoint, "quantized", lambda name: None)(weight)
+            if self.asymmetric(weight, bits) and calibrated is not None:
+                packed, scales, zero_points = calibrated
                 self._zeros[weight] = self.b.external(f"{weight}.zero_points", zero_points)
             elif self.asymmetric(weight, bits):
                 packed, scales, zero_points = quantize_asymmetric(w, block)

@@ -11,10 +11,14 @@ from export import calibrate, gptq, quantize
 RNG = np.random.default_rng(0)
 
 
+MIXING = np.random.default_rng(1).normal(size=(64, 64)) / 8 + np.eye(64)
+LOUDNESS = np.random.default_rng(2).uniform(0.2, 3.0, 64)
+
+
 def correlated_inputs(t: int = 512, k: int = 64) -> np.ndarray:
-    """Inputs (t, k) whose channels are correlated and unevenly scaled, like activations."""
-    mixing = RNG.normal(size=(k, k)) / np.sqrt(k) + np.eye(k)
-    return (RNG.normal(size=(t, k)) @ mixing * RNG.uniform(0.2, 3.0, k)).astype(np.float32)
+    """Inputs (t, k) whose channels are correlated and unevenly scaled, like activations; all
+    drawn from one distribution."""
+    return (RNG.normal(size=(t, 64)) @ MIXING * LOUDNESS)[:, :k].astype(np.float32)
 
 
 def weights(n: int = 48, k: int = 64) -> np.ndarray:
@@ -92,29 +96,31 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_scaled_weights_compute_the_same_float_model(tiny_checkpoint):
     """AWQ's scales are folded, not approximated: the scaled checkpoint's float layers give
-    the original's outputs, while the scaled tensors themselves differ."""
+    the original's outputs, while the scaled tensors themselves differ. GPTQ's codes come per
+    layer, stacked weights as their parts' rows, and only while that layer is current."""
     from export.architectures import model_config
     from export.checkpoint import Checkpoint
 
     with Checkpoint(tiny_checkpoint) as checkpoint:
         cfg = model_config(checkpoint.config)
-        tokens = calibrate.calibration_tokens(tiny_checkpoint / "tokenizer.json", cfg.vocab_size)[
-            :, :64
-        ]
-        scaled = calibrate.CalibratedCheckpoint(checkpoint, cfg, tokens, lambda name: True)
-        plain = calibrate.CalibratedCheckpoint(checkpoint, cfg, tokens, lambda name: True)
-        plain._base = lambda name: np.asarray(checkpoint.tensor(name), np.float32)
-        scaled._base = lambda name: np.asarray(scaled.tensor(name), np.float32)
-        x = np.asarray(checkpoint.tensor("model.embed_tokens.weight"), np.float32)[tokens]
+        tokens = calibrate.calibration_tokens(tiny_checkpoint / "tokenizer.json", cfg.vocab_size)
+        scaled = calibrate.CalibratedCheckpoint(checkpoint, cfg, tokens[:, :64], lambda n: True)
+        x = np.asarray(checkpoint.tensor("model.embed_tokens.weight"), np.float32)[tokens[:, :64]]
         norm = "model.layers.0.input_layernorm.weight"
         assert not np.allclose(scaled.tensor(norm), checkpoint.tensor(norm))
         for layer in range(cfg.num_layers):
-            expected, _ = plain._layer(layer, x)
-            got, _ = scaled._layer(layer, x)
+            expected = scaled._layer(layer, x, scaled._base, lambda group, a: None)
+            got = scaled._layer(layer, x, scaled.tensor, lambda group, a: None)
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
             x = expected
+        q = scaled.quantized(f"model.layers.{layer}.self_attn.q_proj.weight")
+        qk = scaled.quantized(f"model.layers.{layer}.self_attn.q_proj+k_proj.weight")
+        k_rows = cfg.num_kv_heads * cfg.head_dim
+        assert len(qk[0]) == len(q[0]) + k_rows and len(qk[1]) == len(qk[2]) == len(qk[0])
+        np.testing.assert_array_equal(qk[0][: len(q[0])], q[0])
+        assert scaled.quantized("lm_head.weight") is None
         with pytest.raises(RuntimeError, match="already released"):
-            scaled.hessian("model.layers.0.mlp.down_proj.weight")
+            scaled.quantized("model.layers.0.mlp.down_proj.weight")
 
 
 def test_calibration_needs_enough_text(tmp_path, tiny_checkpoint):

@@ -17,12 +17,12 @@ MatMulNBits computes with w = s * (q - z). Two ways to choose them:
         the zero point held to an integer as MatMulNBits stores it (the offset -s z in place of
         Q4_K's free 6-bit min) and the scale refitted once more for that integer.
 
-`gptq` (the int4 default) makes mix's choices, then rounds the int4 weights of a safetensors
+`gptq` makes mix's choices, then rounds the int4 weights of a safetensors
 checkpoint against a calibration text: AWQ scales folded into the preceding norms and rows, and
 GPTQ's error-compensated rounding with the same zero-point blocks (export/calibrate.py,
 export/gptq.py). A GGUF source (its blocks carried over where they can be) is not calibrated.
 
-`mix` also keeps the matmuls that int4 hurts most at 8 bits: see
+`mix` (the int4 default) keeps the matmuls that int4 hurts most at 8 bits: see
 `int8_in_mix`, chosen by measured KL-divergence (docs/benchmarks.md, "int4 quality"), as
 llama.cpp's Q4_K_M keeps attn_v and ffn_down of some layers at Q6_K.
 

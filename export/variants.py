@@ -38,11 +38,12 @@ class GraphOptions:
     accuracy_level: int = 4
     # lm_head (and a tied embedding table) in a quantized graph; see docs/benchmarks.md for why
     head: str = "int8"
-    # int4 weights: gptq (mix's choices, with AWQ scales and GPTQ rounding from a calibration
-    # text, for safetensors checkpoints), mix (zero points, error-minimising scales, the most
-    # sensitive matmuls at int8), asym (the same without int8), plain (symmetric, llama.cpp's
-    # Q4_0 rule); see export/quantize.py, export/calibrate.py and docs/benchmarks.md
-    int4: str = "gptq"
+    # int4 weights (mix by default): gptq (mix's choices, with AWQ scales and GPTQ rounding
+    # from a calibration text, for safetensors checkpoints), mix (zero points, error-minimising
+    # scales, the most sensitive matmuls at int8), asym (the same without int8), plain
+    # (symmetric, llama.cpp's Q4_0 rule); see export/quantize.py, export/calibrate.py and
+    # docs/benchmarks.md
+    int4: str = "mix"
     window: int = 4096  # coreml: KV window, which is also that artifact's context length
 
 

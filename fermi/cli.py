@@ -88,7 +88,7 @@ def export(
             "text), mix (zero points, searched scales, sensitive matmuls at int8), "
             "asym (no int8), plain (symmetric, llama.cpp's Q4_0 rule)"
         ),
-    ] = "gptq",
+    ] = "mix",
 ) -> None:
     """Export a Qwen3/Qwen2/Llama checkpoint or GGUF file to an ONNX artifact with KV-cache
     inputs.

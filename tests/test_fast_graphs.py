@@ -334,7 +334,7 @@ def test_quantized_agrees_with_fp32(name, precision, tmp_path):
     assert ops.count("MatMulNBits") == per_layer * SMALL["num_hidden_layers"] + 1
     assert ("GatherBlockQuantized" in ops) == fields["tie_word_embeddings"]
     manifest = load_manifest(artifact)
-    int4 = {"int4": "gptq"} if precision == "int4" else {}
+    int4 = {"int4": "mix"} if precision == "int4" else {}
     assert manifest.graph_options == {"block_size": 32, "accuracy_level": 4, "head": "int8", **int4}
 
 

@@ -50,6 +50,7 @@ VARIANTS = {
     "int4-plain": ("int4", {"int4": "plain"}),
     "int4-asym": ("int4", {"int4": "asym"}),
     "int4-mix": ("int4", {"int4": "mix"}),  # the int4 default
+    "int4-gptq": ("int4", {"int4": "gptq"}),
 }
 
 

@@ -17,7 +17,12 @@ MatMulNBits computes with w = s * (q - z). Two ways to choose them:
         the zero point held to an integer as MatMulNBits stores it (the offset -s z in place of
         Q4_K's free 6-bit min) and the scale refitted once more for that integer.
 
-`mix` (the int4 default) also keeps the matmuls that int4 hurts most at 8 bits: see
+`gptq` makes mix's choices, then rounds the int4 weights of a safetensors
+checkpoint against a calibration text: AWQ scales folded into the preceding norms and rows, and
+GPTQ's error-compensated rounding with the same zero-point blocks (export/calibrate.py,
+export/gptq.py). A GGUF source (its blocks carried over where they can be) is not calibrated.
+
+`mix` (the int4 default) keeps the matmuls that int4 hurts most at 8 bits: see
 `int8_in_mix`, chosen by measured KL-divergence (docs/benchmarks.md, "int4 quality"), as
 llama.cpp's Q4_K_M keeps attn_v and ffn_down of some layers at Q6_K.
 
@@ -41,6 +46,7 @@ import re
 
 import numpy as np
 
+from export.gptq import quantize_gptq
 from export.ops_fused import MS, FusedOps
 
 ROWS_PER_CHUNK = 8192  # bounds export memory for the 151936-row embedding
@@ -197,6 +203,22 @@ def dequantize_asymmetric(
     return w.reshape(w.shape[0], -1)[:, :k]
 
 
+def quantize_calibrated(
+    w: np.ndarray, hessian: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_asymmetric's output and layout, with the codes rounded by GPTQ against the
+    inputs' Hessian (K, K) (export/gptq.py); K is zero-padded to a whole block (the padded
+    inputs never fire)."""
+    n, k = w.shape
+    blocks = -(-k // block_size)
+    pad = blocks * block_size - k
+    w = np.pad(np.asarray(w, np.float32), ((0, 0), (0, pad)))
+    hessian = np.pad(hessian, ((0, pad), (0, pad)))
+    codes, scales, zeros = quantize_gptq(w, hessian, block_size)
+    codes = codes.reshape(n, blocks, block_size)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scales, pack_nibbles(zeros)
+
+
 def int8_block(k: int, block_size: int) -> int:
     """The block of an int8 tensor with K inputs in an int4 graph: the widest power of two up
     to INT8_BLOCK that divides K, and never narrower than the graph's block. Fewer float32
@@ -264,6 +286,28 @@ class QuantizedOps(FusedOps):
         self._zeros: dict[str, str] = {}  # weight -> its zero-point initializer (asymmetric)
         self._blocks: dict[str, int] = {}  # weight -> the block it is stored with
         self.head_block = self.head_block_size()
+        if self.calibrates():
+            self.b.checkpoint = self.calibrated_checkpoint()
+
+    def calibrates(self) -> bool:
+        """int4 `gptq` from a safetensors checkpoint (its tokenizer.json tokenizes the
+        calibration text): AWQ scales and GPTQ rounding (export/calibrate.py)."""
+        directory = getattr(self.b.checkpoint, "directory", None)
+        return (
+            self.bits == 4
+            and self.options.int4 == "gptq"
+            and directory is not None
+            and (directory / "tokenizer.json").is_file()
+        )
+
+    def calibrated_checkpoint(self):
+        from export.calibrate import CalibratedCheckpoint, calibration_tokens
+
+        checkpoint = self.b.checkpoint
+        tokens = calibration_tokens(checkpoint.directory / "tokenizer.json", self.cfg.vocab_size)
+        return CalibratedCheckpoint(
+            checkpoint, self.cfg, tokens, lambda n: self.bits_of(n) == 4, self.options.block_size
+        )
 
     def head_block_size(self) -> int:
         """The head's block (and a tied embedding's): block_for at the head's bits and K."""
@@ -272,7 +316,7 @@ class QuantizedOps(FusedOps):
     def bits_of(self, weight: str) -> int:
         """A layer weight's (or projection's) bits: the graph's, but 8 for the int4 `mix`
         scheme's chosen projections (int8_in_mix)."""
-        if self.bits == 4 and self.options.int4 == "mix":
+        if self.bits == 4 and self.options.int4 in ("mix", "gptq"):
             return 8 if int8_in_mix(weight, self.cfg.num_layers) else 4
         return self.bits
 
@@ -325,7 +369,7 @@ class QuantizedOps(FusedOps):
         symmetric: a tied table is also read by GatherBlockQuantized, which this graph feeds
         no zero points."""
         layer = weight not in HEAD_WEIGHTS
-        return bits == 4 and layer and self.options.int4 in ("mix", "asym")
+        return bits == 4 and layer and self.options.int4 in ("gptq", "mix", "asym")
 
     def quantized(self, weight: str, bits: int, w: np.ndarray | None = None) -> tuple:
         """Quantize a weight (N, K) once (from the checkpoint unless given); returns the
@@ -334,7 +378,11 @@ class QuantizedOps(FusedOps):
             w = self.b.checkpoint.tensor(weight) if w is None else w
             k = w.shape[1]
             block = self.head_block if weight in HEAD_WEIGHTS else self.block_for(weight, bits, k)
-            if self.asymmetric(weight, bits):
+            calibrated = getattr(self.b.checkpoint, "quantized", lambda name: None)(weight)
+            if self.asymmetric(weight, bits) and calibrated is not None:
+                packed, scales, zero_points = calibrated
+                self._zeros[weight] = self.b.external(f"{weight}.zero_points", zero_points)
+            elif self.asymmetric(weight, bits):
                 packed, scales, zero_points = quantize_asymmetric(w, block)
                 self._zeros[weight] = self.b.external(f"{weight}.zero_points", zero_points)
             else:

@@ -25,7 +25,7 @@ FLOATS = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 QUANTIZED = {"int8": 8, "int4": 4}
 PRECISIONS = (*FLOATS, *QUANTIZED)
 HEADS = ("fp32", "int8", "int4")  # the precision of lm_head (and of a tied embedding table)
-INT4_SCHEMES = ("mix", "asym", "plain")  # how int4 weights are chosen (export/quantize.py)
+INT4_SCHEMES = ("gptq", "mix", "asym", "plain")  # how int4 weights are chosen (export/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,11 @@ class GraphOptions:
     accuracy_level: int = 4
     # lm_head (and a tied embedding table) in a quantized graph; see docs/benchmarks.md for why
     head: str = "int8"
-    # int4 weights: mix (zero points, error-minimising scales, the most sensitive matmuls at
-    # int8), asym (the same without int8), plain (symmetric, llama.cpp's Q4_0 rule); see
-    # export/quantize.py and docs/benchmarks.md ("int4 quality")
+    # int4 weights (mix by default): gptq (mix's choices, with AWQ scales and GPTQ rounding
+    # from a calibration text, for safetensors checkpoints), mix (zero points, error-minimising
+    # scales, the most sensitive matmuls at int8), asym (the same without int8), plain
+    # (symmetric, llama.cpp's Q4_0 rule); see export/quantize.py, export/calibrate.py and
+    # docs/benchmarks.md
     int4: str = "mix"
     window: int = 4096  # coreml: KV window, which is also that artifact's context length
 

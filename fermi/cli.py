@@ -84,7 +84,8 @@ def export(
     int4: Annotated[
         str,
         typer.Option(
-            help="int4 weights: mix (zero points, searched scales, sensitive matmuls at int8), "
+            help="int4 weights: gptq (mix, rounded with AWQ scales and GPTQ on a calibration "
+            "text), mix (zero points, searched scales, sensitive matmuls at int8), "
             "asym (no int8), plain (symmetric, llama.cpp's Q4_0 rule)"
         ),
     ] = "mix",

@@ -333,7 +333,7 @@ def test_quantized_agrees_with_fp32(name, precision, tmp_path):
     assert_agrees_with_fp32(checkpoint, artifact, precision, tmp_path)
     graph = onnx.load(str(artifact / MODEL_FILE), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
-    # Per layer: q/k/v stacked, o, gate/up stacked, down; then lm_head (int8). The int4 mix
+    # Per layer: q/k/v stacked, o, gate/up stacked, down; then lm_head (int8). The int4 default
     # keeps v_proj at int8, so q+k and v are two matmuls (tests/test_quantize.py).
     per_layer = 5 if precision == "int4" else 4
     assert ops.count("MatMulNBits") == per_layer * SMALL["num_hidden_layers"] + 1

@@ -153,7 +153,7 @@ def test_mix_rules():
 
 
 @pytest.mark.parametrize("head", ["int8", "int4"])
-@pytest.mark.parametrize("scheme", ["mix", "asym", "plain"])
+@pytest.mark.parametrize("scheme", ["gptq", "mix", "asym", "plain"])
 def test_exported_graph_follows_the_scheme(scheme, head, tmp_path):
     """Every layer matmul of an int4 export: int8 exactly where the mix rule says (mix only),
     zero points on the int4 ones unless plain; the head (int8 or int4) stays symmetric, since
@@ -182,7 +182,7 @@ def test_exported_graph_follows_the_scheme(scheme, head, tmp_path):
         if quantize.projection_of(weight) is None:  # the head
             assert bits == {"int8": 8, "int4": 4}[head] and len(node.input) == 3
             continue
-        int8 = scheme == "mix" and quantize.int8_in_mix(weight, layers)
+        int8 = scheme in ("gptq", "mix") and quantize.int8_in_mix(weight, layers)
         assert bits == (8 if int8 else 4), weight
         assert (len(node.input) == 4) == (bits == 4 and scheme != "plain"), weight
         seen.add(quantize.projection_of(weight)[1])

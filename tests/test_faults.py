@@ -223,6 +223,31 @@ def test_sigterm_during_an_http_stream(tiny_cpu_artifact):
         print(f"\nHTTP SIGTERM: the stream {outcome} after {len(rest)} events; exit code 0")
 
 
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_while_draining_stops_at_once_and_cleanly(tiny_cpu_artifact, second):
+    """SIGTERM starts the drain; a second signal during it ends the stream now with the
+    `server_shutting_down` event and [DONE] (unless it finished first), and the process still
+    exits 0 without a traceback (a second stop request used to crash Sanic's cleanup)."""
+    with serve(str(tiny_cpu_artifact), env=ENV) as running:
+        with httpx.Client(base_url=running.url, timeout=60) as c:
+            request = body(max_tokens=LONG, ignore_eos=True, stream=True)
+            with c.stream("POST", "/v1/chat/completions", content=request) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")
+                running.process.send_signal(signal.SIGTERM)
+                assert next(lines) is not None  # still streaming while it drains
+                running.process.send_signal(second)
+                rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        last = json.loads(rest[-2].removeprefix("data: "))
+        if "error" in last:  # else the tiny model finished first: also a proper end
+            assert last["error"]["code"] == "server_shutting_down"
+        else:
+            assert last["choices"][0]["finish_reason"] == "length"
+        assert running.process.wait(WAIT_S) == 0
+        assert "Traceback" not in running.log_tail(20000)
+
+
 def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path):
     """SIGTERM with a gRPC stream in flight: health turns NOT_SERVING, the stream is drained
     (finished) or ended with a status within the grace period, and the process exits 0."""

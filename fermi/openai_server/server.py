@@ -433,16 +433,30 @@ async def load_runtime(app: Sanic, load: Callable[[Settings], Any]) -> None:
 
 async def drain(app: Sanic, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
     """Stop taking requests (/health says draining, /v1 routes 503), let running generations
-    finish for up to `timeout_s` seconds, then stop the server. A second signal stops at once."""
+    finish for up to `timeout_s` seconds, then stop the server. A second signal stops at once:
+    what still generates ends now with the in-band "shutting down" error."""
     if app.ctx.draining:
-        app.stop()
+        log.info("second signal: stopping now")
+        app.ctx.stopping = True
+        runtime = app.ctx.runtime
+        if runtime is not None and hasattr(runtime, "cancel_all"):
+            runtime.cancel_all()
+        _stop_once(app)
         return
     app.ctx.draining = True
     log.info("draining: %d generation(s) in flight", len(app.ctx.pumps))
     deadline = time.monotonic() + timeout_s
-    while app.ctx.pumps and time.monotonic() < deadline:
+    while app.ctx.pumps and time.monotonic() < deadline and not app.ctx.stop_requested:
         await asyncio.sleep(0.05)
-    app.stop()
+    _stop_once(app)
+
+
+def _stop_once(app: Sanic) -> None:
+    """Sanic's stop may be asked once: a second call during its shutdown stops the event loop
+    under its cleanup (RuntimeError, exit 1)."""
+    if not app.ctx.stop_requested:
+        app.ctx.stop_requested = True
+        app.stop()
 
 
 async def start_stopping(app: Sanic) -> None:
@@ -483,6 +497,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     app.ctx.stopping = False
     app.ctx.load_error = None
     app.ctx.draining = False
+    app.ctx.stop_requested = False
     app.ctx.address = ("127.0.0.1", 0)  # set by run(); the ready line prints it
     app.ctx.loaded_at = 0
     app.ctx.metrics = Metrics()

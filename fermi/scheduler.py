@@ -11,8 +11,10 @@ Each loop turn:
    to stop (a stop string seen by its reader), so a stop lands within one step or one chunk;
 2. admits waiting groups first come, first served while rows are free; a sequence starts from
    the longest cached prefix of its tenant (fermi/prefix_cache.py);
-3. runs one prefill chunk (PREFILL_CHUNK tokens) of the oldest sequence still prefilling, so a
-   long prompt delays the others' next token by one chunk at most;
+3. runs one prefill chunk (PREFILL_CHUNK tokens): of every new prompt at once when they can
+   share a run, else of the oldest prompt and of the one closest to its end in turn, so a long
+   prompt delays the others' next token by one chunk at most and a short request does not wait
+   for the whole of it;
 4. runs one decode step over every decoding sequence, batched; samples each sequence's next
    token with its own sampler (penalties, logit_bias, grammar masks) and posts it.
 A finished sequence's KV (prompt and generated tokens) goes to the prefix cache.
@@ -119,6 +121,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
+        self._prefill_turns = 0
         self._thread = threading.Thread(target=self._loop, name="fermi-scheduler", daemon=True)
         self._thread.start()
 
@@ -130,7 +133,7 @@ class Scheduler:
         if len(group.sequences) > self.max_running:
             raise InvalidRequest(
                 f"n={len(group.sequences)} is more than the {self.max_running} sequences this "
-                "server runs at once (FERMI_ENGINE_POOL)",
+                "server runs at once (its batch limit: --max-num-seqs, FERMI_ENGINE_POOL)",
                 param="n",
             )
         with self._wake:
@@ -248,7 +251,12 @@ class Scheduler:
                 seq.fed.extend(chunk)
                 self._prefilled(seq, row_logits)
             return
+        # Turns alternate between the oldest prompt and the one closest to its end, so a
+        # short request is not held behind the whole of a long prompt's prefill.
+        self._prefill_turns += 1
         seq = waiting[0]
+        if self._prefill_turns % 2 == 0:
+            seq = min(waiting, key=lambda s: len(self._groups[s].prompt_ids) - len(s.fed))
         chunk = self._groups[seq].prompt_ids[len(seq.fed) : len(seq.fed) + PREFILL_CHUNK]
         logits = self.runner.prefill(seq.row, chunk)
         seq.fed.extend(chunk)

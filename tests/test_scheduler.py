@@ -353,3 +353,29 @@ def test_pool_growth_drops_rows_no_longer_in_use(mover):
     assert (pool.rows, pool.capacity) == (1, 3000)
     saved = pool.save(0, 20).values[0]
     np.testing.assert_array_equal(saved if mover == "host" else saved.numpy(), wanted)
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prefill(engine):
+    """Prefill turns alternate between the oldest prompt and the shortest: a short request
+    that arrives during a long prompt's prefill gets its first token before that prefill ends."""
+    order = []
+
+    class Recording(PooledRunner):
+        def prefill(self, row, token_ids, last_only=True):
+            order.append((row.index, len(token_ids)))
+            return super().prefill(row, token_ids, last_only)
+
+    scheduler = Scheduler(Recording(engine, 2), PrefixCache(0), 2, 4)
+    try:
+        long = group_for([3 + i % 1000 for i in range(3000)], 1)
+        scheduler.submit(long)
+        assert isinstance(long.outbox.get(timeout=60), Started)
+        short = group_for([1, 2, 3, 4], 1)
+        scheduler.submit(short)
+        tokens, _, _ = collect(short)
+        long_chunks_before = sum(1 for index, _ in order if index == 0)
+        collect(long)
+    finally:
+        scheduler.stop()
+    assert tokens[0] == alone(engine, [1, 2, 3, 4], 1)
+    assert long_chunks_before < 3000 // 512  # not after all of the long prompt

@@ -135,7 +135,11 @@ def test_against_fermi_streams_answers_and_reuses_the_kv_cache(fermi_server, bro
         page.new_conversation()
         assert page.session_id() != session
         assert "⚠️" not in page.send("A fresh start.")
-        assert "0 reused from the session's KV cache" in page.status()
+        # a new session: at most the template's opening, which earlier requests left in the
+        # server's prefix cache, is reused; none of the old conversation
+        status = page.status()
+        prompt = int(re.search(r"(\d+) prompt tokens", status).group(1))
+        assert int(re.search(r"(\d+) reused", status).group(1)) < prompt // 2, status
         assert page.external_requests() == []
 
 

@@ -126,7 +126,7 @@ def fermi_server(artifact: Path, concurrency: int, threads: int) -> Iterator[str
 def llama_server(gguf: Path, concurrency: int, threads: int, context: int) -> Iterator[str]:
     """llama-server with `concurrency` slots on a free port; yields its URL once /health is
     200; stopped on exit."""
-    from fermi.openai_server.loadtest import free_port
+    from fermi.openai_server.loadtest import free_port, stop_process
 
     bin_dir = llama_cpp.build_llama_cpp()
     port = free_port()
@@ -139,12 +139,7 @@ def llama_server(gguf: Path, concurrency: int, threads: int, context: int) -> It
         wait_healthy(url, process, log, 600)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.unlink(missing_ok=True)
 
 

@@ -117,7 +117,7 @@ def grpc_benchmark(address: str, levels: list[int], per_client: int, max_tokens:
 @contextmanager
 def serve_grpc(model: str, env: dict[str, str], timeout: float = 300.0) -> Iterator[str]:
     """`fermi serve grpc` in a subprocess on 127.0.0.1; yields its address once SERVING."""
-    from fermi.openai_server.loadtest import free_port
+    from fermi.openai_server.loadtest import free_port, stop_process
 
     port = free_port()
     command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", model,
@@ -132,12 +132,7 @@ def serve_grpc(model: str, env: dict[str, str], timeout: float = 300.0) -> Itera
         _wait_serving(address, process, log, timeout)
         yield address
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _wait_serving(address: str, process: subprocess.Popen, log: Path, timeout: float) -> None:

@@ -35,11 +35,10 @@ import numpy as np
 
 from fermi.batching import PooledRunner, Row, SingleRunner
 from fermi.errors import InvalidRequest, QueueFull
+from fermi.generate import PREFILL_CHUNK, SCORED_CHUNK
 from fermi.prefix_cache import Entry, PrefixCache
 from fermi.sampling import SampledToken, Sampler
 
-PREFILL_CHUNK = 512  # bounds the (chunk, vocab) logits buffer and attention scratch
-SCORED_CHUNK = 128  # prefill chunk when every position's logits are kept: (128, V) float32
 RIDE_TOKENS = 8  # a prompt this close to its end, after a cached prefix, rides the decode steps
 
 

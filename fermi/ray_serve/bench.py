@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from fermi.openai_server.loadtest import Server, benchmark, free_port, report, serve
+from fermi.openai_server.loadtest import Server, benchmark, free_port, report, serve, stop_process
 
 READY_LINE = "fermi: Ray Serve application"  # printed once every replica is ready
 
@@ -63,12 +62,7 @@ def serve_ray(
             time.sleep(0.5)
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 60)  # Ray's shutdown takes longer than one server's
         log.unlink(missing_ok=True)
 
 

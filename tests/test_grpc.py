@@ -481,6 +481,78 @@ def test_a_load_failure_stops_the_server_with_its_error():
         server.wait()
 
 
+SIGNAL_IN_ANOTHER_THREAD = """
+import signal, threading, time
+from fermi.grpc_server.server import GrpcServer
+from fermi.settings import Settings
+
+never = threading.Event()
+server = GrpcServer(Settings(), load=lambda settings: never.wait())
+server.start("127.0.0.1", 0)
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+
+
+def kill_from_here():  # once main waits: the kernel may hand a signal to any thread
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+threading.Thread(target=kill_from_here).start()
+server.wait()
+print("stopped")
+"""
+
+
+def test_a_signal_taken_by_another_thread_still_stops_the_server(tmp_path):
+    """The main thread waits in GrpcServer.wait(); a SIGTERM that the kernel delivered to a
+    grpc or onnxruntime thread must still run the handler (it used to wait forever)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", SIGNAL_IN_ANOTHER_THREAD], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S)  # fmt: skip
+    assert done.returncode == 0 and "stopped" in done.stdout, done.stderr[-2000:]
+
+
+class StuckRuntime:
+    """A runtime whose submit blocks until released: a handler thread that does not return."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def submit(self, request):
+        self.entered.set()
+        self.release.wait(WAIT_S)
+        raise QueueFull("released")
+
+
+def test_stopping_reports_handler_threads_that_do_not_return(runtime):
+    """After stop(), release_handlers waits a bounded time for busy handler threads and says
+    how many are still running (the CLI then exits without joining them), and 0 once they
+    have returned."""
+    stuck = StuckRuntime(runtime)
+    server, address = start_in_process(Settings(), lambda s: stuck)
+    try:
+        wait_serving(address)
+        with grpc.insecure_channel(address, options=OPTIONS) as channel:
+            stub = pb_grpc.FermiStub(channel)
+            stream = stub.Generate(pb.GenerateRequest(prompt="Hi"), timeout=WAIT_S)
+            waiter = threading.Thread(target=lambda: rpc_error(lambda: list(stream)))
+            waiter.start()
+            assert stuck.entered.wait(WAIT_S)
+            server.stop(grace=0)
+            assert server.release_handlers(0.2) == 1
+            stuck.release.set()
+            assert server.release_handlers(WAIT_S) == 0
+            waiter.join(WAIT_S)
+    finally:
+        stuck.release.set()
+        server.stop(grace=0)
+
+
 class FaultyRuntime:
     """The real runtime, except that a prompt containing FAULT breaks after its first event."""
 

@@ -16,8 +16,10 @@ beyond that for unary RPCs (health, ResetSession, ...).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -57,6 +59,8 @@ from fermi.settings import Settings
 log = logging.getLogger("fermi.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fermi"].full_name  # "fermi.Fermi"
+_SERVER_NUMBERS = itertools.count()  # names each server's handler threads apart
+HANDLER_EXIT_S = 5.0  # after the runtime stopped: how long exit waits for handler threads
 
 
 class ModelLoading(FermiError):
@@ -347,6 +351,10 @@ class FermiServicer(pb_grpc.FermiServicer):
             for event in events:  # to exhaustion: the runtime saves the session's KV last
                 if isinstance(event, Finished):
                     done = event
+                elif stopper.reason is not None:
+                    # The RPC has ended: grpc blocks a yield after that for good (grpc#22874),
+                    # so stop sending and let the runtime end the generation.
+                    break
                 elif isinstance(event, ToolCallDelta) or event.text:
                     yield delta_message(session_id, event)
         finally:
@@ -562,8 +570,12 @@ class GrpcServer:
         # Streams beyond engine_pool + max_queue are refused by the runtime at once, so this
         # many workers leave room for unary RPCs (health, ResetSession, ...) at full load.
         workers = settings.engine_pool + settings.max_queue + 8
+        self._thread_prefix = f"fermi-grpc-{next(_SERVER_NUMBERS)}"
+        self.executor = futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=self._thread_prefix
+        )
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fermi-grpc"),
+            self.executor,
             # The access log sees every call, refused ones too; then the key check.
             interceptors=[RequestInterceptor(), GuardInterceptor(self.keys)],
             options=[("grpc.so_reuseport", 0)],  # a taken port is an error, not a shared one
@@ -625,10 +637,28 @@ class GrpcServer:
         self._stopped.set()
 
     def wait(self) -> None:
-        """Block until stopped; re-raise a model load failure."""
-        self._stopped.wait()
+        """Block until stopped; re-raise a model load failure. Waits in short slices: a
+        signal the kernel delivers to another thread (grpc's and onnxruntime's threads can take
+        it) does not wake the main thread, and Python runs the handler only when the main
+        thread runs again."""
+        while not self._stopped.wait(0.25):
+            pass
         if self.load_error is not None:
             raise self.load_error
+
+    def release_handlers(self, timeout_s: float) -> int:
+        """After stop(): let idle handler threads go and wait up to `timeout_s` seconds for
+        the busy ones to return; the number still running after that."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._handler_threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return len(self._handler_threads())
+
+    def _handler_threads(self) -> list[threading.Thread]:
+        """The live threads of this server's handler pool (by their name prefix)."""
+        prefix = self._thread_prefix + "_"
+        return [t for t in threading.enumerate() if t.name.startswith(prefix)]
 
 
 def _load_runtime(settings: Settings):
@@ -657,3 +687,11 @@ def run(settings: Settings, host: str, port: int) -> None:
         if runtime is not None and hasattr(runtime, "shutdown"):
             runtime.shutdown()  # nothing may still be decoding when the interpreter exits
         tracing.shutdown()
+    stuck = server.release_handlers(HANDLER_EXIT_S)
+    if stuck:
+        # A handler that sent a message as the server finished stopping waits for a
+        # completion grpc no longer delivers, and the interpreter would join its thread
+        # forever. The engine is stopped and the logs are flushed: end the process here.
+        log.warning("%d gRPC handler thread(s) still blocked inside grpc; exiting", stuck)
+        logging.shutdown()
+        os._exit(0)

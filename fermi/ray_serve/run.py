@@ -53,7 +53,8 @@ def run(settings: Settings, scale, host: str, port: int, ray: RayOptions) -> Non
         serve.run(build(settings, scale), name=APP_NAME, route_prefix="/")
         print(f"fermi: Ray Serve application {APP_NAME!r} ready on http://{_url_host(host)}:"
               f"{port}/v1 ({_replicas(scale)})", flush=True)  # fmt: skip
-        stop.wait()
+        while not stop.wait(0.25):  # short slices: a signal another thread takes runs its
+            pass  # Python handler only when the main thread next runs
     except RuntimeError as e:
         raise FermiError(f"the Ray Serve application did not start: {e}") from None
     finally:

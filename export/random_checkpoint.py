@@ -1,14 +1,23 @@
 """Random-weight Qwen3 checkpoints with real shapes, for export and serving benchmarks:
 
-    python -m export.random_checkpoint --shape qwen3-0.6b --output DIR [--dtype bfloat16]
+    python -m export.random_checkpoint --shape qwen3-0.6b --output DIR [--dtype bfloat16] \
+        [--tokenizer DIR]
 
-Writes config.json, safetensors (numpy, tensor by tensor), generation_config.json and the
-tiny-qwen3 tokenizer files (a smaller vocab than the model's, as Qwen pads its own)."""
+Writes config.json, safetensors (numpy, tensor by tensor), generation_config.json and
+tokenizer files: by default the tiny-qwen3 tokenizer's (a smaller vocab than the model's, as
+Qwen pads its own, so most sampled ids decode to no text); with `--tokenizer DIR`, the
+tokenizer.json (or tokenizer.json.xz) and tokenizer_config.json in DIR, for example Qwen3's
+real ones (tests/data/qwen3-tokenizer), so that the random model's tokens decode to text as a
+trained model's would (what a serving benchmark's time to first token needs)."""
 
 from __future__ import annotations
 
 import argparse
+import lzma
+import shutil
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from export import tiny
 from export.synthetic import DTYPES, MAX_SHARD_BYTES, qwen3_config, write_json, write_weights
@@ -36,9 +45,13 @@ def write_random_checkpoint(
     dtype: str = "bfloat16",
     seed: int = 0,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    tokenizer_dir: Path | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny.write_tokenizer(directory)
+    if tokenizer_dir is None:
+        tokenizer = tiny.write_tokenizer(directory)
+    else:
+        tokenizer = copy_tokenizer(tokenizer_dir, directory)
     write_json(directory / "generation_config.json", tiny.generation_config(tokenizer))
     config = qwen3_config(
         shape,
@@ -52,6 +65,24 @@ def write_random_checkpoint(
     return directory
 
 
+def copy_tokenizer(source: Path, directory: Path) -> Tokenizer:
+    """Copy tokenizer.json (unpacking tokenizer.json.xz) and tokenizer_config.json from
+    `source`. Raises FileNotFoundError when either is missing and ValueError when the vocabulary
+    lacks Qwen's <|im_end|> and <|endoftext|>."""
+    packed = source / "tokenizer.json.xz"
+    if not (source / "tokenizer.json").is_file() and packed.is_file():
+        with lzma.open(packed) as data:
+            (directory / "tokenizer.json").write_bytes(data.read())
+    else:
+        shutil.copyfile(source / "tokenizer.json", directory / "tokenizer.json")
+    shutil.copyfile(source / "tokenizer_config.json", directory / "tokenizer_config.json")
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    for special in ("<|im_end|>", "<|endoftext|>"):
+        if tokenizer.token_to_id(special) is None:
+            raise ValueError(f"{source}: the tokenizer has no {special} token")
+    return tokenizer
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m export.random_checkpoint", description=__doc__.split("\n")[0]
@@ -60,9 +91,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", type=Path, help="copy this directory's tokenizer files")
     args = parser.parse_args(argv)
     print(
-        write_random_checkpoint(args.output, SHAPES[args.shape], dtype=args.dtype, seed=args.seed)
+        write_random_checkpoint(
+            args.output,
+            SHAPES[args.shape],
+            dtype=args.dtype,
+            seed=args.seed,
+            tokenizer_dir=args.tokenizer,
+        )
     )
 
 

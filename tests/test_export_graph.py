@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer, models
 
 from export import random_checkpoint
 from export.checkpoint import INDEX_FILE, Checkpoint
@@ -20,6 +21,7 @@ from export.exporter import export_model
 from export.graph import ALIGN, OPSET
 from fermi.artifact import MODEL_FILE, WEIGHTS_FILE, load_manifest
 
+QWEN3_TOKENIZER = Path(__file__).parent / "data" / "qwen3-tokenizer"
 SMALL_SHAPE = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -108,6 +110,41 @@ def test_random_checkpoint_cli(tmp_path, monkeypatch, capsys):
     assert embed.dtype == ml_dtypes.bfloat16 and embed.shape == (151936, 32)
     artifact = export_model(str(directory), "fp16", tmp_path / "art")
     assert np.isfinite(run_prefill(artifact, [1, 2, 3])).all()
+
+
+def test_random_checkpoint_with_qwen3s_real_tokenizer(tmp_path, monkeypatch, capsys):
+    """--tokenizer takes Qwen3's real tokenizer (the repo keeps it xz-compressed): its eos ids
+    go into the configs, and the exported model's chat prompt and tokens are Qwen3's, so a
+    random id decodes to text."""
+    monkeypatch.setitem(random_checkpoint.SHAPES, "qwen3-small", SMALL_SHAPE)
+    random_checkpoint.main(["--shape", "qwen3-small", "--output", str(tmp_path / "ckpt"),
+                            "--tokenizer", str(QWEN3_TOKENIZER)])  # fmt: skip
+    directory = Path(capsys.readouterr().out.strip())
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() > 150_000
+    config = json.loads((directory / "config.json").read_text())
+    generation = json.loads((directory / "generation_config.json").read_text())
+    assert config["eos_token_id"] == tokenizer.token_to_id("<|im_end|>") == 151645
+    assert set(generation["eos_token_id"]) == {151645, 151643}
+    assert (
+        "enable_thinking"
+        in json.loads((directory / "tokenizer_config.json").read_text())["chat_template"]
+    )
+    assert tokenizer.decode([9707, 1879]).strip()  # ordinary ids are text
+    with pytest.raises(ValueError, match="no <|im_end|>"):
+        random_checkpoint.write_random_checkpoint(
+            tmp_path / "bad", SMALL_SHAPE, tokenizer_dir=bad_tokenizer(tmp_path / "tok")
+        )
+
+
+def bad_tokenizer(directory: Path) -> Path:
+    """A tokenizer directory without Qwen's special tokens."""
+    directory.mkdir()
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+        str(directory / "tokenizer.json")
+    )
+    (directory / "tokenizer_config.json").write_text("{}")
+    return directory
 
 
 def test_real_shapes_match_qwen3():

@@ -187,7 +187,9 @@ async def run_level(url: str, concurrency: int, requests: int, body: dict):
             if ttft is not None:
                 result.ttft_s.append(ttft)
 
-    limits = httpx.Limits(max_connections=concurrency)
+    # A new connection per request, for both servers: llama-server may close a kept-alive
+    # connection between two requests, which httpx reports as a failed request.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))

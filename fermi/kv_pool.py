@@ -179,8 +179,10 @@ class KVPool:
     def reserve(self, rows: int, length: int, occupied: int | None = None) -> None:
         """Make room for rows [0, rows) to hold `length` positions each. Capacity grows by a
         quarter or STEP positions, whichever is more (up to max_length), so decoding grows it
-        rarely. Rows grow to what is asked; a growth also drops the rows from `occupied` (one
-        past the highest row in use) on, so one long sequence after a burst does not carry
+        rarely. Rows grow to at least twice what they were (up to max_rows), so a burst of
+        sequences copies the pool a few times, not once per sequence (host memory of rows not
+        yet written is not touched). A growth of capacity alone drops the rows from `occupied`
+        (one past the highest row in use) on, so one long sequence after a burst does not carry
         the burst's rows at its length."""
         if length > self.max_length:
             raise ValueError(f"{length} positions exceed the context length {self.max_length}")
@@ -189,6 +191,8 @@ class KVPool:
         capacity = self.capacity
         if length > capacity:
             capacity = min(self.max_length, max(length, capacity + max(STEP, capacity // 4)))
+        if rows > self.rows:  # a burst is admitted one sequence at a time: double, so n
+            rows = max(rows, min(self.max_rows, 2 * self.rows))  # sequences grow it log2(n) times
         keep = self.rows if occupied is None else occupied
         rows = min(self.max_rows, max(rows, keep))
         if self.rows and self.capacity:

@@ -198,8 +198,10 @@ async def run_level(url: str, concurrency: int, requests: int, body: dict):
 
 
 def measure(url: str, concurrency: int, requests: int, body: dict) -> dict:
-    """One warm-up request, then the level; its summary (loadtest.LevelResult.summary)."""
-    asyncio.run(run_level(url, 1, 1, body | {"max_tokens": 4}))
+    """One warm-up round (`concurrency` requests of 4 tokens at once: fermi's KV pool grows to
+    that many rows on its first burst, where llama-server allocates its slots at start), then
+    the level; its summary (loadtest.LevelResult.summary)."""
+    asyncio.run(run_level(url, concurrency, 1, body | {"max_tokens": 4}))
     return asyncio.run(run_level(url, concurrency, requests, body)).summary()
 
 

@@ -350,6 +350,8 @@ class Scheduler:
             group.outbox.put(Done(seq.index, reason, entry))
 
     def _fail_running(self, error: Exception) -> None:
+        """An engine run failed: every running sequence ends with the error, then Done (the
+        reader raises at Failed and waits for each choice's Done before it returns)."""
         for seq in list(self._running):
             group = self._groups.pop(seq)
             self.runner.release(seq.row)
@@ -357,6 +359,7 @@ class Scheduler:
             with self._lock:
                 self._running.remove(seq)
             group.outbox.put(Failed(error))
+            group.outbox.put(Done(seq.index, "error", None))
 
     def _shut(self) -> None:
         with self._lock:

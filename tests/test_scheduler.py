@@ -401,3 +401,44 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(engine):
         scheduler.stop()
     assert tokens[0] == alone(engine, [1, 2, 3, 4], 1)
     assert long_chunks_before < 3000 // 512  # not after all of the long prompt
+
+
+def test_an_engine_failure_ends_every_choice_and_the_runtime_keeps_serving(
+    tiny_cpu_artifact, monkeypatch
+):
+    """A decode step that raises: the reader gets the engine's error, every choice still gets
+    its Done (the reader does not sit out its drain timeout waiting for one), and the next
+    request is served."""
+    import fermi.runtime as runtime_module
+
+    runtime = Runtime.load(Settings(model=str(tiny_cpu_artifact), device="cpu", engine_pool=4))
+    drained = []
+    real_drain = runtime_module._drain
+
+    def recording_drain(outbox, done, entry, timeout_s=60.0):
+        entry = real_drain(outbox, done, entry, timeout_s)
+        drained.append(list(done))
+        return entry
+
+    monkeypatch.setattr(runtime_module, "_drain", recording_drain)
+    decode = runtime.runner.decode
+    calls = []
+
+    def failing_decode(rows, token_ids):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise RuntimeError("injected engine failure")
+        return decode(rows, token_ids)
+
+    monkeypatch.setattr(runtime.runner, "decode", failing_decode)
+    request = GenerationRequest([Message("user", "Tell me a story")], max_new_tokens=16,
+                                sampling=GREEDY, ignore_eos=True, n=2)  # fmt: skip
+    try:
+        with pytest.raises(RuntimeError, match="injected engine failure"):
+            list(runtime.submit(request))
+        assert drained == [[True, True]]
+        monkeypatch.setattr(runtime.runner, "decode", decode)
+        events = list(runtime.submit(request))
+        assert events[-1].usage.completion_tokens == 32
+    finally:
+        runtime.shutdown()

@@ -248,6 +248,42 @@ def test_a_second_signal_while_draining_stops_at_once_and_cleanly(tiny_cpu_artif
         assert "Traceback" not in running.log_tail(20000)
 
 
+def wait_ready(log: Path, proc: subprocess.Popen) -> None:
+    """Until the server's ready line is in its log."""
+    deadline = time.monotonic() + WAIT_S
+    while "ready on" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("kind", ["openai", "grpc"])
+def test_a_second_signal_while_an_idle_server_stops_still_exits_0(
+    tiny_cpu_artifact, tmp_path, kind
+):
+    """SIGTERM, then another one a moment later while the process winds down (its own handlers
+    already gone): the process still exits 0, never killed by the signal's default action
+    (exit 143), which supervisors record as a failure."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
+    env["PYTHONPATH"] = str(ROOT)
+    for gap in (0.05, 0.15, 0.3):
+        log = tmp_path / f"{kind}-{gap}.log"
+        command = [sys.executable, "-m", "fermi.cli", "serve", kind, "--model",
+                   str(tiny_cpu_artifact), "--port", str(free_port())]  # fmt: skip
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)
+        try:
+            wait_ready(log, proc)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(gap)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            assert proc.wait(WAIT_S) == 0, (gap, log.read_text()[-3000:])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path):
     """SIGTERM with a gRPC stream in flight: health turns NOT_SERVING, the stream is drained
     (finished) or ended with a status within the grace period, and the process exits 0."""
@@ -287,6 +323,38 @@ def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path):
                 assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
         assert proc.wait(WAIT_S) == 0, log.read_text()[-3000:]
         print(f"\ngRPC SIGTERM: the stream {outcome}; exit code 0")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_signal_ends_grpc_streams_at_once(tiny_cpu_artifact, tmp_path):
+    """SIGTERM starts the 5 s grace; a second signal ends the in-flight stream now (it is cut
+    with a status instead of running on to its length) and the process exits 0."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
+    env["PYTHONPATH"] = str(ROOT)
+    log = tmp_path / "grpc.log"
+    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model",
+               str(tiny_cpu_artifact), "--port", str(port)]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)
+    try:
+        wait_ready(log, proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = pb.GenerateRequest(prompt="A story, please.", max_new_tokens=4000,
+                                         ignore_eos=True)  # fmt: skip
+            stream = pb_grpc.FermiStub(channel).Generate(request, timeout=WAIT_S)
+            next(stream)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as cut:
+                list(stream)
+            assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert proc.wait(WAIT_S) == 0, log.read_text()[-3000:]
+        assert "stopping now" in log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

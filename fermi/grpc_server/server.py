@@ -55,6 +55,7 @@ from fermi.requests import (
 )
 from fermi.security import KeyRing, keys_from_settings, short_id
 from fermi.settings import Settings
+from fermi.stop_signals import STOP_SIGNALS, ignore_stop_signals
 
 log = logging.getLogger("fermi.grpc")
 
@@ -674,15 +675,23 @@ def run(settings: Settings, host: str, port: int) -> None:
     server = GrpcServer(settings)
     server.start(host, port)
 
-    def shutdown(signum, frame) -> None:
-        log.info("signal %d: shutting down", signum)
-        threading.Thread(target=server.stop, name="fermi-stop", daemon=True).start()
+    signals = 0
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    def shutdown(signum, frame) -> None:
+        nonlocal signals
+        signals += 1
+        # The first signal lets in-flight streams finish for the grace period; a second ends
+        # them now, as `fermi serve openai` does.
+        grace = None if signals > 1 else 5.0
+        log.info("signal %d: %s", signum, "stopping now" if grace is None else "shutting down")
+        threading.Thread(target=server.stop, args=(grace,), name="fermi-stop", daemon=True).start()
+
+    for sig in STOP_SIGNALS:
         signal.signal(sig, shutdown)
     try:
         server.wait()
     finally:
+        ignore_stop_signals()  # stopped: nothing is left for a signal to do (stop_signals.py)
         runtime = server.servicer.runtime
         if runtime is not None and hasattr(runtime, "shutdown"):
             runtime.shutdown()  # nothing may still be decoding when the interpreter exits

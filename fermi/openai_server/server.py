@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,6 +40,7 @@ from fermi.openai_server.schemas import check_model, parse_chat, parse_json, par
 from fermi.requests import Event, Finished, PromptLogprobs, TextDelta, ToolCallDelta
 from fermi.security import ANONYMOUS, keys_from_settings
 from fermi.settings import Settings
+from fermi.stop_signals import STOP_SIGNALS, ignore_stop_signals
 
 log = logging.getLogger("fermi.openai")
 
@@ -473,7 +473,13 @@ async def start_stopping(app: Sanic) -> None:
 
 async def stop_generations(app: Sanic) -> None:
     """After the grace period: cancel what still generates and wait until it left the engine,
-    so the process exits cleanly (a decode step cut off at exit aborts it)."""
+    so the process exits cleanly (a decode step cut off at exit aborts it). From here on a
+    signal has nothing left to stop, so SIGINT and SIGTERM are ignored (fermi/stop_signals.py)."""
+    if app.ctx.signals_handled:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)  # else the loop's close restores the default action
+        ignore_stop_signals()
     runtime = app.ctx.runtime
     if runtime is not None and hasattr(runtime, "shutdown"):
         await asyncio.to_thread(runtime.shutdown)
@@ -498,6 +504,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     app.ctx.load_error = None
     app.ctx.draining = False
     app.ctx.stop_requested = False
+    app.ctx.signals_handled = False  # SIGINT/SIGTERM drain this server (main thread only)
     app.ctx.address = ("127.0.0.1", 0)  # set by run(); the ready line prints it
     app.ctx.loaded_at = 0
     app.ctx.metrics = Metrics()
@@ -520,11 +527,12 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
             app.ctx.tasks.add(task)
             task.add_done_callback(app.ctx.tasks.discard)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 asyncio.get_running_loop().add_signal_handler(sig, lambda: start(drain(app)))
             except (ValueError, RuntimeError):  # not the main thread (a server embedded in tests)
                 break
+            app.ctx.signals_handled = True
         start(load_runtime(app, load))
 
     app.after_server_start(start_loading)
@@ -553,6 +561,7 @@ def run(settings: Settings, host: str, port: int) -> None:
     except OSError as e:  # the address is taken or not this machine's
         raise FermiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     finally:
+        ignore_stop_signals()
         tracing.shutdown()
     if app.ctx.load_error is not None:
         raise app.ctx.load_error

@@ -372,3 +372,17 @@ def test_completions_stream_echo_matches_the_body(client):
     assert streamed == body.logprobs.token_logprobs
     offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
     assert offsets == body.logprobs.text_offset
+
+
+def test_line_separators_in_text_keep_each_sse_event_on_one_line(http):
+    """U+2028, U+2029 and U+0085 are line breaks to Python's str.splitlines (so to httpx's
+    iter_lines) and to older JavaScript: inside a streamed event they come escaped, so every
+    line of the stream is a whole `data:` line and the text survives."""
+    prompt = "one\u2028two\u2029three\x85four"
+    body = {"model": MODEL, "prompt": prompt, "echo": True, "stream": True, "max_tokens": 2}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+    echoed = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+    assert echoed.startswith(prompt)

@@ -20,8 +20,15 @@ FINGERPRINT = "fermi"
 DONE = "data: [DONE]\n\n"
 
 
+# Line separators that JSON leaves raw but that line splitters honour (Python's
+# str.splitlines, hence httpx's iter_lines; JavaScript before ES2019): escaped, so an SSE
+# `data:` line is one line for every client. They can only occur inside JSON strings.
+LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON, non-ASCII text as is, line separators escaped."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(LINE_SEPARATORS)
 
 
 def sse(data: dict[str, Any], event: str | None = None) -> str:

@@ -189,6 +189,15 @@ DeviceOpt = Annotated[
         help="auto, cpu, cuda or coreml",
     ),
 ]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="FERMI_PRECISION",
+        show_default="the export default",
+        metavar="PRECISION",
+        help="fp32, fp16, int8 or int4: which export of the model to load (made on first use)",
+    ),
+]
 HostOpt = Annotated[
     str | None, typer.Option(help="bind address (env: FERMI_OPENAI_ADDR / FERMI_GRPC_ADDR)")
 ]
@@ -418,6 +427,7 @@ def eval_command(
 def chat(
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     chat_template: ChatTemplateOpt = None,
     ctx_size: CtxSizeOpt = None,
     threads: ThreadsOpt = None,
@@ -445,6 +455,7 @@ def chat(
             load_settings().replace(
                 model=model,
                 device=device,
+                precision=precision,
                 chat_template=str(chat_template) if chat_template else None,
                 ctx_size=ctx_size,
                 threads=threads,
@@ -512,6 +523,7 @@ def _serve(kind: str, host: str | None, port: int | None, flags: dict, run=None)
 def serve_openai(
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     api_key: ApiKeyOpt = None,
@@ -541,6 +553,7 @@ def serve_openai(
 def serve_ray(
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     replicas: Annotated[
@@ -610,6 +623,7 @@ def serve_ray(
 def serve_grpc(
     model: ModelOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     api_key: ApiKeyOpt = None,

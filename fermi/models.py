@@ -1,13 +1,14 @@
 """Turn `--model` into an artifact directory: an artifact is used as is; anything else (a hub id,
-a local HF checkpoint or GGUF file, a built-in model) is exported first at the default precision
-for it on this device, as the graph variant of that device (export/variants.py), or reused from
-an earlier export."""
+a local HF checkpoint or GGUF file, a built-in model) is exported first at the precision asked
+for (--precision / FERMI_PRECISION) or the default for it on this device, as the graph variant of
+that device (export/variants.py), or reused from an earlier export."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fermi.artifact import MANIFEST
+from fermi.artifact import MANIFEST, load_manifest
+from fermi.errors import InvalidRequest
 from fermi.settings import Settings
 
 
@@ -16,9 +17,20 @@ def is_artifact(model: str) -> bool:
 
 
 def resolve_artifact(model: str, precision: str | None, settings: Settings) -> Path:
-    """`precision` None: the export default for this model and device (the device's float
-    precision; int4/int8 carried over for a quantized GGUF)."""
+    """The artifact to load for `model`: the directory itself when it is one, else the export of
+    the source at `precision` for this device (exported on first use, then reused). `precision`
+    None: the export default for this model and device (the device's float precision; int4/int8
+    carried over for a quantized GGUF). Raises InvalidRequest when `model` is an artifact of
+    another precision than the one asked for."""
     if is_artifact(model):
+        if precision is not None:
+            have = load_manifest(Path(model)).precision
+            if have != precision:
+                raise InvalidRequest(
+                    f"{model} is a {have} artifact, not {precision}: pass its source (checkpoint, "
+                    "GGUF or hub id) to load or export another precision, or drop --precision",
+                    param="precision",
+                )
         return Path(model)
     # Export lives in its own package and needs no torch; import it only when needed.
     from export.exporter import export_model

@@ -155,7 +155,7 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         device = pick_device(settings.device)
-        artifact = resolve_artifact(settings.model, None, settings)
+        artifact = resolve_artifact(settings.model, settings.precision, settings)
         return cls(settings, artifact, device)
 
     # -- requests ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fermi.errors import InvalidRequest
 
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off"}
 
@@ -21,6 +22,7 @@ FALSE = {"0", "false", "no", "off"}
 class Settings:
     model: str = "Qwen/Qwen3-1.7B"
     device: str = "auto"  # auto | cpu | cuda | coreml
+    precision: str | None = None  # fp32 | fp16 | int8 | int4 to load; None = export default
     offline: bool = False
     artifacts: str = "artifacts"
     default_thinking: str | None = None  # on | off | auto; None = off
@@ -65,6 +67,7 @@ class Settings:
 ENV = {
     "FERMI_MODEL": "model",
     "FERMI_DEVICE": "device",
+    "FERMI_PRECISION": "precision",
     "FERMI_OFFLINE": "offline",
     "HF_HUB_OFFLINE": "offline",
     "FERMI_ARTIFACTS": "artifacts",
@@ -157,6 +160,11 @@ def check_settings(settings: Settings) -> Settings:
         raise InvalidRequest(
             f"--device/FERMI_DEVICE must be auto, cpu, cuda or coreml, got {s.device!r}",
             param="device",
+        )
+    if s.precision not in (None, *PRECISIONS):
+        raise InvalidRequest(
+            f"--precision/FERMI_PRECISION must be fp32, fp16, int8 or int4, got {s.precision!r}",
+            param="precision",
         )
     if s.log_format not in ("plain", "json"):
         raise InvalidRequest("log format (FERMI_LOG_FORMAT) must be plain or json")

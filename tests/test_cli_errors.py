@@ -40,6 +40,8 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> N
         (["chat", "--threads", "-1"], ["--threads"]),
         (["chat", "--chat-template", "/nonexistent/t.jinja"], ["/nonexistent/t.jinja"]),
         (["chat", "--device", "tpu"], ["--device", "tpu"]),
+        (["chat", "--precision", "int3"], ["--precision", "int3"]),
+        (["serve", "openai", "--precision", "fp64"], ["--precision", "fp64"]),
         (["chat", "--model", "tiny-qwen3", "--top-p", "5"], ["top_p"]),
         (["chat", "--model", "tiny-qwen3", "--temperature", "-1"], ["temperature"]),
         (["chat", "--model", "tiny-qwen3", "--repeat-penalty", "0"], ["repetition_penalty"]),
@@ -142,3 +144,28 @@ def test_portable_export_defaults_to_the_machines_precision(tmp_path):
         done = fermi("export", "tiny-qwen3", "--target", "portable", "--output", str(out), env=env)
         assert done.returncode == 0, done.stderr
         assert json.loads((out / "fermi.json").read_text())["precision"] == precision
+
+
+def test_precision_that_an_artifact_does_not_have(tiny_artifact):
+    """An artifact directory is one precision: asking it for another is a clear error that
+    says what to pass instead, not a silent load of what is there."""
+    done = fermi("chat", "--model", str(tiny_artifact), "--precision", "int4")
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "fp32 artifact, not int4" in last and "source" in last
+
+
+def test_precision_picks_which_export_of_a_source_is_served(tmp_path):
+    """--precision on chat/serve exports the source at that precision on first use and loads
+    it; the default export is left alone."""
+    from fermi.runtime import Runtime
+    from fermi.settings import Settings
+
+    settings = Settings(model="tiny-qwen3", device="cpu", artifacts=str(tmp_path), offline=True)
+    runtime = Runtime.load(settings.replace(precision="int8"))
+    try:
+        assert runtime.manifest.precision == "int8"
+        exports = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")]
+        assert exports == ["tiny-qwen3-int8-cpu"]
+    finally:
+        runtime.shutdown()

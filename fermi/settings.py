@@ -43,6 +43,7 @@ class Settings:
     grpc_tls_cert: str | None = None  # PEM certificate chain; with grpc_tls_key: TLS for gRPC
     grpc_tls_key: str | None = None  # PEM private key
     request_timeout_s: float = 60.0  # HTTP: most seconds to receive a request's headers + body
+    drain_s: float = 30.0  # SIGTERM: most seconds in-flight generations may run on (both servers)
     keep_alive_timeout_s: float = 30.0  # HTTP: idle keep-alive connections close after this
     max_connections: int = 1024  # HTTP: open connections beyond this are refused with 503
     cors_origins: str = ""  # comma-separated; "*" allows any
@@ -89,6 +90,7 @@ ENV = {
     "FERMI_GRPC_TLS_CERT": "grpc_tls_cert",
     "FERMI_GRPC_TLS_KEY": "grpc_tls_key",
     "FERMI_REQUEST_TIMEOUT_S": "request_timeout_s",
+    "FERMI_DRAIN_S": "drain_s",
     "FERMI_KEEP_ALIVE_TIMEOUT_S": "keep_alive_timeout_s",
     "FERMI_MAX_CONNECTIONS": "max_connections",
     "FERMI_CORS_ORIGINS": "cors_origins",
@@ -168,7 +170,7 @@ def check_settings(settings: Settings) -> Settings:
         )
     if s.log_format not in ("plain", "json"):
         raise InvalidRequest("log format (FERMI_LOG_FORMAT) must be plain or json")
-    for name in ("ctx_size", "threads", "max_queue"):
+    for name in ("ctx_size", "threads", "max_queue", "drain_s"):
         if getattr(s, name) < 0:
             raise InvalidRequest(f"{name} must be 0 or more, got {getattr(s, name)}", param=name)
     if s.engine_pool < 1:

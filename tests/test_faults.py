@@ -284,43 +284,59 @@ def test_a_second_signal_while_an_idle_server_stops_still_exits_0(
                 proc.wait()
 
 
-def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path):
-    """SIGTERM with a gRPC stream in flight: health turns NOT_SERVING, the stream is drained
-    (finished) or ended with a status within the grace period, and the process exits 0."""
+def start_grpc(
+    artifact: Path, tmp_path: Path, **env_extra: str
+) -> tuple[subprocess.Popen, int, Path]:
+    """`fermi serve grpc` in a subprocess, returned once its ready line is logged."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env.update(PYTHONPATH=str(ROOT), **env_extra)
     log = tmp_path / "grpc.log"
-    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model",
-               str(tiny_cpu_artifact), "--device", "cpu", "--port", str(port)]  # fmt: skip
+    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(artifact),
+               "--port", str(port)]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)
+    wait_ready(log, proc)
+    return proc, port, log
+
+
+def health_on_a_new_channel(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        request = health_pb2.HealthCheckRequest(service="fermi.Fermi")
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+
+
+@pytest.mark.parametrize("drain_s, outcome", [("30", "finished"), ("0.5", "UNAVAILABLE")])
+def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path, drain_s, outcome):
+    """SIGTERM with a gRPC stream in flight: health on a new channel says NOT_SERVING, a new
+    stream is refused with UNAVAILABLE, the stream in flight finishes within FERMI_DRAIN_S or
+    is ended then with UNAVAILABLE and fermi's own message, and the process exits 0."""
+    proc, port, log = start_grpc(tiny_cpu_artifact, tmp_path, FERMI_DRAIN_S=drain_s)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + WAIT_S
-            while True:
-                try:
-                    request = health_pb2.HealthCheckRequest(service="fermi.Fermi")
-                    if health.Check(request, timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-                time.sleep(0.1)
             stub = pb_grpc.FermiStub(channel)
             request = pb.GenerateRequest(prompt="A story, please.", max_new_tokens=LONG,
                                          ignore_eos=True)  # fmt: skip
             stream = stub.Generate(request, timeout=WAIT_S)
             next(stream)
             proc.send_signal(signal.SIGTERM)
-            outcome = "finished"
-            try:
-                last = list(stream)[-1]
-                assert last.finish_reason
-            except grpc.RpcError as e:
-                outcome = e.code().name
-                assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            deadline = time.monotonic() + WAIT_S
+            while "draining" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.02)
+            if drain_s == "30":
+                assert health_on_a_new_channel(port) == health_pb2.HealthCheckResponse.NOT_SERVING
+                refused = pb.GenerateRequest(prompt="Hi", max_new_tokens=2)
+                with pytest.raises(grpc.RpcError) as late:
+                    list(stub.Generate(refused, timeout=WAIT_S))
+                assert late.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "draining" in late.value.details()
+                assert list(stream)[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            else:
+                with pytest.raises(grpc.RpcError) as cut:
+                    list(stream)
+                assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in cut.value.details()
         assert proc.wait(WAIT_S) == 0, log.read_text()[-3000:]
         print(f"\ngRPC SIGTERM: the stream {outcome}; exit code 0")
     finally:
@@ -330,18 +346,10 @@ def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path):
 
 
 def test_a_second_signal_ends_grpc_streams_at_once(tiny_cpu_artifact, tmp_path):
-    """SIGTERM starts the 5 s grace; a second signal ends the in-flight stream now (it is cut
+    """SIGTERM starts the drain; a second signal ends the in-flight stream now (it is cut
     with a status instead of running on to its length) and the process exits 0."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
-    env["PYTHONPATH"] = str(ROOT)
-    log = tmp_path / "grpc.log"
-    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model",
-               str(tiny_cpu_artifact), "--port", str(port)]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)
+    proc, port, log = start_grpc(tiny_cpu_artifact, tmp_path)
     try:
-        wait_ready(log, proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             request = pb.GenerateRequest(prompt="A story, please.", max_new_tokens=4000,
                                          ignore_eos=True)  # fmt: skip
@@ -352,7 +360,7 @@ def test_a_second_signal_ends_grpc_streams_at_once(tiny_cpu_artifact, tmp_path):
             proc.send_signal(signal.SIGTERM)
             with pytest.raises(grpc.RpcError) as cut:
                 list(stream)
-            assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
         assert proc.wait(WAIT_S) == 0, log.read_text()[-3000:]
         assert "stopping now" in log.read_text()
     finally:

@@ -62,6 +62,7 @@ log = logging.getLogger("fermi.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fermi"].full_name  # "fermi.Fermi"
 _SERVER_NUMBERS = itertools.count()  # names each server's handler threads apart
 HANDLER_EXIT_S = 5.0  # after the runtime stopped: how long exit waits for handler threads
+STOP_GRACE_S = 2.0  # then: how long the ended streams have to send their final status
 
 
 class ModelLoading(FermiError):
@@ -72,6 +73,16 @@ class ModelLoading(FermiError):
 class GenerationCancelled(FermiError):
     def __init__(self) -> None:
         super().__init__("generation was cancelled by the server")
+
+
+class ServerDraining(FermiError):
+    def __init__(self) -> None:
+        super().__init__("the server is draining before it stops; send this to another instance")
+
+
+class ServerShuttingDown(FermiError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; the generation was ended before it finished")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +97,8 @@ STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
     ModelLoading: grpc.StatusCode.UNAVAILABLE,
     GenerationTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     GenerationCancelled: grpc.StatusCode.CANCELLED,
+    ServerDraining: grpc.StatusCode.UNAVAILABLE,
+    ServerShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 
 # Runtime parameter names -> the request fields a gRPC client sets.
@@ -322,13 +335,30 @@ class FermiServicer(pb_grpc.FermiServicer):
         self.stats = stats
         self.keys = keys
         self.runtime = None  # set by GrpcServer once Runtime.load returns
+        self.draining = False  # new generations are refused (GrpcServer.drain)
+        self.shutting_down = False  # what still runs is being ended by the server
+        self.streams = 0  # Generate calls in flight
+        self._streams_lock = threading.Lock()
 
     def _runtime(self):
+        if self.draining:
+            raise ServerDraining()
         if self.runtime is None:
             raise ModelLoading()
         return self.runtime
 
+    def _count_stream(self, delta: int) -> None:
+        with self._streams_lock:
+            self.streams += delta
+
     def Generate(self, request, context):
+        self._count_stream(1)
+        try:
+            yield from self._generate(request, context)
+        finally:
+            self._count_stream(-1)
+
+    def _generate(self, request, context):
         tenant = tenant_of(context, self.keys)
         with error_status(context):
             try:
@@ -376,7 +406,7 @@ class FermiServicer(pb_grpc.FermiServicer):
         if done.finish_reason != "cancelled":
             yield final_message(session_id, done)
         elif stopper.reason is None:
-            raise GenerationCancelled()
+            raise ServerShuttingDown() if self.shutting_down else GenerationCancelled()
         else:  # the RPC ended first (client cancel, its deadline, the server stopping): nobody
             # is left to tell, but the access log reports the RPC's real status, not OK
             deadline = stopper.reason == "deadline"
@@ -631,6 +661,26 @@ class GrpcServer:
         warning = exposure_warning(host, self.settings)
         logs.log_ready(url, runtime.info, runtime.engine.device, self.settings, warning)
 
+    def drain(self, grace_s: float | None = None, now: threading.Event | None = None) -> None:
+        """The first SIGTERM/SIGINT: health says NOT_SERVING (to new channels too: the server
+        still accepts them), new generations get UNAVAILABLE, and streams in flight may finish
+        for up to `grace_s` seconds (default: FERMI_DRAIN_S) or until `now` is set (a second
+        signal). What still runs then is ended with UNAVAILABLE "shutting down", and the server
+        stops."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer.draining = True
+        log.info("draining: %d stream(s) in flight", self.servicer.streams)
+        grace_s = self.settings.drain_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s
+        now = now or threading.Event()
+        while self.servicer.streams and time.monotonic() < deadline and not now.wait(0.05):
+            pass
+        self.servicer.shutting_down = True
+        runtime = self.servicer.runtime
+        if runtime is not None and hasattr(runtime, "cancel_all"):
+            runtime.cancel_all()  # each stream ends within a decode step, with its status
+        self.stop(grace=STOP_GRACE_S)
+
     def stop(self, grace: float | None = 5.0) -> None:
         """NOT_SERVING at once, then let in-flight streams finish for up to `grace` seconds."""
         self.health.enter_graceful_shutdown()
@@ -675,16 +725,19 @@ def run(settings: Settings, host: str, port: int) -> None:
     server = GrpcServer(settings)
     server.start(host, port)
 
-    signals = 0
+    draining, now = threading.Event(), threading.Event()
 
     def shutdown(signum, frame) -> None:
-        nonlocal signals
-        signals += 1
-        # The first signal lets in-flight streams finish for the grace period; a second ends
+        # The first signal drains (in-flight streams may finish for FERMI_DRAIN_S); a second ends
         # them now, as `fermi serve openai` does.
-        grace = None if signals > 1 else 5.0
-        log.info("signal %d: %s", signum, "stopping now" if grace is None else "shutting down")
-        threading.Thread(target=server.stop, args=(grace,), name="fermi-stop", daemon=True).start()
+        if draining.is_set():
+            log.info("signal %d: stopping now", signum)
+            now.set()
+            return
+        draining.set()
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=server.drain, kwargs={"now": now}, name="fermi-drain",
+                         daemon=True).start()  # fmt: skip
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, shutdown)

@@ -46,7 +46,6 @@ log = logging.getLogger("fermi.openai")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
-DRAIN_TIMEOUT_S = 30.0  # on SIGTERM/SIGINT, how long running generations may take to finish
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")  # keyed like /v1 (llama-server keys them too)
 ROUTES: list[tuple[Callable, str, str]] = []  # (handler, uri, method), filled by @route
 
@@ -431,7 +430,7 @@ async def load_runtime(app: Sanic, load: Callable[[Settings], Any]) -> None:
     logs.log_ready(url, runtime.info, runtime.engine.device, settings, warning)
 
 
-async def drain(app: Sanic, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+async def drain(app: Sanic, timeout_s: float) -> None:
     """Stop taking requests (/health says draining, /v1 routes 503), let running generations
     finish for up to `timeout_s` seconds, then stop the server. A second signal stops at once:
     what still generates ends now with the in-band "shutting down" error."""
@@ -529,7 +528,9 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
 
         for sig in STOP_SIGNALS:
             try:
-                asyncio.get_running_loop().add_signal_handler(sig, lambda: start(drain(app)))
+                asyncio.get_running_loop().add_signal_handler(
+                    sig, lambda: start(drain(app, app.ctx.settings.drain_s))
+                )
             except (ValueError, RuntimeError):  # not the main thread (a server embedded in tests)
                 break
             app.ctx.signals_handled = True

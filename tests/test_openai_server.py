@@ -410,6 +410,15 @@ def test_unknown_model(http):
     assert http.get("/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
 
 
+def test_unknown_route_names_itself(http):
+    """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
+    included (Sanic's own message drops it)."""
+    for path in ("/", "/v1/embeddings"):
+        response = http.get(path)
+        assert response.status_code == 404
+        assert f"GET {path} " in response.json()["error"]["message"]
+
+
 def test_body_too_large(http):
     huge = chat_body(messages=[{"role": "user", "content": "x" * 100_000}])  # limit is 64 KiB
     response = http.post("/v1/chat/completions", json=huge)

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from sanic import Request, Sanic
+from sanic.exceptions import NotFound
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
 
@@ -357,6 +358,9 @@ class OpenAIErrorHandler(ErrorHandler):
 
     def default(self, request: Request, exception: BaseException) -> HTTPResponse:
         exception = classify_oversized(request, exception)
+        if isinstance(exception, NotFound) and request is not None:
+            # Sanic's own message drops the leading slash, and names nothing for "/".
+            exception = NotFound(f"no route {request.method} {request.path} on this server")
         err = map_error(exception)
         if err.status >= 500 and not isinstance(exception, FermiError | asyncio.CancelledError):
             log.error("unhandled error on %s", request.path if request else "?", exc_info=exception)

@@ -445,6 +445,7 @@ def chat(
     """Chat in the terminal (or answer one prompt per stdin line when piped)."""
     from fermi import chat as chat_module
     from fermi.chat_template import parse_thinking
+    from fermi.models import check_precision
     from fermi.requests import SamplingParams
     from fermi.runtime import Runtime
     from fermi.sampling import validate_sampling
@@ -475,6 +476,7 @@ def chat(
             system=system,
         )
         validate_sampling(options.sampling)  # before the model loads, not after
+        check_precision(settings.model, settings.precision)
         typer.echo(f"loading {settings.model} ...", err=True)
         runtime = Runtime.load(settings)
         typer.echo(
@@ -498,6 +500,7 @@ def _serve(kind: str, host: str | None, port: int | None, flags: dict, run=None)
     """Check the settings, then `run(settings, host, port)` (default: fermi.<kind>_server's)."""
     from importlib import import_module
 
+    from fermi.models import check_precision
     from fermi.security import exposure_warning, keys_from_settings
     from fermi.settings import check_settings, load_settings
 
@@ -508,6 +511,7 @@ def _serve(kind: str, host: str | None, port: int | None, flags: dict, run=None)
         settings = check_settings(
             load_settings().replace(served_model_name=",".join(names) or None, **flags)
         )
+        check_precision(settings.model, settings.precision)  # before the port is bound
         default_host, default_port = _split_addr(getattr(settings, f"{kind}_addr"))
         host = host or default_host
         # Said at once, before the model loads; the ready line repeats it.

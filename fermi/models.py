@@ -16,6 +16,20 @@ def is_artifact(model: str) -> bool:
     return (Path(model) / MANIFEST).is_file()
 
 
+def check_precision(model: str, precision: str | None) -> None:
+    """An artifact directory holds one precision: raises InvalidRequest when `precision` asks
+    for another (nothing to check for a source, which is exported at the precision asked)."""
+    if precision is None or not is_artifact(model):
+        return
+    have = load_manifest(Path(model)).precision
+    if have != precision:
+        raise InvalidRequest(
+            f"{model} holds the {have} export, not {precision}: pass its source (checkpoint, "
+            "GGUF or hub id) to load or export another precision, or drop --precision",
+            param="precision",
+        )
+
+
 def resolve_artifact(model: str, precision: str | None, settings: Settings) -> Path:
     """The artifact to load for `model`: the directory itself when it is one, else the export of
     the source at `precision` for this device (exported on first use, then reused). `precision`
@@ -23,14 +37,7 @@ def resolve_artifact(model: str, precision: str | None, settings: Settings) -> P
     carried over for a quantized GGUF). Raises InvalidRequest when `model` is an artifact of
     another precision than the one asked for."""
     if is_artifact(model):
-        if precision is not None:
-            have = load_manifest(Path(model)).precision
-            if have != precision:
-                raise InvalidRequest(
-                    f"{model} is a {have} artifact, not {precision}: pass its source (checkpoint, "
-                    "GGUF or hub id) to load or export another precision, or drop --precision",
-                    param="precision",
-                )
+        check_precision(model, precision)
         return Path(model)
     # Export lives in its own package and needs no torch; import it only when needed.
     from export.exporter import export_model

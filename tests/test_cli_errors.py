@@ -146,13 +146,12 @@ def test_portable_export_defaults_to_the_machines_precision(tmp_path):
         assert json.loads((out / "fermi.json").read_text())["precision"] == precision
 
 
-def test_precision_that_an_artifact_does_not_have(tiny_artifact):
-    """An artifact directory is one precision: asking it for another is a clear error that
-    says what to pass instead, not a silent load of what is there."""
-    done = fermi("chat", "--model", str(tiny_artifact), "--precision", "int4")
-    assert done.returncode == 2, done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "fp32 artifact, not int4" in last and "source" in last
+@pytest.mark.parametrize("command", [["chat"], ["serve", "openai"], ["serve", "grpc"]])
+def test_precision_that_an_artifact_does_not_have(tiny_artifact, command):
+    """An artifact directory is one precision: asking it for another is a one-line error that
+    says what to pass instead, before any model loads or port opens."""
+    done = fermi(*command, "--model", str(tiny_artifact), "--precision", "int4")
+    assert_one_line_error(done, "the fp32 export, not int4", "source")
 
 
 def test_precision_picks_which_export_of_a_source_is_served(tmp_path):

@@ -512,6 +512,28 @@ def test_a_signal_taken_by_another_thread_still_stops_the_server(tmp_path):
     assert done.returncode == 0 and "stopped" in done.stdout, done.stderr[-2000:]
 
 
+def test_a_stream_the_drain_ends_is_counted_as_cancelled_not_failed(runtime, long_tokens):
+    """A stream still running when the drain limit passes ends with UNAVAILABLE "shutting
+    down" and counts as cancelled in GetStats' counters, not as an internal failure."""
+    server, address = start_in_process(Settings(), lambda s: runtime)
+    try:
+        wait_serving(address)
+        with grpc.insecure_channel(address, options=OPTIONS) as channel:
+            stream = pb_grpc.FermiStub(channel).Generate(long_request(long_tokens), timeout=60)
+            next(stream)
+            drain = threading.Thread(target=server.drain, kwargs={"grace_s": 0.0})
+            drain.start()
+            with pytest.raises(grpc.RpcError) as cut:
+                list(stream)
+            drain.join(WAIT_S)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in cut.value.details()
+        counts = server.stats.snapshot()
+        assert (counts["cancelled"], counts["failed"]) == (1, 0)
+    finally:
+        server.stop(grace=0)
+
+
 class StuckRuntime:
     """A runtime whose submit blocks until released: a handler thread that does not return."""
 

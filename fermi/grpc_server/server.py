@@ -398,7 +398,8 @@ class FermiServicer(pb_grpc.FermiServicer):
                 done = _drain(events)
             events.close()
             gen.close()
-            outcome = _outcome(done, stopper.reason)
+            reason = stopper.reason or ("shutdown" if self.shutting_down else None)
+            outcome = _outcome(done, reason)
             self.stats.count(outcome, done.usage.completion_tokens if done else 0)
             _log_end(session_id, outcome, done, started)
         if done.finish_reason == "timeout":
@@ -460,6 +461,7 @@ class FermiServicer(pb_grpc.FermiServicer):
 STOP_OUTCOME = {
     "client": "cancelled",
     "deadline": "deadline_exceeded",
+    "shutdown": "cancelled",  # ended by the server's own drain limit
 }
 
 

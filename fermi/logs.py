@@ -86,12 +86,16 @@ class AccessRecord:
     span: Any = None  # the request's root span (fermi.tracing.start_request): ended by emit
     emitted: bool = False
 
-    def first_token(self) -> None:
+    def first_token(self, at: float | None = None) -> None:
+        """The first token was generated `at` (time.perf_counter(); default: now)."""
         if self.ttft_s is None:
-            self.ttft_s = time.perf_counter() - self.start
+            self.ttft_s = (time.perf_counter() if at is None else at) - self.start
 
     def finished(self, finished) -> None:
-        """Take the counts of the runtime's Finished event."""
+        """Take the counts of the runtime's Finished event, and its first token's time when no
+        text came before it (tokens that decoded to nothing yet still count)."""
+        if finished.first_token_at is not None:
+            self.first_token(finished.first_token_at)
         usage = finished.usage
         self.prompt_tokens = usage.prompt_tokens
         self.completion_tokens = usage.completion_tokens

@@ -132,6 +132,9 @@ class Finished:
     # One per choice (n > 1): why each ended; finish_reason is the last one's. Usage counts the
     # prompt once and the completion tokens of every choice.
     finish_reasons: list[FinishReason] = field(default_factory=list)
+    # time.perf_counter() when the first token was generated (None: none was), whether or not
+    # it decoded to text yet: what time to first token is measured to
+    first_token_at: float | None = None
 
 
 @dataclass

@@ -397,7 +397,7 @@ class Runtime:
         reasons: list[str | None] = [None] * n  # decided by the reader or the scheduler
         done = [False] * n  # the choice has left the batch
         generated, reasoning = [0] * n, [0] * n
-        cached, entry = 0, None
+        cached, entry, first_token_at = 0, None, None
         wants_prompt = request.prompt_logprobs is not None
         eos = set() if request.ignore_eos else self.eos_ids
         try:
@@ -425,6 +425,8 @@ class Runtime:
                     continue
                 if not generated[i] and i == 0:
                     job.trace.decode()
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
                 generated[i] += 1
                 if message.token.id in eos:
                     reasons[i] = "stop"
@@ -448,7 +450,9 @@ class Runtime:
                 reasons[i] = "tool_calls"
         if job.session.persistent:
             job.session.history = job.conversation + [texts[0].as_message()]
-        yield self._finished(job, reasons, sum(generated), sum(reasoning), cached)
+        finished = self._finished(job, reasons, sum(generated), sum(reasoning), cached)
+        finished.first_token_at = first_token_at
+        yield finished
 
     def _keep_cache(self, session: Session, entry: Entry | None) -> None:
         """A kept session pins its latest prefix-cache entry; the one it held before becomes

@@ -226,13 +226,19 @@ def test_parse_with_a_pydantic_model(client):
 def test_json_schema_and_json_object(client):
     schema = {
         "type": "object",
-        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+        # Bounded on both sides: "maximum" alone lets a random model write an endless
+        # negative number until max_tokens cuts the JSON.
+        "properties": {
+            "ok": {"type": "boolean"},
+            "n": {"type": "integer", "minimum": -99, "maximum": 99},
+        },
         "required": ["ok", "n"],
     }
     completion = client.chat.completions.create(
         model=MODEL,
         messages=USER,
         max_tokens=200,
+        seed=0,
         response_format={
             "type": "json_schema",
             "json_schema": {"name": "answer", "schema": schema, "strict": True},

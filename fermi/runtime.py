@@ -450,9 +450,7 @@ class Runtime:
                 reasons[i] = "tool_calls"
         if job.session.persistent:
             job.session.history = job.conversation + [texts[0].as_message()]
-        finished = self._finished(job, reasons, sum(generated), sum(reasoning), cached)
-        finished.first_token_at = first_token_at
-        yield finished
+        yield self._finished(job, reasons, sum(generated), sum(reasoning), cached, first_token_at)
 
     def _keep_cache(self, session: Session, entry: Entry | None) -> None:
         """A kept session pins its latest prefix-cache entry; the one it held before becomes
@@ -514,12 +512,19 @@ class Runtime:
         )
 
     def _finished(
-        self, job: Job, reasons: list[str], completion: int, reasoning: int, cached: int
+        self,
+        job: Job,
+        reasons: list[str],
+        completion: int,
+        reasoning: int,
+        cached: int,
+        first_token_at: float | None,
     ) -> Finished:
         usage = Usage(len(job.prompt_ids), completion, reasoning, cached)
         return Finished(
-            reasons[-1], usage, job.session.id, job.thinking, job.dropped_turns, reasons
-        )
+            reasons[-1], usage, job.session.id, job.thinking, job.dropped_turns, reasons,
+            first_token_at,
+        )  # fmt: skip
 
 
 def _choice_seed(seed: int | None, index: int) -> int | None:

@@ -263,41 +263,39 @@ def test_a_second_signal_while_an_idle_server_stops_still_exits_0(
     """SIGTERM, then another one a moment later while the process winds down (its own handlers
     already gone): the process still exits 0, never killed by the signal's default action
     (exit 143), which supervisors record as a failure."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
-    env["PYTHONPATH"] = str(ROOT)
     for gap in (0.05, 0.15, 0.3):
         log = tmp_path / f"{kind}-{gap}.log"
-        command = [sys.executable, "-m", "fermi.cli", "serve", kind, "--model",
-                   str(tiny_cpu_artifact), "--port", str(free_port())]  # fmt: skip
-        with log.open("wb") as out:
-            proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)
+        proc, _ = start_server(kind, tiny_cpu_artifact, log)
         try:
-            wait_ready(log, proc)
             proc.send_signal(signal.SIGTERM)
             time.sleep(gap)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             assert proc.wait(WAIT_S) == 0, (gap, log.read_text()[-3000:])
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            kill_if_running(proc)
 
 
-def start_grpc(
-    artifact: Path, tmp_path: Path, **env_extra: str
-) -> tuple[subprocess.Popen, int, Path]:
-    """`fermi serve grpc` in a subprocess, returned once its ready line is logged."""
+def start_server(
+    kind: str, artifact: Path, log: Path, **env_extra: str
+) -> tuple[subprocess.Popen, int]:
+    """`fermi serve KIND` in a subprocess logging to `log`, returned once its ready line is
+    there."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
     env.update(PYTHONPATH=str(ROOT), **env_extra)
-    log = tmp_path / "grpc.log"
-    command = [sys.executable, "-m", "fermi.cli", "serve", "grpc", "--model", str(artifact),
+    command = [sys.executable, "-m", "fermi.cli", "serve", kind, "--model", str(artifact),
                "--port", str(port)]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=out)
+        proc = subprocess.Popen(command, env=env, cwd=log.parent, stdout=out, stderr=out)
     wait_ready(log, proc)
-    return proc, port, log
+    return proc, port
+
+
+def kill_if_running(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def health_on_a_new_channel(port: int) -> int:
@@ -311,7 +309,8 @@ def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path, drain_s, outc
     """SIGTERM with a gRPC stream in flight: health on a new channel says NOT_SERVING, a new
     stream is refused with UNAVAILABLE, the stream in flight finishes within FERMI_DRAIN_S or
     is ended then with UNAVAILABLE and fermi's own message, and the process exits 0."""
-    proc, port, log = start_grpc(tiny_cpu_artifact, tmp_path, FERMI_DRAIN_S=drain_s)
+    log = tmp_path / "grpc.log"
+    proc, port = start_server("grpc", tiny_cpu_artifact, log, FERMI_DRAIN_S=drain_s)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.FermiStub(channel)
@@ -340,15 +339,14 @@ def test_sigterm_during_a_grpc_stream(tiny_cpu_artifact, tmp_path, drain_s, outc
         assert proc.wait(WAIT_S) == 0, log.read_text()[-3000:]
         print(f"\ngRPC SIGTERM: the stream {outcome}; exit code 0")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
 
 
 def test_a_second_signal_ends_grpc_streams_at_once(tiny_cpu_artifact, tmp_path):
     """SIGTERM starts the drain; a second signal ends the in-flight stream now (it is cut
     with a status instead of running on to its length) and the process exits 0."""
-    proc, port, log = start_grpc(tiny_cpu_artifact, tmp_path)
+    log = tmp_path / "grpc.log"
+    proc, port = start_server("grpc", tiny_cpu_artifact, log)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             request = pb.GenerateRequest(prompt="A story, please.", max_new_tokens=4000,
@@ -364,9 +362,7 @@ def test_a_second_signal_ends_grpc_streams_at_once(tiny_cpu_artifact, tmp_path):
         assert proc.wait(WAIT_S) == 0, log.read_text()[-3000:]
         assert "stopping now" in log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
 
 
 def test_concurrent_hostile_traffic_loses_nothing(server, port):

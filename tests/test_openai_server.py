@@ -316,8 +316,11 @@ EVENTS = TypeAdapter(ResponseStreamEvent)
 def test_responses_sse_framing(http):
     response = http.post(
         "/v1/responses",
-        json={"model": MODEL, "input": "hi", "max_output_tokens": 4, "stream": True},
-    )
+        json={
+            "model": MODEL, "input": "hi", "max_output_tokens": 4, "stream": True,
+            "ignore_eos": True,
+        },
+    )  # fmt: skip
     assert response.headers["content-type"].startswith("text/event-stream")
     frames = sse_frames(response.text)
     assert "[DONE]" not in response.text

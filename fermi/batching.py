@@ -67,11 +67,14 @@ class PooledRunner:
         raise RuntimeError("no free KV row")
 
     def release(self, row: Row) -> None:
+        """Free the row; the pool gives back what the rows still in use no longer need
+        (KVPool.fit: all of it when none is)."""
         self.rows[row.index] = None
+        self.pool.fit(self._held())
 
     def load(self, row: Row, block: KVBlock, length: int) -> None:
         """Start `row` with the first `length` tokens of a cached block."""
-        self.pool.reserve(row.index + 1, length + 1, self._occupied())
+        self.pool.reserve(row.index + 1, length + 1, self._held())
         self.pool.load(row.index, block, length)
         row.length = length
 
@@ -80,7 +83,7 @@ class PooledRunner:
 
     def fork(self, source: Row, target: Row) -> None:
         """`target` starts with a copy of `source`'s KV (n > 1: the prompt's)."""
-        self.pool.reserve(target.index + 1, source.length + 1, self._occupied())
+        self.pool.reserve(target.index + 1, source.length + 1, self._held())
         self.pool.copy_row(source.index, target.index, source.length)
         target.length = source.length
 
@@ -89,7 +92,7 @@ class PooledRunner:
         position or (S, V) for every one, and advances the row."""
         seq = len(token_ids)
         total = row.length + seq
-        self.pool.reserve(row.index + 1, total, self._occupied())
+        self.pool.reserve(row.index + 1, total, self._held())
         index = [seq - 1] if last_only else list(range(seq))
         logits = self._run(row.index, [token_ids], [total - 1], total, index)  # (1, N, V)
         row.length = total
@@ -106,7 +109,7 @@ class PooledRunner:
         ids = [[0] for _ in range(count)]
         for row, token in zip(rows, token_ids, strict=True):
             ids[row.index - first] = [token]
-        self.pool.reserve(first + count, max(lengths) + 1, self._occupied())
+        self.pool.reserve(first + count, max(lengths) + 1, self._held())
         logits = self._run(first, ids, lengths, max(lengths) + 1, [0])  # (count, 1, V)
         for row in rows:
             row.length += 1
@@ -130,7 +133,7 @@ class PooledRunner:
         for row, chunk in zip(rows, chunks, strict=True):
             ids[row.index - first] = chunk + [0] * (seq - len(chunk))
             seqlens[row.index - first] = len(chunk) - 1
-        self.pool.reserve(first + count, seq, self._occupied())
+        self.pool.reserve(first + count, seq, self._held())
         positions = sorted({len(c) - 1 for c in chunks})
         logits = self._run(first, ids, seqlens, seq, positions)  # (count, P, V)
         for row, chunk in zip(rows, chunks, strict=True):
@@ -142,9 +145,10 @@ class PooledRunner:
             ]
         )
 
-    def _occupied(self) -> int:
-        """One past the highest row in use."""
-        return 1 + max((i for i, h in enumerate(self.rows) if h is not None), default=-1)
+    def _held(self) -> list[int]:
+        """The positions each row holds, up to the highest row in use (free rows 0)."""
+        occupied = 1 + max((i for i, h in enumerate(self.rows) if h is not None), default=-1)
+        return [h.length if h is not None else 0 for h in self.rows[:occupied]]
 
     def _span(self, rows: list[Row]) -> tuple[int, int]:
         first = min(r.index for r in rows)

@@ -18,6 +18,7 @@ host.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,16 +41,31 @@ class HostMover:
     """Copies between pool rows and blocks with numpy (host memory)."""
 
     def empty(self, shape: tuple, dtype: np.dtype):
-        return np.empty(shape, dtype)
+        """An uninitialised buffer whose pages take memory only once written: anonymous
+        mmap, in 4 KiB pages. (numpy's own allocator advises huge pages for large arrays, and
+        a 2 MiB page then backs a row's run of positions however few it holds.)"""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes == 0:
+            return np.empty(shape, dtype)
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
 
     def pointer(self, buffer) -> int:
         return buffer.ctypes.data
 
-    def grow(self, buffer, rows: int, capacity: int):
-        """A (rows, KV, capacity, D) buffer holding what fits of `buffer` (rows may shrink)."""
-        grown = np.empty((rows, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
+    def grow(self, buffer, rows: int, capacity: int, held: list[int] | None = None):
+        """A (rows, KV, capacity, D) buffer holding what fits of `buffer` (rows and capacity
+        may shrink). `held`: the positions each row holds, the only ones copied; the pages of
+        a new buffer stay untouched until written, so a row takes host memory for what it
+        holds, not for the capacity every row shares."""
+        grown = self.empty((rows, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
         kept = min(rows, buffer.shape[0])
-        grown[:kept, :, : buffer.shape[2]] = buffer[:kept]
+        if held is None:
+            length = min(capacity, buffer.shape[2])
+            grown[:kept, :, :length] = buffer[:kept, :, :length]
+            return grown
+        for row, length in enumerate(held[:kept]):
+            if length:
+                grown[row, :, :length] = buffer[row, :, :length]
         return grown
 
     def save(self, buffer, row: int, length: int):
@@ -81,9 +97,9 @@ class GraphMover:
             "kv_move",
             [
                 helper.make_tensor_value_info("x", elem, ["b", "kv", "t", "d"]),
-                helper.make_tensor_value_info("starts", i64, [1]),
-                helper.make_tensor_value_info("ends", i64, [1]),
-                helper.make_tensor_value_info("axes", i64, [1]),
+                helper.make_tensor_value_info("starts", i64, ["n"]),
+                helper.make_tensor_value_info("ends", i64, ["n"]),
+                helper.make_tensor_value_info("axes", i64, ["n"]),
                 helper.make_tensor_value_info("pads", i64, [8]),
             ],
             [helper.make_tensor_value_info("y", elem, ["b2", "kv", "t2", "d"])],
@@ -100,15 +116,17 @@ class GraphMover:
     def pointer(self, buffer) -> int:
         return buffer.data_ptr()
 
-    def _run(self, x, x_shape, x_ptr, length, pads, y_shape=None, y_ptr=None):
+    def _run(self, x, x_shape, x_ptr, length, pads, y_shape=None, y_ptr=None, rows=None):
+        """y = x's first `length` positions (and first `rows` rows when given), padded."""
         binding = self.session.io_binding()
         if x_ptr is None:
             binding.bind_ortvalue_input("x", x)
         else:
             binding.bind_input("x", self.device, 0, self.dtype, list(x_shape), x_ptr)
-        binding.bind_cpu_input("starts", np.array([0], np.int64))
-        binding.bind_cpu_input("ends", np.array([length], np.int64))
-        binding.bind_cpu_input("axes", np.array([2], np.int64))
+        ends, axes = ([length], [2]) if rows is None else ([rows, length], [0, 2])
+        binding.bind_cpu_input("starts", np.zeros(len(axes), np.int64))
+        binding.bind_cpu_input("ends", np.array(ends, np.int64))
+        binding.bind_cpu_input("axes", np.array(axes, np.int64))
         binding.bind_cpu_input("pads", np.array(pads, np.int64))
         if y_ptr is None:
             binding.bind_output("y", self.device)
@@ -122,10 +140,13 @@ class GraphMover:
         shape = (1, kv, capacity, d)
         return shape, buffer.data_ptr() + row * kv * capacity * d * self.dtype.itemsize
 
-    def grow(self, buffer, rows: int, capacity: int):
+    def grow(self, buffer, rows: int, capacity: int, held: list[int] | None = None):
+        """HostMover.grow on the device: every kept row is copied whole (device memory is
+        allocated when the buffer is, so copying less would save nothing)."""
         old_rows, _, old_capacity, _ = buffer.shape()
-        pads = [0, 0, 0, 0, rows - old_rows, 0, capacity - old_capacity, 0]
-        return self._run(buffer, None, None, old_capacity, pads)
+        kept, length = min(rows, old_rows), min(capacity, old_capacity)
+        pads = [0, 0, 0, 0, rows - kept, 0, capacity - length, 0]
+        return self._run(buffer, None, None, length, pads, rows=kept)
 
     def save(self, buffer, row: int, length: int):
         shape, ptr = self._row(buffer, row)
@@ -176,14 +197,15 @@ class KVPool:
         """Bytes allocated: rows x capacity x bytes per token."""
         return self.rows * self.capacity * self.bytes_per_token
 
-    def reserve(self, rows: int, length: int, occupied: int | None = None) -> None:
+    def reserve(self, rows: int, length: int, held: list[int] | None = None) -> None:
         """Make room for rows [0, rows) to hold `length` positions each. Capacity grows by a
         quarter or STEP positions, whichever is more (up to max_length), so decoding grows it
         rarely. Rows grow to at least twice what they were (up to max_rows), so a burst of
-        sequences copies the pool a few times, not once per sequence (host memory of rows not
-        yet written is not touched). A growth of capacity alone drops the rows from `occupied`
-        (one past the highest row in use) on, so one long sequence after a burst does not carry
-        the burst's rows at its length."""
+        sequences copies the pool a few times, not once per sequence. `held`: the positions
+        each row in use holds, rows [0, len(held)), free ones 0 (default: every row is kept
+        whole); a growth copies only those positions, and a growth of capacity alone drops
+        the rows past them, so one long sequence after a burst does not carry the burst's
+        rows at its length. Raises ValueError past max_length."""
         if length > self.max_length:
             raise ValueError(f"{length} positions exceed the context length {self.max_length}")
         if rows <= self.rows and length <= self.capacity:
@@ -193,10 +215,27 @@ class KVPool:
             capacity = min(self.max_length, max(length, capacity + max(STEP, capacity // 4)))
         if rows > self.rows:  # a burst is admitted one sequence at a time: double, so n
             rows = max(rows, min(self.max_rows, 2 * self.rows))  # sequences grow it log2(n) times
-        keep = self.rows if occupied is None else occupied
-        rows = min(self.max_rows, max(rows, keep))
-        if self.rows and self.capacity:
-            self.buffers = [self.mover.grow(b, rows, capacity) for b in self.buffers]
+        keep = self.rows if held is None else len(held)
+        self._resize(min(self.max_rows, max(rows, keep)), capacity, held)
+
+    def fit(self, held: list[int]) -> None:
+        """Give memory back once the sequences that needed it have left. `held`: as for
+        `reserve`. With no row in use the buffers are freed; when the capacity is over twice
+        what the longest held row needs (its positions plus STEP), or the rows over twice
+        those in use, the buffers are reallocated at that size (one copy of what the rows
+        hold). The factor of two keeps sequences that come and go from resizing the pool at
+        every turn."""
+        if not held:
+            if self.rows or self.capacity:
+                self._resize(0, 0, [])
+            return
+        capacity = min(self.max_length, max(held) + STEP)
+        if self.capacity > 2 * capacity or self.rows > 2 * len(held):
+            self._resize(len(held), min(capacity, self.capacity), held)
+
+    def _resize(self, rows: int, capacity: int, held: list[int] | None) -> None:
+        if self.rows and self.capacity and rows and capacity:
+            self.buffers = [self.mover.grow(b, rows, capacity, held) for b in self.buffers]
         else:
             shape = (rows, self.kv_heads, capacity, self.head_dim)
             self.buffers = [self.mover.empty(shape, self.dtype) for _ in self.buffers]

@@ -3,7 +3,10 @@ prefills, cancellation lands within one chunk or step, n > 1 shares one prefill.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -346,15 +349,15 @@ def test_a_burst_admitted_one_row_at_a_time_grows_the_pool_a_few_times():
     grown = []
 
     class Counting(HostMover):
-        def grow(self, buffer, rows, capacity):
+        def grow(self, buffer, rows, capacity, held=None):
             grown.append(rows)
-            return super().grow(buffer, rows, capacity)
+            return super().grow(buffer, rows, capacity, held)
 
     pool = KVPool(1, 1, 8, np.float32, 16, 4096, Counting())
     rng = np.random.default_rng(0)
     wanted = [rng.standard_normal((1, 1, 5, 8)).astype(np.float32) for _ in range(16)]
     for row, value in enumerate(wanted):
-        pool.reserve(row + 1, 5, occupied=row)
+        pool.reserve(row + 1, 5, held=[5] * row)
         pool.load(row, KVBlock([value, value], 5, 0), 5)
     assert sorted(set(grown)) == [2, 4, 8, 16] and pool.rows == 16
     for row, value in enumerate(wanted):
@@ -371,7 +374,7 @@ def test_pool_growth_drops_rows_no_longer_in_use(mover):
     wanted = np.arange(20 * 8, dtype=np.float32).reshape(1, 1, 20, 8)
     value = wanted if mover == "host" else ort.OrtValue.ortvalue_from_numpy(wanted)
     pool.load(0, KVBlock([value, value], 20, 0), 20)
-    pool.reserve(1, 3000, occupied=1)  # then one long sequence in row 0
+    pool.reserve(1, 3000, held=[20])  # then one long sequence in row 0
     assert (pool.rows, pool.capacity) == (1, 3000)
     saved = pool.save(0, 20).values[0]
     np.testing.assert_array_equal(saved if mover == "host" else saved.numpy(), wanted)
@@ -442,3 +445,77 @@ def test_an_engine_failure_ends_every_choice_and_the_runtime_keeps_serving(
         assert events[-1].usage.completion_tokens == 32
     finally:
         runtime.shutdown()
+
+
+def test_the_pool_gives_memory_back_when_the_sequences_that_needed_it_leave(engine):
+    """A long prompt grows every row to its length; once it leaves, the pool shrinks to what
+    the sequences still running hold (their output unchanged by the move), and once none runs
+    it is freed. It used to keep the longest request's length for good, so every later burst
+    was sized to it."""
+    runner = PooledRunner(engine, 4)
+    scheduler = Scheduler(runner, PrefixCache(0), 4, 8)
+    try:
+        short = group_for([5, 6, 7], 400)  # decoding before, during and after the long one
+        scheduler.submit(short)
+        assert isinstance(short.outbox.get(timeout=60), Started)
+        long = group_for([3 + i % 1000 for i in range(2000)], 1)
+        scheduler.submit(long)
+        collect(long)
+        assert runner.pool.capacity < 2000 and runner.pool.rows <= 2  # read after it left
+        tokens, _, _ = collect(short)
+    finally:
+        scheduler.stop()
+    assert tokens[0] == alone(engine, [5, 6, 7], 400)
+    assert (runner.pool.rows, runner.pool.capacity, runner.nbytes) == (0, 0, 0)
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_rows_that_join_a_long_sequence_take_host_memory_for_what_they_hold():
+    """One long sequence gives every row its capacity, but a row that joins takes host memory
+    for the positions it holds: a growth copies only those, and the pages of the rest are never
+    touched. It used to copy every row whole, so resident memory grew with rows x the longest
+    sequence (here about 256 MiB for 16 rows)."""
+    pool = KVPool(1, 4, 64, np.float32, 16, 20000, HostMover())  # 1 KiB a position and kind
+    long = np.ones((1, 4, 16000, 64), np.float32)
+    short = np.full((1, 4, 10, 64), 2.0, np.float32)
+    held = [0]
+    pool.reserve(1, 16001, held)
+    pool.load(0, KVBlock([long, long], 16000, 0), 16000)
+    held[0] = 16000
+    before = rss_bytes()
+    for row in range(1, 16):  # fifteen short sequences join, one at a time
+        held.append(0)
+        pool.reserve(row + 1, 11, held)
+        pool.load(row, KVBlock([short, short], 10, 0), 10)
+        held[row] = 10
+    grown = rss_bytes() - before
+    assert (pool.rows, pool.capacity) == (16, 16001)
+    assert grown < 64 * 2**20, f"{grown / 2**20:.0f} MiB"
+    np.testing.assert_array_equal(pool.save(0, 16000).values[1], long)
+    np.testing.assert_array_equal(pool.save(15, 10).values[0], short)
+
+
+@pytest.mark.parametrize("mover", ["host", "graph"])
+def test_fit_shrinks_the_pool_and_keeps_what_the_rows_hold(mover):
+    chosen = (
+        HostMover() if mover == "host" else GraphMover(np.float32, ["CPUExecutionProvider"], "cpu")
+    )
+    wrap = (lambda v: v) if mover == "host" else ort.OrtValue.ortvalue_from_numpy
+    pool = KVPool(1, 1, 8, np.float32, 16, 4096, chosen)
+    pool.reserve(8, 3000)
+    wanted = np.arange(20 * 8, dtype=np.float32).reshape(1, 1, 20, 8)
+    pool.load(1, KVBlock([wrap(wanted), wrap(wanted)], 20, 0), 20)
+    pool.fit([0, 20, 0, 0, 0, 0, 0, 0])  # capacity far above need: shrinks
+    assert (pool.rows, pool.capacity) == (8, 20 + 256)
+    pool.fit([0, 20])  # 8 rows, 2 in use: shrinks
+    assert (pool.rows, pool.capacity) == (2, 20 + 256)
+    saved = pool.save(1, 20).values[0]
+    np.testing.assert_array_equal(saved if mover == "host" else saved.numpy(), wanted)
+    pool.fit([0, 200])  # within twice the need: left as it is
+    assert (pool.rows, pool.capacity) == (2, 276)
+    pool.fit([])
+    assert (pool.rows, pool.capacity, pool.nbytes) == (0, 0, 0)

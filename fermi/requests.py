@@ -147,6 +147,7 @@ class ToolCallDelta:
     name: str | None
     arguments: str
     token_ids: list[int]
+    choice: int = 0  # the choice (n > 1) whose call this is
 
 
 Event = TextDelta | ToolCallDelta | PromptLogprobs | Finished

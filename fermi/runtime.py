@@ -622,7 +622,7 @@ class TextPipeline:
         else:
             calls, plain = self.tool_parser.end(closed=bool(piece))
         events: list[Event] = [
-            ToolCallDelta(c.index, c.id, c.name, c.arguments, self._take_pending()[0])
+            ToolCallDelta(c.index, c.id, c.name, c.arguments, self._take_pending()[0], self.index)
             for c in calls
         ]
         return events + self._answer(plain or "")
@@ -798,9 +798,9 @@ def _validate(request: GenerationRequest) -> None:
 
 def _validate_tools(request: GenerationRequest) -> None:
     """tool_choice names a known function, or is auto / none / required (with tools); tools
-    are for chat prompts, one choice at a time."""
-    if request.tools and (request.prompt is not None or request.n > 1):
-        raise InvalidRequest("tools cannot be combined with n > 1", param="n")
+    are for chat prompts (each of n choices parses, and may be forced into, its own calls)."""
+    if request.tools and request.prompt is not None:
+        raise InvalidRequest("tools need chat messages, not a raw prompt", param="tools")
     choice = request.tool_choice
     if choice in ("auto", "none"):
         return

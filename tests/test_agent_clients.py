@@ -191,6 +191,39 @@ def test_streamed_tool_calls_come_as_openai_deltas(client):
         check_call(call["name"], call["arguments"])
 
 
+def test_n_choices_each_make_their_own_tool_calls(client):
+    """n > 1 with tools (as vLLM allows): every choice is forced into calls of its own, and
+    the streamed deltas, assembled per choice index, equal the non-streamed choices."""
+    common = dict(
+        model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=200,
+        n=2, seed=4,
+    )  # fmt: skip
+    completion = client.chat.completions.create(**common)
+    assert [c.index for c in completion.choices] == [0, 1]
+    whole = {}
+    for choice in completion.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            check_call(call.function.name, call.function.arguments)
+        whole[choice.index] = [
+            (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+        ]
+    streamed: dict[int, dict[int, list[str]]] = {0: {}, 1: {}}
+    finishes = {}
+    for chunk in client.chat.completions.create(**common, stream=True):
+        for choice in chunk.choices:
+            for piece in choice.delta.tool_calls or []:
+                call = streamed[choice.index].setdefault(piece.index, ["", ""])
+                call[0] += piece.function.name or ""
+                call[1] += piece.function.arguments or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    assembled = {i: [tuple(c) for _, c in sorted(calls.items())] for i, calls in streamed.items()}
+    assert assembled == whole
+
+
 def test_tools_and_replayed_calls_reach_the_prompt(client):
     def prompt_tokens(**fields) -> int:
         completion = client.chat.completions.create(model=MODEL, max_tokens=1, **fields)

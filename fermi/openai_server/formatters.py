@@ -222,7 +222,7 @@ class ChatStream:
 
     def text(self, delta: TextDelta | ToolCallDelta) -> str:
         if isinstance(delta, ToolCallDelta):
-            return self.chunk({"tool_calls": [tool_call_delta(delta)]})
+            return self.chunk({"tool_calls": [tool_call_delta(delta)]}, index=delta.choice)
         if delta.kind == "reasoning":
             return self.chunk(reasoning_fields(delta.text), index=delta.index)
         logprobs = None

@@ -295,7 +295,7 @@ async def _collect(
         async for event in stream:
             events.append(event)
             if isinstance(event, ToolCallDelta):
-                choices[0].add_tool_call(event)
+                choices[event.choice].add_tool_call(event)
             elif isinstance(event, TextDelta):
                 parts[event.index][event.kind].append(event.text)
                 if event.kind == "answer":

@@ -42,6 +42,14 @@ def test_chat_tools_and_choices():
          "tool_choice"),
         ({"response_format": {"type": "bogus"}}, "response_format"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+         "response_format.json_schema.name"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+         "response_format.json_schema.name"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": 1}}},
+         "response_format.json_schema.strict"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream_options": {"include_usage": True}, "stream": False}, "stream_options"),
         ({"response_format": {"type": "grammar", "syntax": "ebnf", "grammar": "x"}},
          "response_format.syntax"),
         ({"response_format": {"type": "grammar"}}, "response_format.grammar"),
@@ -112,3 +120,10 @@ def test_responses_function_items_become_chat_turns():
     assert call.generation.output_format == OutputFormat(
         "json_schema", {"type": "object"}, "text.format.schema"
     )
+
+
+def test_a_responses_json_schema_format_needs_its_name():
+    body = {"input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}}
+    with pytest.raises(InvalidRequest) as err:
+        parse_responses(body)
+    assert err.value.param == "text.format.name"

@@ -229,7 +229,12 @@ def _common_options(f: Fields) -> None:
     """Known fields every route takes at their default value only."""
     _only(f, "service_tier", ("auto", "default"))
     _only(f, "modalities", (["text"],))
-    f.object("stream_options")  # include_usage is read per route; include_obfuscation is moot
+    # include_usage is read per route; include_obfuscation is moot. Without a stream the
+    # options would silently do nothing: OpenAI and vLLM refuse them, and so does fermi.
+    if f.object("stream_options") is not None and not f.boolean("stream"):
+        raise InvalidRequest(
+            "stream_options is only allowed with stream: true", param="stream_options"
+        )
 
 
 def _stop(f: Fields) -> list[str]:

@@ -17,6 +17,7 @@ TOOL_CHOICE_WORDS = {"auto", "none", "required"}
 GRAMMAR_SYNTAXES = {"lark", "regex"}
 # OpenAI's rule for function names.
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+SCHEMA_NAME = FUNCTION_NAME  # response_format.json_schema.name: the same rule in OpenAI's API
 
 
 def _function(f: Fields, name_field: str = "name") -> dict[str, Any]:
@@ -147,6 +148,16 @@ def _grammar(g: Fields) -> OutputFormat:
 
 
 def _schema_format(holder: Fields) -> OutputFormat:
+    """json_schema's fields: `name` (required, as OpenAI and vLLM require it: 1-64 of
+    a-z, A-Z, 0-9, _ and -), `schema` (absent: any JSON object), `description`, `strict`."""
+    name = holder.string("name", required=True)
+    if not SCHEMA_NAME.fullmatch(name):
+        raise InvalidRequest(
+            f"{holder.param('name')} must be 1-64 letters, digits, _ or -, got {name!r}",
+            param=holder.param("name"),
+        )
+    holder.string("description")
+    holder.boolean("strict")
     schema = holder.object("schema")
     if schema is None:  # no schema: any JSON object
         return OutputFormat("json_object", None, holder.where)

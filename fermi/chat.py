@@ -24,8 +24,13 @@ HELP = """commands:
   /reset                forget the conversation (and its KV cache)
   /thinking on|off|auto switch thinking mode
   /system TEXT          set the system prompt (empty TEXT clears it) and start over
-  /exit                 quit (Ctrl-D works too; Ctrl-C stops an answer)"""
+  /exit                 quit (Ctrl-D works too; Ctrl-C stops an answer)
+input:
+  \"\"\"                   starts a multi-line message; a line ending in \"\"\" ends it
+  a line ending in \\     continues the message on the next line
+  arrow keys edit the line; Up and Down recall earlier lines"""
 NO_THINKING = "this model has no thinking mode; thinking stays off"
+PROMPT, CONTINUATION = ">>> ", "... "
 
 
 @dataclass
@@ -113,11 +118,51 @@ def interrupts_cancel(generation: Generation) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def line_reader(console: Console):
+    """input() with line editing and history: the readline module, where Python has one, puts
+    the terminal out of canonical mode, so a pasted line is not cut at the tty's 4095-byte line
+    limit, arrow keys edit the line, and Up recalls earlier lines. The prompt goes to input()
+    itself (its colour codes marked as zero-width for readline) so that redrawing a long line
+    keeps it."""
+    try:
+        import readline  # noqa: F401  (importing it is what enables it for input())
+    except ImportError:  # a Python built without it: plain input()
+        pass
+
+    def read(prompt: str) -> str:
+        if console.is_terminal and console.color_system:
+            prompt = f"\001\033[1;32m\002{prompt}\001\033[0m\002"
+        return input(prompt)
+
+    return read
+
+
+def read_message(read) -> str:
+    """One user message from `read(prompt)`: a line; or, as in Ollama, lines between triple
+    quotes (a line starting with \"\"\" opens the block, one ending with \"\"\" closes it); or,
+    as in llama.cpp's CLI, lines ending in a backslash joined with the next. Raises EOFError
+    and KeyboardInterrupt from `read`."""
+    line = read(PROMPT)
+    if line.lstrip().startswith('"""'):
+        text, lines = line.lstrip()[3:], []
+        while not text.rstrip().endswith('"""'):
+            lines.append(text)
+            text = read(CONTINUATION)
+        lines.append(text.rstrip()[:-3])
+        return "\n".join(lines).strip("\n")
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read(CONTINUATION)
+    return "\n".join([*lines, line])
+
+
 def run_interactive(chat: ChatSession, console: Console) -> None:
     console.print(f"[bold]fermi chat[/bold] · {chat.runtime.model_id} · /help for commands")
+    read = line_reader(console)
     while True:
         try:
-            line = console.input("[bold green]>>> [/bold green]")
+            line = read_message(read)
         except EOFError:
             console.print()
             return

@@ -79,6 +79,54 @@ def test_ctrl_c_stops_the_answer_and_ctrl_d_quits(chat):
     assert status == 0, (status, chat.signalstatus)
 
 
+# the context error's prompt count (rich may wrap the line anywhere)
+TOO_LONG = r"request\s+needs\s+\d+\s+\((\d+)\s+in\s+the\s+prompt"
+
+
+def test_a_line_longer_than_the_terminal_line_limit_arrives_whole(chat):
+    """25,000 characters in one line (a paste): the terminal's canonical mode used to cut it
+    at 4,095 bytes, and the model answered the first part. The context error's token count
+    shows the whole line arrived (the same line piped counts 5,015 tokens)."""
+    chat.sendline("word " * 5000)
+    chat.expect(TOO_LONG)
+    assert chat.match.group(1) == "5015"
+    chat.expect_exact(PROMPT)
+
+
+def test_multi_line_messages(chat):
+    """Lines between triple quotes (as in Ollama) and lines ending in a backslash (as in
+    llama.cpp's CLI) are one message: three lines of 1,700 tokens fit the context alone and
+    exceed it together."""
+    chat.sendline('"""')
+    for _ in range(3):
+        chat.expect_exact("... ")
+        chat.sendline("word " * 1700)
+    chat.expect_exact("... ")
+    chat.sendline('"""')
+    chat.expect(TOO_LONG)
+    assert int(chat.match.group(1)) > 5000
+    chat.expect_exact(PROMPT)
+    for _ in range(2):
+        chat.sendline("word " * 1700 + "\\")
+        chat.expect_exact("... ")
+    chat.sendline("word " * 1700)
+    chat.expect(TOO_LONG)
+    assert int(chat.match.group(1)) > 5000
+    chat.expect_exact(PROMPT)
+
+
+def test_arrow_keys_edit_the_line_and_recall_earlier_ones(chat):
+    chat.sendline("/thinking ff\x1b[D\x1b[Do")  # two left, insert "o": /thinking off
+    chat.expect_exact("(thinking off)")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/reset")
+    chat.expect_exact("conversation cleared")
+    chat.expect_exact(PROMPT)
+    chat.sendline("\x1b[A\x1b[A")  # up twice: the /thinking line again
+    chat.expect_exact("(thinking off)")
+    chat.expect_exact(PROMPT)
+
+
 def test_pipe_answers_one_prompt_per_line(tiny_artifact):
     result = subprocess.run(
         [

@@ -168,7 +168,10 @@ def test_cancel_stops_within_a_step(runtime):
         if seen == 3:
             gen.cancel()
     assert finished.finish_reason == "cancelled"
-    assert finished.usage.completion_tokens < 20
+    # Cut short, far before its 2000 tokens. How far is not asserted here: the scheduler never
+    # waits for its reader, so a reader slowed by a busy machine sees a cancel land after more
+    # tokens than it has read; test_scheduler.py asserts "within one step" by counting steps.
+    assert finished.usage.completion_tokens < 2000
     list(
         runtime.submit(
             GenerationRequest(

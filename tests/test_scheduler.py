@@ -173,6 +173,29 @@ def test_cancel_during_prefill_stops_within_one_chunk(engine):
     assert chunks[0] == 512 and len(chunks) == 2  # one chunk of the long prompt, then `after`
 
 
+def test_cancel_while_decoding_stops_within_one_step(engine):
+    """The client leaves during the fifth decode step: that step's token is the last."""
+    steps = []
+
+    class Counting(PooledRunner):
+        def decode(self, rows, token_ids):
+            steps.append(len(rows))
+            if len(steps) == 5:
+                signal.set()
+            return super().decode(rows, token_ids)
+
+    signal = Signal()
+    scheduler = Scheduler(Counting(engine, 1), PrefixCache(0), 1, 4)
+    try:
+        group = group_for([1, 2, 3], 10_000, signal=signal)
+        scheduler.submit(group)
+        tokens, reasons, _ = collect(group)
+    finally:
+        scheduler.stop()
+    assert reasons == {0: "cancelled"} and len(steps) == 5
+    assert len(tokens[0]) == 6  # the prefill's token and one per decode step
+
+
 def test_stop_request_and_cancel_while_decoding(engine):
     scheduler = Scheduler(PooledRunner(engine, 2), PrefixCache(0), 2, 4)
     try:

@@ -214,6 +214,24 @@ class SingleRunner:
         return False
 
 
+WARM_UP_TOKENS = 16
+
+
+def warm_up(runner: PooledRunner | SingleRunner) -> None:
+    """A short prefill (WARM_UP_TOKENS tokens) and one decode step on a throwaway row, then
+    freed, before the first request, as llama-server warms up by default. The first runs of a
+    session fault in the memory-mapped weights and size onnxruntime's buffers for several rows
+    and for one; that cost is paid here, at load, instead of by the first request: 15-60 ms
+    (fp32, files in the page cache) and up to seconds when the files are read from disk
+    (docs/benchmarks.md, "Warm-up at load")."""
+    row = runner.acquire()
+    try:
+        runner.prefill(row, [0] * WARM_UP_TOKENS)
+        runner.decode([row], [0])
+    finally:
+        runner.release(row)
+
+
 def runner_for(engine: Engine, max_rows: int) -> PooledRunner | SingleRunner:
     """The batched runner where the graph can batch (io_mode "shared"), else one at a time."""
     if engine.manifest.io_mode == "shared":

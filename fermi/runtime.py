@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from fermi.batching import runner_for
+from fermi.batching import runner_for, warm_up
 from fermi.chat_template import (
     ChatTemplate,
     infer_reasoning_tags,
@@ -139,6 +139,7 @@ class Runtime:
         self.prefix_cache = PrefixCache(settings.kv_cache_mb * 1024 * 1024)
         batch = max(1, settings.engine_pool)
         self.runner = runner_for(self.engine, batch)
+        warm_up(self.runner)
         self.scheduler = Scheduler(self.runner, self.prefix_cache, batch, settings.max_queue)
 
     def _family_tags(self) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from fermi.batching import PooledRunner, SingleRunner
+from fermi.batching import WARM_UP_TOKENS, PooledRunner, SingleRunner, warm_up
 from fermi.engine import Engine
 from fermi.errors import InvalidRequest, QueueFull
 from fermi.generate import generate_tokens
@@ -542,3 +542,25 @@ def test_fit_shrinks_the_pool_and_keeps_what_the_rows_hold(mover):
     assert (pool.rows, pool.capacity) == (2, 276)
     pool.fit([])
     assert (pool.rows, pool.capacity, pool.nbytes) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["pooled", "single"])
+def test_warm_up_runs_a_prefill_and_a_decode_step_and_frees_its_row(engine, kind):
+    """What the runtime runs at load so that the first request does not pay the session's
+    first-run costs (docs/benchmarks.md, "Warm-up at load")."""
+    calls = []
+    base = PooledRunner if kind == "pooled" else SingleRunner
+
+    class Counting(base):
+        def prefill(self, row, token_ids, last_only=True):
+            calls.append(("prefill", len(token_ids)))
+            return super().prefill(row, token_ids, last_only)
+
+        def decode(self, rows, token_ids):
+            calls.append(("decode", len(rows)))
+            return super().decode(rows, token_ids)
+
+    runner = Counting(engine, 2)
+    warm_up(runner)
+    assert calls[0] == ("prefill", WARM_UP_TOKENS) and ("decode", 1) in calls
+    assert runner.rows == [None, None] and runner.nbytes == 0

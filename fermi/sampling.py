@@ -85,10 +85,13 @@ def apply_presence_frequency_penalty(
     return out
 
 
-def apply_logit_bias(logits: np.ndarray, bias: Mapping[int, float]) -> np.ndarray:
+def apply_logit_bias(
+    logits: np.ndarray, bias: Mapping[int, float], force: bool = True
+) -> np.ndarray:
     """OpenAI's logit_bias: add bias[id] (in [-100, 100]) to the logit of token id. -100 bans a
     token and 100 forces it (as OpenAI documents them: the effect of values in between depends
-    on the model); ids beyond the logits are ignored."""
+    on the model); ids beyond the logits are ignored. force=False only adds the +100 (what a
+    constraint that allows none of the forced tokens falls back to)."""
     if not bias:
         return logits
     ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
@@ -99,7 +102,7 @@ def apply_logit_bias(logits: np.ndarray, bias: Mapping[int, float]) -> np.ndarra
     banned = ids[inside][values[inside] <= -100]
     out[banned] = NEG_INF
     forced = ids[inside][values[inside] >= 100]
-    if forced.size:  # only forced tokens stay (the best of them if several)
+    if forced.size and force:  # only forced tokens stay (the best of them if several)
         keep = forced[np.argmax(out[forced])] if forced.size > 1 else forced[0]
         out = np.where(np.arange(out.size) == keep, out, NEG_INF).astype(np.float32)
     return out
@@ -386,10 +389,22 @@ class Sampler:
         logits = apply_presence_frequency_penalty(
             logits, self._counts, r.presence_penalty, r.frequency_penalty
         )
-        logits = apply_logit_bias(logits, r.logit_bias)
+        biased = apply_logit_bias(logits, r.logit_bias)
         if allowed is None:
-            return self._filter(logits)
-        values, candidates = self._filter(logits[allowed])
+            if not (biased > NEG_INF).any():
+                raise InvalidRequest("logit_bias bans every token", param="logit_bias")
+            return self._filter(biased)
+        if not (biased[allowed] > NEG_INF).any():
+            # The tokens logit_bias forces are none of those the response format or tool call
+            # allows here: the format wins, and the +100 only adds (the output stays valid).
+            biased = apply_logit_bias(logits, r.logit_bias, force=False)
+            if not (biased[allowed] > NEG_INF).any():
+                raise InvalidRequest(
+                    "logit_bias bans every token the response format or tool call allows "
+                    "at this point of the output",
+                    param="logit_bias",
+                )
+        values, candidates = self._filter(biased[allowed])
         return values, allowed if candidates is None else allowed[candidates]
 
     def _filter(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -200,3 +200,50 @@ def test_under_auto_the_calls_grammar_starts_at_the_models_own_tag(compiler, tok
     assert constraint.state == "grammar"
     allowed = np.flatnonzero(np.isfinite(constraint.mask(logits)))
     assert [tokenizer.decode([int(t)]) for t in allowed] == ["\n"]
+
+
+def biased_draw(compiler, tokenizer, bias: dict[int, float], temperature: float) -> str:
+    """An answer to SCHEMA (whose strings, numbers and arrays are bounded) drawn under a
+    logit_bias, decoded."""
+    spec = request_grammar(
+        GenerationRequest([], output_format=OutputFormat("json_schema", SCHEMA)), []
+    )
+    constraint = Constraint(compiler.matcher(spec), VOCAB, "grammar", THINK)
+    resolved = ResolvedSampling(temperature, 0.9, 0, 0.0, logit_bias=bias)
+    sampler = Sampler(resolved, 1, constraint=constraint)
+    rng = np.random.default_rng(1)
+    tokens = []
+    while len(tokens) < 300 and (token := sampler.sample(random_logits(rng))) not in EOS:
+        tokens.append(token)
+    return tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_forced_token_the_format_does_not_allow_leaves_the_output_valid(
+    compiler, tokenizer, temperature
+):
+    """logit_bias +100 forces a token; where the response format allows none of the forced
+    tokens (here <|im_start|>, which JSON never allows), the format wins and the bias only adds
+    (this was a 500 at temperature > 0, and the first allowed id at temperature 0)."""
+    text = biased_draw(compiler, tokenizer, {151644: 100}, temperature)
+    jsonschema.validate(json.loads(text), close_objects(SCHEMA))
+    assert text == biased_draw(compiler, tokenizer, {}, temperature)  # the bias changed nothing
+
+
+def test_a_bias_that_bans_every_allowed_token_is_a_400_on_logit_bias(compiler, tokenizer):
+    """A JSON object must start with "{" (or white space): banning every such token leaves the
+    format nothing to write."""
+    starts = [
+        i for i in range(len(tokenizer.get_vocab()))
+        if (piece := tokenizer.decode([i])).strip() == "" or piece.lstrip().startswith("{")
+    ]  # fmt: skip
+    with pytest.raises(InvalidRequest) as err:
+        biased_draw(compiler, tokenizer, dict.fromkeys(starts, -100), 1.0)
+    assert err.value.param == "logit_bias"
+
+
+def test_a_bias_that_bans_every_token_is_a_400_on_logit_bias():
+    sampler = Sampler(ResolvedSampling(1.0, 0.9, 0, 0.0, logit_bias=dict.fromkeys(range(8), -100)))
+    with pytest.raises(InvalidRequest) as err:
+        sampler.sample(np.zeros(8, np.float32))
+    assert err.value.param == "logit_bias"

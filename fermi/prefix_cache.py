@@ -8,8 +8,8 @@ is prefilled once for every client that sends it.
 - A named session pins its latest entry (`Entry.session`): the entry stays while the session is
   kept; the session store (fermi/sessions.py) decides when a session goes.
 - Everything else is evicted least recently used first once the entries' bytes pass
-  `max_bytes` (FERMI_KV_CACHE_MB). An entry whose tokens are a prefix of a newer entry's adds
-  nothing and is dropped when the newer one arrives.
+  `max_bytes` (FERMI_KV_CACHE_MB); an entry larger than that is never kept. An entry whose
+  tokens are a prefix of a newer entry's adds nothing and is dropped when the newer one arrives.
 """
 
 from __future__ import annotations
@@ -75,8 +75,13 @@ class PrefixCache:
         return best, best_length
 
     def insert(self, tenant: str, token_ids: list[int], block: KVBlock) -> Entry:
-        """Keep `block` (the KV of `token_ids`) for later lookups; evicts as needed."""
+        """Keep `block` (the KV of `token_ids`) for later lookups; evicts least recently used
+        entries as needed. A block larger than `max_bytes` is not kept and evicts nothing (it
+        used to push every other entry out and then go itself); a session may still pin the
+        returned entry."""
         entry = Entry(tenant, np.asarray(token_ids, dtype=np.int32), block, self._clock())
+        if entry.nbytes > self.max_bytes:
+            return entry
         with self._lock:
             self._entries = [e for e in self._entries if not self._covered(e, entry)]
             self._entries.append(entry)

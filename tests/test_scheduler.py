@@ -564,3 +564,12 @@ def test_warm_up_runs_a_prefill_and_a_decode_step_and_frees_its_row(engine, kind
     warm_up(runner)
     assert calls[0] == ("prefill", WARM_UP_TOKENS) and ("decode", 1) in calls
     assert runner.rows == [None, None] and runner.nbytes == 0
+
+
+def test_an_entry_larger_than_the_cache_evicts_nothing():
+    """A prompt whose KV is over FERMI_KV_CACHE_MB on its own used to push every entry out and
+    then go itself, so one long request emptied the cache for every client."""
+    cache = PrefixCache(max_bytes=1000)
+    cache.insert("t", [1, 2, 3], KVBlock([], 3, 300))
+    cache.insert("t", [1, 2, 3, 4] * 5, KVBlock([], 20, 2000))  # covers the first; too big
+    assert cache.lookup("t", [1, 2, 3, 9], 3)[1] == 3 and cache.nbytes == 300

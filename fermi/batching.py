@@ -55,6 +55,10 @@ class PooledRunner:
 
     @property
     def nbytes(self) -> int:
+        """The batch's KV memory: on the host, the positions the rows hold (the pool's pages
+        are taken as they are written, fermi/kv_pool.py); on a device, the buffers allocated."""
+        if isinstance(self.pool.mover, HostMover):
+            return sum(self._held()) * self.pool.bytes_per_token
         return self.pool.nbytes
 
     def acquire(self) -> Row:

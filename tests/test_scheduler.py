@@ -573,3 +573,14 @@ def test_an_entry_larger_than_the_cache_evicts_nothing():
     cache.insert("t", [1, 2, 3], KVBlock([], 3, 300))
     cache.insert("t", [1, 2, 3, 4] * 5, KVBlock([], 20, 2000))  # covers the first; too big
     assert cache.lookup("t", [1, 2, 3, 9], 3)[1] == 3 and cache.nbytes == 300
+
+
+def test_the_batch_reports_the_kv_its_rows_hold_on_the_host(engine):
+    """fermi_kv_cache_bytes counts what the rows hold, which is what they take in host memory,
+    not rows x the longest row."""
+    runner = PooledRunner(engine, 2)
+    long, short = runner.acquire(), runner.acquire()
+    runner.prefill(long, list(range(3, 303)))
+    runner.prefill(short, [5, 6, 7])
+    per_token = runner.pool.bytes_per_token
+    assert runner.nbytes == 303 * per_token < runner.pool.nbytes

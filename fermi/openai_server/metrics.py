@@ -53,7 +53,8 @@ class Metrics:
         )
         self.kv_bytes = Gauge(
             "fermi_kv_cache_bytes",
-            "KV memory: the batch's rows and cached prefixes",
+            "KV memory: the running batch's (on the CPU, the positions its rows hold; on a GPU,"
+            " its buffers) and the cached prefixes'",
             registry=registry,
         )
         self.loaded = Gauge("fermi_model_loaded", "1 once the model is loaded", registry=registry)

@@ -182,8 +182,8 @@ def run_interactive(chat: ChatSession, console: Console) -> None:
         except FermiError as e:
             console.print(f"[red]error:[/red] {e}")
             continue
-        except KeyboardInterrupt:  # before the answer started: nothing to stop
-            console.print()
+        except KeyboardInterrupt:  # while the prompt was prepared: nothing ran yet
+            console.print("\n[yellow](stopped)[/yellow]")
             continue
         show.end(finished)
 

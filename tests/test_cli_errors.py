@@ -168,3 +168,26 @@ def test_precision_picks_which_export_of_a_source_is_served(tmp_path):
         assert exports == ["tiny-qwen3-int8-cpu"]
     finally:
         runtime.shutdown()
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--prompt-lengths", "abc"], ["--prompt-lengths", "'abc'"]),
+        (["--concurrency", "0"], ["--concurrency"]),
+    ],
+)
+def test_bench_number_lists_name_their_option(args, needles):
+    assert_one_line_error(fermi("bench", "--model", "tiny-qwen3", *args), *needles)
+
+
+def test_bench_without_httpx_says_so_before_measuring():
+    """Without the bench extra, the server measurement's client is missing: one line naming the
+    extra, before any engine is measured (it used to fail with a traceback after them)."""
+    code = (
+        "import sys; sys.modules['httpx'] = None; sys.argv = ['fermi', 'bench', '--model', "
+        "'tiny-qwen3', '--quick']; from fermi.cli import main; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=ENV, timeout=120)  # fmt: skip
+    assert_one_line_error(done, "httpx", "fermi[bench]", "--no-server")

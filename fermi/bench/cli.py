@@ -10,12 +10,16 @@ from fermi.bench.config import BenchConfig, parse_engines
 from fermi.bench.orchestrator import RunOptions, run
 
 
-def _ints(text: str | None) -> list[int] | None:
+def _ints(text: str | None, option: str) -> list[int] | None:
+    """'128,512' -> [128, 512]; ValueError naming `option` for anything else."""
     if text is None:
         return None
-    values = [int(part) for part in text.split(",") if part.strip()]
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
     if not values or min(values) < 1:
-        raise ValueError(f"expected a comma list of positive integers, not {text!r}")
+        raise ValueError(f"{option} takes a comma list of positive integers, not {text!r}")
     return values
 
 
@@ -51,13 +55,21 @@ def bench_command(
     timeout: float,
     docs: Path | None,
 ) -> Path:
+    if server:  # checked before anything runs, not after the engine measurements
+        try:
+            import httpx  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "the server measurement needs httpx: pip install 'fermi[bench]' (or -e "
+                "'.[bench]'), or pass --no-server"
+            ) from None
     base = BenchConfig.quick() if quick else BenchConfig()
     config = base.replace(
         reps=reps,
         cold_reps=cold_reps,
-        prompt_lengths=_ints(prompt_lengths),
+        prompt_lengths=_ints(prompt_lengths, "--prompt-lengths"),
         new_tokens=new_tokens,
-        concurrency=_ints(concurrency),
+        concurrency=_ints(concurrency, "--concurrency"),
         server_tokens=server_tokens,
         threads=threads,
         threading=[mode.strip() for mode in threading.split(",") if mode.strip()],

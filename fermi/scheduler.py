@@ -127,7 +127,9 @@ class Scheduler:
     # -- the readers' side -----------------------------------------------------------------------
 
     def submit(self, group: Group) -> None:
-        """Queue a group. Raises QueueFull when `max_waiting` groups already wait, and
+        """Queue a group. Raises QueueFull when `max_waiting` groups already wait beyond those
+        the free rows will take at the loop's next turn (a burst arrives faster than the loop
+        admits it: 100 requests at once on 16 free rows and a queue of 64 take 80), and
         InvalidRequest when the group has more sequences than ever run at once."""
         if len(group.sequences) > self.max_running:
             raise InvalidRequest(
@@ -138,15 +140,29 @@ class Scheduler:
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            free = self.max_running - len(self._running)
-            if self._waiting or free < len(group.sequences):
-                if len(self._waiting) >= self.max_waiting:
-                    raise QueueFull(
-                        f"the server is at capacity ({len(self._running)} running, "
-                        f"{len(self._waiting)} waiting); retry shortly"
-                    )
+            ahead = self._queued_ahead(group)
+            if ahead is not None and ahead >= self.max_waiting:
+                raise QueueFull(
+                    f"the server is at capacity ({len(self._running)} running, "
+                    f"{len(self._waiting)} waiting); retry shortly"
+                )
             self._waiting.append(group)
             self._wake.notify()
+
+    def _queued_ahead(self, group: Group) -> int | None:
+        """None when `group` will run at the loop's next turn (the free rows take it and every
+        group before it: admission is first come, first served and stops at the first group
+        that does not fit); else how many waiting groups the free rows will not take. Holds
+        the lock."""
+        rows, beyond = self.max_running - len(self._running), 0
+        for waiting in self._waiting:
+            if beyond == 0 and len(waiting.sequences) <= rows:
+                rows -= len(waiting.sequences)
+            else:
+                beyond += 1
+        if beyond == 0 and len(group.sequences) <= rows:
+            return None
+        return beyond
 
     @property
     def waiting(self) -> int:

@@ -584,3 +584,34 @@ def test_the_batch_reports_the_kv_its_rows_hold_on_the_host(engine):
     runner.prefill(short, [5, 6, 7])
     per_token = runner.pool.bytes_per_token
     assert runner.nbytes == 303 * per_token < runner.pool.nbytes
+
+
+def test_a_burst_fills_the_free_rows_before_the_queue_bound_counts(engine):
+    """Requests that arrive faster than the loop admits them: those the free rows will take
+    count against the rows, not against the queue (a burst of 100 on 16 free rows and a queue of
+    64 refused 30 where 20 is the bound). Here 4 rows, one busy, and a queue of 2: 3 + 2 more
+    are taken, the next is refused."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking(PooledRunner):
+        def prefill(self, row, token_ids, last_only=True):
+            entered.set()
+            release.wait(60)  # the loop stays inside this turn while the burst arrives
+            return super().prefill(row, token_ids, last_only)
+
+    scheduler = Scheduler(Blocking(engine, 4), PrefixCache(0), 4, 2)
+    try:
+        first = group_for([1, 2, 3], 2)
+        scheduler.submit(first)
+        assert entered.wait(60)
+        burst = [group_for([4, 5, i], 2) for i in range(5)]
+        for group in burst:
+            scheduler.submit(group)
+        with pytest.raises(QueueFull):
+            scheduler.submit(group_for([6, 7, 8], 2))
+        release.set()
+        for group in [first, *burst]:
+            assert collect(group)[1] == {0: "length"}
+    finally:
+        release.set()
+        scheduler.stop()

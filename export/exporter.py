@@ -78,7 +78,9 @@ def export_model(
     GGUF file named by `gguf_file`) and return the artifact directory. `target` is portable,
     cpu, cuda, coreml or auto (this machine's device); see export/variants.py. `precision`
     None is the default for the source and target (`default_precision`). A valid artifact of
-    the same source, revision and variant is reused unless `force`."""
+    the same source, revision and variant is reused unless `force`; one of another variant is
+    replaced. An `output` given explicitly that holds another model's artifact is an
+    ArtifactError unless `force` (a mistyped path must not overwrite an export silently)."""
     settings = settings or load_settings()
     target = resolve_target(target)
     if precision is not None:  # before any download
@@ -88,6 +90,7 @@ def export_model(
         precision = default_precision(source, target, settings.device)
     variant = Variant(precision, target, options or GraphOptions())
     check(variant.precision, variant.target, variant.options)
+    explicit = output is not None
     if output is None:
         suffix = "" if variant.target == "portable" else f"-{variant.target}"
         output = Path(settings.artifacts) / f"{source.model_name}-{precision}{suffix}"
@@ -95,6 +98,8 @@ def export_model(
     if not force and reusable(output, source, variant):
         return output
     check_replaceable(output)
+    if explicit and not force:
+        check_same_model(output, source)
     architecture, config = inspect_checkpoint(source)
     with staged_directory(output) as directory, reporting(for_terminal()):
         write_artifact(source, architecture, config, variant, directory)
@@ -115,6 +120,20 @@ def reusable(output: Path, source: Source, variant: Variant) -> bool:
         manifest.target,
         manifest.graph_options,
     ) == (source.name, source.revision, variant.precision, variant.target, variant.recorded)
+
+
+def check_same_model(output: Path, source: Source) -> None:
+    """An artifact already in `output` is of the model being exported (another precision or
+    graph may replace it), or absent or unreadable (it is rebuilt)."""
+    try:
+        held = load_manifest(output).source if (output / MANIFEST).is_file() else None
+    except ArtifactError:
+        return
+    if held is not None and held != source.name:
+        raise ArtifactError(
+            f"{output} holds an export of {held}, not {source.name}: pass --force to replace "
+            "it, or choose another output"
+        )
 
 
 def check_replaceable(output: Path) -> None:

@@ -339,3 +339,14 @@ def test_cli_exports_tiny_without_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_an_explicit_output_holding_another_model_needs_force(tmp_path):
+    out = tmp_path / "mine"
+    export_model("tiny-qwen3", precision="fp32", output=out)
+    checkpoint = checkpoint_with_config(tmp_path, eos_token_id=7)
+    with pytest.raises(ArtifactError, match="holds an export of tiny-qwen3.*--force"):
+        export_model(str(checkpoint), "fp32", out)
+    assert load_manifest(out).source == "tiny-qwen3"
+    export_model(str(checkpoint), "fp32", out, force=True)
+    assert load_manifest(out).source == str(checkpoint.resolve())

@@ -5,6 +5,7 @@ streamed text equals transformers' decode of the same tokens."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,10 @@ def hf(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def artifact(checkpoint, tmp_path_factory) -> Path:
-    return export_model(
-        str(checkpoint), "fp32", tmp_path_factory.mktemp("smollm2") / "cpu", target="cpu"
-    )
+def artifact(checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2")
+    yield export_model(str(checkpoint), "fp32", root / "cpu", target="cpu")
+    shutil.rmtree(root, ignore_errors=True)  # 0.5 GB; the session keeps no module's exports
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

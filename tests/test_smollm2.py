@@ -5,9 +5,9 @@ decodes greedily token for token as transformers does loading the same GGUF file
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import openai
@@ -43,7 +43,7 @@ NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def default_artifacts(tmp_path_factory, smollm2_gguf) -> Path:
+def default_artifacts(tmp_path_factory, smollm2_gguf):
     """FERMI_ARTIFACTS for `--model smollm2-135m` with no options: the int4 export with the
     GGUF's blocks carried over, made once here and reused by chat and the server."""
     from export.exporter import export_model
@@ -56,7 +56,8 @@ def default_artifacts(tmp_path_factory, smollm2_gguf) -> Path:
         target="cpu",
         settings=load_settings().replace(artifacts=str(root)),
     )
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # the session keeps no module's exports
 
 
 def test_quick_start_chat_answers(default_artifacts):

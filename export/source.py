@@ -25,7 +25,7 @@ from huggingface_hub.utils import (
     enable_progress_bars,
 )
 
-from fermi.errors import ModelNotFound
+from fermi.errors import InvalidRequest, ModelNotFound
 from fermi.settings import Settings
 
 # Weights, configs, tokenizer files and chat templates; never *.bin/*.pt duplicates of the weights.
@@ -49,10 +49,12 @@ def resolve(
     model: str, revision: str | None, settings: Settings, gguf_file: str | None = None
 ) -> Source:
     """MODEL (built-in name, checkpoint dir, .gguf file or hub id) as a local Source; a hub
-    repo's GGUF file is named by `gguf_file`. Raises ModelNotFound with one actionable line."""
+    repo's GGUF file is named by `gguf_file`. Raises ModelNotFound with one actionable line, and
+    InvalidRequest when `revision` or `gguf_file` is given with a built-in model."""
     from export.builtin import REGISTRY
 
-    if model in REGISTRY and gguf_file is None:
+    if model in REGISTRY:
+        check_builtin_options(model, revision, gguf_file)
         return REGISTRY[model].source(settings)
     path = Path(model).expanduser()
     if path.is_dir() and gguf_file is not None:
@@ -66,6 +68,23 @@ def resolve(
     if gguf_file is not None:
         return download_gguf(model, gguf_file, revision, settings.offline)
     return download(model, revision, settings.offline)
+
+
+def check_builtin_options(model: str, revision: str | None, gguf_file: str | None) -> None:
+    """A built-in model is one fixed checkpoint: raises InvalidRequest (naming the option and
+    what to pass instead) when a hub revision or a repo's GGUF file is asked of it."""
+    if gguf_file is not None:
+        raise InvalidRequest(
+            f"--gguf-file does not apply to the built-in model {model}: to export another GGUF "
+            "file, pass a hub id (ORG/REPO --gguf-file NAME) or the local .gguf file itself",
+            param="gguf_file",
+        )
+    if revision is not None:
+        raise InvalidRequest(
+            f"--revision does not apply to the built-in model {model} (its version is fixed): "
+            "drop --revision, or pass a hub id (ORG/REPO --revision REV)",
+            param="revision",
+        )
 
 
 def looks_like_path(model: str) -> bool:

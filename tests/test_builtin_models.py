@@ -79,6 +79,21 @@ def test_offline_with_a_cold_cache_is_one_line(tmp_path):
     assert_one_line_error(done, "smollm2-135m", "offline")
 
 
+@pytest.mark.parametrize("model", ["smollm2-135m", "tiny-qwen3"])
+@pytest.mark.parametrize(
+    "option, value, advice",
+    [("--gguf-file", "model-Q4_0.gguf", "ORG/REPO --gguf-file NAME"),
+     ("--revision", "main", "ORG/REPO --revision REV")],
+)  # fmt: skip
+def test_hub_options_with_a_builtin_are_one_line(tmp_path, model, option, value, advice):
+    """A built-in is one fixed checkpoint: --gguf-file and --revision are refused by name (not
+    ignored, and a built-in name with --gguf-file is not looked up as a hub id)."""
+    env = {"FERMI_ARTIFACTS": str(tmp_path / "a"), "FERMI_OFFLINE": "1"}
+    done = fermi("export", model, option, value, "--output", str(tmp_path / "out"), env=env)
+    assert_one_line_error(done, option, f"built-in model {model}", advice)
+    assert not (tmp_path / "out").exists()
+
+
 def test_pip_failure_is_one_line(tmp_path):
     """The real pip subprocess, pointed at an index that is not there."""
     env = {

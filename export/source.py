@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -104,12 +104,32 @@ def local_gguf(path: Path) -> Source:
 
 
 def download_gguf(model: str, filename: str, revision: str | None, offline: bool) -> Source:
-    """One GGUF file of a hub repo (hf_hub_download), failures as in `download`."""
+    """One GGUF file of a hub repo (hf_hub_download), failures as in `download`: raises
+    ModelNotFound. When the Hub does not answer, only the cached copy is looked for, at once:
+    hf_hub_download itself would retry for ~20 s, logging each try, before doing the same."""
     with hub_errors(model, revision, offline):
-        path = Path(hf_hub_download(model, filename, revision=revision, local_files_only=offline))
+        cache_only = offline or not hub_answers(model, filename, revision)
+        path = Path(
+            hf_hub_download(model, filename, revision=revision, local_files_only=cache_only)
+        )
     # hf_hub_download returns .../snapshots/<commit>/<filename>
     commit = path.parents[len(Path(filename).parts) - 1].name
     return Source(f"{model}/{filename}", path.parent, commit, gguf_file=path)
+
+
+def hub_answers(model: str, filename: str, revision: str | None) -> bool:
+    """Whether the Hub answers one HEAD request for the file (no retries, huggingface_hub's
+    metadata timeout). An answer includes "no such repo, revision or file" and "not allowed",
+    which hf_hub_download then reports; no connection, a timeout, a proxy error or a 408, 429 or
+    5xx status is no answer (the cases hf_hub_download retries). Raises nothing."""
+    try:
+        get_hf_file_metadata(hf_hub_url(model, filename, revision=revision))
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        return status is not None and status < 500 and status not in (408, 429)
+    except Exception:  # the HTTP client's connection errors; their types vary with its version
+        return False
+    return True
 
 
 def download(model: str, revision: str | None, offline: bool) -> Source:

@@ -5,11 +5,16 @@ parity with transformers loading the same file, and bad files as one-line errors
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -504,16 +509,23 @@ def test_unsupported_architecture_type_and_tensor_are_refused(tmp_path):
 # -- a hub repo's GGUF file ----------------------------------------------------------------------
 
 
-def test_gguf_file_of_a_hub_repo_from_the_cache(tmp_path):
-    """`fermi export ORG/REPO --gguf-file NAME` through huggingface_hub's cache (offline here:
-    the cache is laid out as hf_hub_download leaves it)."""
-    cache = tmp_path / "hub"
-    commit = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_hub_gguf(cache: Path) -> None:
+    """example/tiny-gguf's model-Q8_0.gguf at COMMIT (main), laid out in the HF cache `cache` as
+    hf_hub_download leaves it."""
     repo = cache / "models--example--tiny-gguf"
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    write_gguf(repo / "snapshots" / commit / "model-Q8_0.gguf", "llama", Q.Q8_0)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    write_gguf(repo / "snapshots" / COMMIT / "model-Q8_0.gguf", "llama", Q.Q8_0)
+
+
+def test_gguf_file_of_a_hub_repo_from_the_cache(tmp_path):
+    """`fermi export ORG/REPO --gguf-file NAME` through huggingface_hub's cache (offline here)."""
+    cache = tmp_path / "hub"
+    cache_hub_gguf(cache)
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "FERMI_ARTIFACTS": str(tmp_path)}
     done = run_export("example/tiny-gguf", "--gguf-file", "model-Q8_0.gguf", env=env)
     assert done.returncode == 0, done.stderr
@@ -521,9 +533,132 @@ def test_gguf_file_of_a_hub_repo_from_the_cache(tmp_path):
     assert artifact.name == "model-Q8_0-int8-cpu"
     manifest = json.loads((artifact / "fermi.json").read_text())
     assert manifest["source"] == "example/tiny-gguf/model-Q8_0.gguf"
-    assert manifest["revision"] == commit
+    assert manifest["revision"] == COMMIT
     done = run_export("example/tiny-gguf", "--gguf-file", "other.gguf", env=env)
     assert_one_line_error(done, "example/tiny-gguf", "offline")
+
+
+def export_online(
+    hub: str, tmp_path: Path, *args: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`fermi export ARGS` online (no FERMI_OFFLINE/HF_HUB_OFFLINE, no token; `env` added) with
+    the Hub at the URL `hub` and HF_HOME, the HF cache and the artifacts under tmp_path."""
+    offline = ("FERMI_OFFLINE", "HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    here = {
+        "HF_ENDPOINT": hub,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+        "FERMI_ARTIFACTS": str(tmp_path / "art"),
+        "NO_PROXY": "127.0.0.1",
+        "no_proxy": "127.0.0.1",
+    }
+    base = {k: v for k, v in os.environ.items() if k not in offline}
+    return subprocess.run([sys.executable, "-m", "fermi.cli", "export", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env=base | (env or {}) | here)  # fmt: skip
+
+
+@pytest.fixture
+def closed_port() -> str:
+    """A local URL where nothing listens: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def fake_hub():
+    """A local stand-in for the Hub's file endpoint (/ORG/REPO/resolve/main/NAME) at hub.url:
+    it serves hub.files at COMMIT and answers 404 EntryNotFound for other files, or 503 to
+    everything while hub.down. hub.requests records those about example/ repos (not
+    huggingface_hub's own, such as its agent registry)."""
+    hub = SimpleNamespace(url="", files={}, down=False, requests=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            if "/example/" in self.path:
+                hub.requests.append(f"{self.command} {self.path}")
+            body = None if hub.down else hub.files.get(self.path)
+            if body is not None:
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+            elif hub.down:
+                self.send_response(503)
+            else:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            if self.command == "GET" and body:
+                self.wfile.write(body)
+
+        do_HEAD = do_GET = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    hub.url = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield hub
+    server.shutdown()
+    server.server_close()
+
+
+def test_gguf_file_of_an_unreachable_hub_is_the_snapshot_error(tmp_path, closed_port):
+    """No connection and a cold cache: the same one line as a whole repo, with none of
+    huggingface_hub's retry warnings (it retried for ~20 s before saying so)."""
+    gguf_file = export_online(closed_port, tmp_path, "example/tiny-gguf", "--gguf-file", "m.gguf")
+    assert_one_line_error(gguf_file, "example/tiny-gguf", "unreachable", "not cached")
+    assert "Retrying" not in gguf_file.stderr
+    snapshot = export_online(closed_port, tmp_path, "example/tiny-gguf")
+    assert gguf_file.stderr == snapshot.stderr
+
+
+def test_gguf_file_of_a_hub_that_is_down_is_asked_once(tmp_path, fake_hub):
+    """A Hub answering 503 is asked once, as for a whole repo, then the cache decides: a cold
+    cache is the one-line error, a warm one exports the cached file. Offline asks nothing."""
+    hub = fake_hub
+    hub.down = True
+    head = "HEAD /example/tiny-gguf/resolve/main/model-Q8_0.gguf"
+    args = ("example/tiny-gguf", "--gguf-file", "model-Q8_0.gguf")
+    assert_one_line_error(export_online(hub.url, tmp_path, *args), "unreachable", "not cached")
+    assert hub.requests == [head]
+    assert_one_line_error(export_online(hub.url, tmp_path, "example/tiny-gguf"), "unreachable")
+    assert hub.requests == [head, "GET /api/models/example/tiny-gguf/revision/main"]
+
+    cache_hub_gguf(tmp_path / "hub")
+    hub.requests.clear()
+    done = export_online(hub.url, tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert hub.requests == [head]
+    manifest = json.loads((Path(done.stdout.strip()) / "fermi.json").read_text())
+    assert manifest["source"] == "example/tiny-gguf/model-Q8_0.gguf"
+    assert manifest["revision"] == COMMIT
+    hub.requests.clear()
+    done = export_online(hub.url, tmp_path, *args, "--force", env={"FERMI_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert hub.requests == []
+
+
+def test_gguf_file_of_a_hub_that_answers_is_downloaded(tmp_path, fake_hub):
+    """The Hub answers: the file is downloaded into the HF cache and exported; a file the repo
+    does not have is the one-line "no such file" error."""
+    hub = fake_hub
+    write_gguf(tmp_path / "model-Q8_0.gguf", "llama", Q.Q8_0)
+    served = (tmp_path / "model-Q8_0.gguf").read_bytes()
+    hub.files["/example/tiny-gguf/resolve/main/model-Q8_0.gguf"] = served
+    done = export_online(hub.url, tmp_path, "example/tiny-gguf", "--gguf-file", "model-Q8_0.gguf")
+    assert done.returncode == 0, done.stderr
+    cached = tmp_path / "hub/models--example--tiny-gguf/snapshots" / COMMIT / "model-Q8_0.gguf"
+    assert cached.read_bytes() == served
+    assert json.loads((Path(done.stdout.strip()) / "fermi.json").read_text())["revision"] == COMMIT
+    done = export_online(hub.url, tmp_path, "example/tiny-gguf", "--gguf-file", "other.gguf")
+    assert_one_line_error(done, "example/tiny-gguf has no such file", "--gguf-file")
 
 
 def test_sampling_advice_and_end_of_turn_reach_generation_config(tmp_path):

@@ -50,13 +50,20 @@ def resolve(
 ) -> Source:
     """MODEL (built-in name, checkpoint dir, .gguf file or hub id) as a local Source; a hub
     repo's GGUF file is named by `gguf_file`. Raises ModelNotFound with one actionable line, and
-    InvalidRequest when `revision` or `gguf_file` is given with a built-in model."""
+    InvalidRequest when `revision` or `gguf_file` is given with a built-in model, or `revision`
+    with a local path."""
     from export.builtin import REGISTRY
 
     if model in REGISTRY:
         check_builtin_options(model, revision, gguf_file)
         return REGISTRY[model].source(settings)
     path = Path(model).expanduser()
+    if revision is not None and (path.exists() or path.suffix == ".gguf"):
+        raise InvalidRequest(
+            f"--revision applies to hub ids only, and {model} is a local path: drop --revision, "
+            "or check out that revision of the checkpoint yourself",
+            param="revision",
+        )
     if path.is_dir() and gguf_file is not None:
         return local_gguf(path / gguf_file)
     if path.is_dir():

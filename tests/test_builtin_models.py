@@ -94,6 +94,22 @@ def test_hub_options_with_a_builtin_are_one_line(tmp_path, model, option, value,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["directory", "gguf"])
+def test_revision_with_a_local_path_is_one_line(tmp_path, kind):
+    """--revision names a commit of a hub repo; a local checkout has none, so it is refused, not
+    ignored."""
+    model = tmp_path / "ckpt"
+    if kind == "directory":
+        model.mkdir()
+    else:
+        model = tmp_path / "model.gguf"
+        model.write_bytes(b"GGUF")
+    env = {"FERMI_ARTIFACTS": str(tmp_path / "a"), "FERMI_OFFLINE": "1"}
+    done = fermi("export", str(model), "--revision", "v1", "--output", str(tmp_path / "o"), env=env)
+    assert_one_line_error(done, "--revision applies to hub ids only", "local path")
+    assert not (tmp_path / "o").exists()
+
+
 def test_pip_failure_is_one_line(tmp_path):
     """The real pip subprocess, pointed at an index that is not there."""
     env = {

@@ -50,6 +50,46 @@ def json_schema_grammar(schema: dict) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(styled, defaults=JSON_STYLE)
 
 
+def check_tool_parameters(name: str, parameters: dict, param: str) -> None:
+    """A function tool's `parameters` (named `param` in the request) must be a JSON schema of
+    an object, since a call's arguments are a JSON object, and one the grammar compiler takes,
+    whether or not this request's tool_choice makes it compile the tools' grammar. Raises
+    InvalidRequest naming `param`, with the compiler's complaint in one line."""
+    kind = parameters.get("type", "object")
+    if "object" not in (kind if isinstance(kind, list) else [kind]):
+        raise InvalidRequest(
+            f"{param}: the parameters of function {name!r} must be a JSON schema of type "
+            f"object, got type {kind!r}",
+            param=param,
+        )
+    error = _compile_error(json_schema_grammar(parameters), None)
+    if error:
+        raise InvalidRequest(
+            f"{param}: invalid JSON schema for function {name!r}: {error}", param=param
+        )
+
+
+def _compile_error(grammar: str, tokenizer: llguidance.LLTokenizer | None) -> str | None:
+    """llguidance's complaint about a grammar, in one line (its first; a regex error's cause
+    follows it on a later `error:` line), or None when it takes the grammar."""
+    error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    if not error.strip() or error.startswith("WARNING"):
+        return None
+    return _one_line(error)
+
+
+def _one_line(error: str) -> str:
+    """The first line of a compiler message (the rest is a dump of the grammar or the regex
+    with a caret), with the cause of a regex error (`regex parse error:` ... `error: unclosed
+    group`) appended."""
+    lines = [line.strip() for line in error.strip().splitlines()]
+    first = lines[0]
+    cause = next((line for line in lines[1:] if line.startswith("error:")), None)
+    if first.endswith(":") and cause:
+        first = f"{first} {cause.removeprefix('error:').strip()}"
+    return first
+
+
 def format_grammar(output: OutputFormat) -> str:
     """The llguidance grammar of an answer format (not yet checked against a tokenizer)."""
     if output.kind == "json_object":
@@ -193,13 +233,15 @@ class GrammarCompiler:
         return ids[0] if len(ids) == 1 else None
 
     def matcher(self, spec: GrammarSpec) -> llguidance.LLMatcher:
-        """A fresh matcher; InvalidRequest(spec.param) when llguidance cannot take the grammar."""
-        error = llguidance.LLMatcher.validate_grammar(spec.grammar, self.ll_tokenizer)
-        if error and not error.startswith("WARNING"):
-            raise InvalidRequest(f"{spec.param}: {error.strip()}", param=spec.param)
+        """A fresh matcher; InvalidRequest(spec.param), in one line, when llguidance cannot take
+        the grammar."""
+        error = _compile_error(spec.grammar, self.ll_tokenizer)
+        if error:
+            raise InvalidRequest(f"{spec.param}: {error}", param=spec.param)
         matcher = llguidance.LLMatcher(self.ll_tokenizer, spec.grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"{spec.param}: {matcher.get_error()}", param=spec.param)
+            error = _one_line(matcher.get_error())
+            raise InvalidRequest(f"{spec.param}: {error}", param=spec.param)
         return matcher
 
 

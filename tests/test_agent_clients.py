@@ -323,6 +323,40 @@ def test_bad_agent_fields_are_400s_naming_the_field(server, fields, param):
     assert response.json()["error"]["param"] == param
 
 
+BAD_SCHEMAS = [
+    ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, "nonsense"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}, "regex"),
+    ({"type": "string"}, "object"),
+]
+
+
+def check_one_line(error: openai.BadRequestError, param: str, gist: str) -> None:
+    body = error.response.json()["error"]
+    assert body["type"] == "invalid_request_error" and body["param"] == param == error.param
+    message = body["message"]
+    assert "\n" not in message and len(message) < 300, message
+    assert message.startswith(f"{param}: ") and "'lookup'" in message and gist in message
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "auto", "none"])
+@pytest.mark.parametrize("schema, gist", BAD_SCHEMAS)
+def test_a_tool_schema_the_compiler_rejects_is_a_one_line_400(client, schema, gist, tool_choice):
+    bad = {"type": "function", "function": {"name": "lookup", "parameters": schema}}
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(
+            model=MODEL, messages=USER, tools=[TOOLS[0], bad], tool_choice=tool_choice,
+            max_tokens=4,
+        )  # fmt: skip
+    check_one_line(chat.value, "tools[1].function.parameters", gist)
+    flat = {"type": "function", "name": "lookup", "parameters": schema}
+    with pytest.raises(openai.BadRequestError) as responses:
+        client.responses.create(
+            model=MODEL, input="Weather?", tools=[FLAT_TOOLS[0], flat], tool_choice=tool_choice,
+            max_output_tokens=4,
+        )  # fmt: skip
+    check_one_line(responses.value, "tools[1].parameters", gist)
+
+
 # -- openai-python: Responses --------------------------------------------------------------------
 
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]

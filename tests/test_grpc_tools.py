@@ -81,3 +81,26 @@ def test_bad_agent_fields_are_invalid_argument(stub, fields, field):
     error = rpc_error(lambda: generate(stub, **fields))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.details()
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "auto", "none"])
+@pytest.mark.parametrize(
+    "schema, gist",
+    [
+        ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, "nonsense"),
+        ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}, "regex"),
+        ({"type": "string"}, "object"),
+    ],
+)
+def test_a_tool_schema_the_compiler_rejects_is_one_line_naming_the_tool(
+    stub, schema, gist, tool_choice
+):
+    bad = pb.Tool(name="lookup", parameters_json=json.dumps(schema))
+    error = rpc_error(
+        lambda: generate(stub, prompt="x", tools=[TOOL, bad], tool_choice=tool_choice)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.details()
+    assert "\n" not in details and len(details) < 300, details
+    assert details.startswith("tools[1].parameters_json: ") and "'lookup'" in details
+    assert gist in details

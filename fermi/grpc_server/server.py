@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fermi import logs, tracing
+from fermi.constraints import check_tool_parameters
 from fermi.errors import (
     FermiError,
     GenerationTimeout,
@@ -166,7 +167,9 @@ def _sampled(request: pb.GenerateRequest, name: str, legacy: str | None = None) 
 
 
 def _tools(request: pb.GenerateRequest) -> list[dict]:
-    """The request's tools in OpenAI's shape (what chat templates read)."""
+    """The request's tools in OpenAI's shape (what chat templates read). Raises
+    InvalidRequest naming the field: an empty name, parameters_json that is not a JSON object,
+    or not a JSON schema of an object the grammar compiler takes."""
     tools = []
     for i, tool in enumerate(request.tools):
         function: dict = {"name": tool.name}
@@ -175,9 +178,9 @@ def _tools(request: pb.GenerateRequest) -> list[dict]:
         if tool.description:
             function["description"] = tool.description
         if tool.parameters_json:
-            function["parameters"] = _json_object(
-                tool.parameters_json, f"tools[{i}].parameters_json"
-            )
+            param = f"tools[{i}].parameters_json"
+            function["parameters"] = _json_object(tool.parameters_json, param)
+            check_tool_parameters(tool.name, function["parameters"], param)
         tools.append({"type": "function", "function": function})
     return tools
 

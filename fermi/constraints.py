@@ -101,13 +101,38 @@ def format_grammar(output: OutputFormat) -> str:
     return llguidance.LLMatcher.grammar_from_lark(output.value)  # type: ignore[arg-type]
 
 
+# Keywords whose values are data, not schemas: a "$ref" inside them is not a reference.
+DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
+def rebase_refs(schema: object, base: str) -> object:
+    """A copy of a JSON schema to embed at `base` (a JSON pointer fragment, "#/...") of a larger
+    one: its local references ("#", "#/$defs/X", ...) are resolved from the document's root, so
+    they are moved under `base`."""
+    if isinstance(schema, list):
+        return [rebase_refs(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {
+        key: value if key in DATA_KEYWORDS else rebase_refs(value, base)
+        for key, value in schema.items()
+    }
+    ref = out.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
 def _tool_schema(tool: dict) -> dict:
+    """A Hermes call to `tool`: its name and its arguments, which follow its parameters (whose
+    references now resolve where they are embedded)."""
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    arguments = rebase_refs(close_objects(parameters), "#/properties/arguments")
     return {
         "x-guidance": JSON_STYLE,
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": close_objects(parameters)},
+        "properties": {"name": {"const": function["name"]}, "arguments": arguments},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }

@@ -357,6 +357,25 @@ def test_a_tool_schema_the_compiler_rejects_is_a_one_line_400(client, schema, gi
     check_one_line(responses.value, "tools[1].parameters", gist)
 
 
+def test_a_tool_schema_with_defs_and_refs_is_usable(client):
+    """Pydantic writes nested models as $defs and `#/$defs/...` refs."""
+
+    class Place(BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    class Visit(BaseModel):
+        place: Place
+
+    tool = openai.pydantic_function_tool(Visit, name="visit")
+    assert "$defs" in tool["function"]["parameters"]
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=[tool], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=200,
+    )  # fmt: skip
+    call = completion.choices[0].message.tool_calls[0]
+    assert Visit.model_validate_json(call.function.arguments).place.city in ("Paris", "Rome")
+
+
 # -- openai-python: Responses --------------------------------------------------------------------
 
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]

@@ -104,3 +104,20 @@ def test_a_tool_schema_the_compiler_rejects_is_one_line_naming_the_tool(
     assert "\n" not in details and len(details) < 300, details
     assert details.startswith("tools[1].parameters_json: ") and "'lookup'" in details
     assert gist in details
+
+
+def test_a_tool_schema_with_defs_and_refs_is_usable(stub):
+    """Pydantic writes nested models as $defs and `#/$defs/...` refs."""
+    schema = {
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}},
+        "required": ["place"],
+        "$defs": {"Place": {"type": "string", "enum": ["Paris", "Rome"]}},
+    }
+    tool = pb.Tool(name="visit", parameters_json=json.dumps(schema))
+    *pieces, last = generate(
+        stub, prompt="Go", tools=[tool], tool_choice="visit", parallel_tool_calls=False
+    )
+    assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    arguments = "".join(p.tool_call.arguments for p in pieces)
+    assert json.loads(arguments)["place"] in ("Paris", "Rome")

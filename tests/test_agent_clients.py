@@ -231,20 +231,73 @@ def test_tools_and_replayed_calls_reach_the_prompt(client):
 
     plain = prompt_tokens(messages=USER)
     assert prompt_tokens(messages=USER, tools=TOOLS) > plain + 100
-    call = {
-        "id": "call_1",
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
-    }
-    history = [
-        *USER,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
-    ]
-    without_call = [*USER, {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"}]
-    assert prompt_tokens(messages=history, tools=TOOLS) > prompt_tokens(
-        messages=without_call, tools=TOOLS
+    no_arguments = {**CALL, "function": {**CALL["function"], "arguments": "{}"}}
+    assert prompt_tokens(messages=answered(CALL), tools=TOOLS) > prompt_tokens(
+        messages=answered(no_arguments), tools=TOOLS
     )
+
+
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+}
+TIME_CALL = {
+    "id": "call_2",
+    "type": "function",
+    "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+}
+
+
+def called(*calls: dict) -> list[dict]:
+    return [*USER, {"role": "assistant", "content": None, "tool_calls": list(calls)}]
+
+
+def result(call_id: str | None, content: str = "21 degrees") -> dict:
+    message = {"role": "tool", "content": content}
+    return message if call_id is None else {**message, "tool_call_id": call_id}
+
+
+def answered(call: dict) -> list[dict]:
+    return [*called(call), result(call["id"])]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        answered(CALL),
+        [*called(CALL, TIME_CALL), result("call_2"), result("call_1")],  # any order
+        [*called(CALL), result(None)],  # no id: the results answer the calls in order
+        [*answered(CALL), *called(TIME_CALL)[1:], result("call_2")],  # a second round
+    ],
+)
+def test_tool_messages_that_answer_the_calls_before_them_are_taken(client, messages):
+    completion = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, max_tokens=1
+    )
+    assert completion.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "messages, param, words",
+    [
+        ([*USER, result("call_1")], "messages[1].role", "tool_calls"),
+        ([*USER, {"role": "assistant", "content": "Let me see."}, result("call_1")],
+         "messages[2].role", "tool_calls"),
+        ([*called(CALL), result("call_2")], "messages[2].tool_call_id", "'call_2'"),
+        ([*answered(CALL), {"role": "user", "content": "And?"}, result("call_1")],
+         "messages[4].role", "tool_calls"),
+    ],
+)  # fmt: skip
+def test_a_tool_message_that_answers_no_call_is_a_400(client, messages, param, words):
+    """As OpenAI answers: a tool message must follow an assistant message with tool_calls
+    (other tool messages may come between) and its tool_call_id must be one of them."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=1)
+    body = err.value.body
+    assert body["param"] == param and body["type"] == "invalid_request_error"
+    assert body["message"].startswith(f"{param}: ") and words in body["message"]
+    assert "\n" not in body["message"]
 
 
 def test_parse_with_a_pydantic_model(client):
@@ -411,6 +464,26 @@ def test_responses_function_calls_and_their_outputs(client):
     assert follow_up.usage.input_tokens > response.usage.input_tokens
 
 
+@pytest.mark.parametrize(
+    "items, param",
+    [
+        ([{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}], "input[1]"),
+        ([{"type": "function_call", "call_id": "call_1", "name": "get_weather",
+           "arguments": "{}"},
+          {"type": "function_call_output", "call_id": "call_2", "output": "sunny"}],
+         "input[2].call_id"),
+    ],
+)  # fmt: skip
+def test_a_function_call_output_that_answers_no_call_is_a_400(client, items, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(
+            model=MODEL, input=[{"role": "user", "content": "Weather?"}, *items],
+            tools=FLAT_TOOLS, max_output_tokens=1,
+        )  # fmt: skip
+    assert err.value.body["param"] == param
+    assert err.value.body["message"].startswith(f"{param}: ")
+
+
 def test_responses_stream_function_call_events(client):
     events = list(
         client.responses.create(
@@ -466,6 +539,16 @@ def test_litellm_tool_calls(server):
     assert rebuilt.choices[0].finish_reason == "tool_calls"
     for call in rebuilt.choices[0].message.tool_calls:
         check_call(call.function.name, call.function.arguments)
+    # The tool loop: the assistant message as litellm gives it back, then the results.
+    message = response.choices[0].message
+    results = [
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"} for call in message.tool_calls
+    ]
+    follow_up = litellm.completion(
+        **{**common, "messages": [*USER, message, *results], "tool_choice": "none",
+           "max_tokens": 2},
+    )  # fmt: skip
+    assert follow_up.choices[0].finish_reason == "length"
 
 
 # -- langchain-openai ----------------------------------------------------------------------------
@@ -497,6 +580,20 @@ def test_langchain_bind_tools(chat_model):
     assert message.tool_calls and {c["name"] for c in message.tool_calls} == {"GetWeather"}
     for call in message.tool_calls:
         assert set(call["args"]) == {"city", "unit"} and call["id"].startswith("call_")
+
+
+def test_langchain_tool_loop(chat_model):
+    """ToolMessages answer the AIMessage's calls by id; one that answers none is refused."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    model = chat_model.bind_tools([GetWeather])
+    question = HumanMessage("Weather?")
+    message = chat_model.bind_tools([GetWeather], tool_choice="required").invoke([question])
+    results = [ToolMessage("sunny", tool_call_id=call["id"]) for call in message.tool_calls]
+    assert results
+    model.bind(max_tokens=2).invoke([question, message, *results])
+    with pytest.raises(openai.BadRequestError, match="tool_call_id"):
+        model.invoke([question, message, ToolMessage("sunny", tool_call_id="call_nope")])
 
 
 @pytest.mark.parametrize("method", ["function_calling", "json_schema"])

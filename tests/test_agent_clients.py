@@ -22,6 +22,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
@@ -135,15 +136,18 @@ def test_a_forced_call_cut_off_by_max_tokens_leaks_no_tag_text(client, max_token
     )  # fmt: skip
     choice = completion.choices[0]
     assert choice.finish_reason == "length"
-    assert not choice.message.content and "tool_call" not in str(choice.message.model_extra)
+    # null, as OpenAI's content is beside tool calls: the model was not to write text
+    assert choice.message.content is None
+    assert "tool_call" not in str(choice.message.model_extra)
     for call in choice.message.tool_calls or []:
         assert call.function.name == "get_weather" and call.id.startswith("call_")
     stream = client.chat.completions.create(
         model=MODEL, messages=USER, tools=weather, tool_choice="required",
         max_tokens=max_tokens, stream=True,
     )  # fmt: skip
-    for chunk in stream:
-        assert not (chunk.choices and chunk.choices[0].delta.content)
+    chunks = [chunk for chunk in stream if chunk.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(chunk.choices[0].delta.content is None for chunk in chunks)  # never ""
     response = client.responses.create(
         model=MODEL, input="What is the weather in Paris?", tools=[FLAT_TOOLS[0]],
         tool_choice="required", max_output_tokens=max_tokens,
@@ -151,6 +155,30 @@ def test_a_forced_call_cut_off_by_max_tokens_leaks_no_tag_text(client, max_token
     assert response.output_text == ""
     calls = [item for item in response.output if item.type == "function_call"]
     assert all(call.name == "get_weather" for call in calls)
+
+
+@pytest.mark.parametrize(
+    "tool_choice, max_tokens", [("required", 5), ("required", 200), ("auto", 20), ("none", 5)]
+)
+def test_a_streamed_message_adds_up_to_the_unstreamed_one(client, tool_choice, max_tokens):
+    """openai-python's stream helper assembles the same message, content null included, as
+    the non-streamed answer to the same request and seed."""
+    common = dict(
+        model=MODEL, messages=USER, tools=TOOLS, tool_choice=tool_choice, max_tokens=max_tokens,
+        parallel_tool_calls=False, seed=3,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**common).choices[0].message
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(**common, stream=True):
+        state.handle_chunk(chunk)
+    streamed = state.current_completion_snapshot.choices[0].message
+    assert streamed.content == whole.content
+    calls = [(c.id, c.function.name, c.function.arguments) for c in whole.tool_calls or []]
+    assert [(c.function.name, c.function.arguments) for c in streamed.tool_calls or []] == [
+        call[1:] for call in calls
+    ]
+    if tool_choice == "required":
+        assert whole.content is None
 
 
 def test_a_named_function_is_called_once_without_parallel_calls(client):

@@ -28,6 +28,11 @@ from fermi.requests import GenerationRequest, OutputFormat
 
 # Compact JSON as json.dumps writes it: no free whitespace, which a weak model would fill forever.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# A tool's parameters come from code the caller may not control (OpenAPI specs, MCP servers),
+# which uses formats and keywords llguidance does not implement (`"format": "password"`,
+# `"int64"`, `"binary"` on strings): it ignores those and constrains the rest, as OpenAI and vLLM
+# accept such tools. A response format stays strict: an unsupported keyword there is a 400.
+TOOL_STYLE = {**JSON_STYLE, "lenient": True}
 NEG_INF = np.float32(-np.inf)
 
 
@@ -45,9 +50,11 @@ def close_objects(schema: object) -> object:
     return out
 
 
-def json_schema_grammar(schema: dict) -> str:
+def json_schema_grammar(schema: dict, style: dict = JSON_STYLE) -> str:
+    """A Lark grammar for JSON text that `schema` accepts, with objects closed (close_objects)
+    and written in `style` (llguidance's JSON compile options)."""
     styled = copy.deepcopy(close_objects(schema))
-    return llguidance.LLMatcher.grammar_from_json_schema(styled, defaults=JSON_STYLE)
+    return llguidance.LLMatcher.grammar_from_json_schema(styled, defaults=style)
 
 
 def check_tool_parameters(name: str, parameters: dict, param: str) -> None:
@@ -62,7 +69,7 @@ def check_tool_parameters(name: str, parameters: dict, param: str) -> None:
             f"object, got type {kind!r}",
             param=param,
         )
-    error = _compile_error(json_schema_grammar(parameters), None)
+    error = _compile_error(json_schema_grammar(parameters, TOOL_STYLE), None)
     if error:
         raise InvalidRequest(
             f"{param}: invalid JSON schema for function {name!r}: {error}", param=param
@@ -130,7 +137,7 @@ def _tool_schema(tool: dict) -> dict:
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
     arguments = rebase_refs(close_objects(parameters), "#/properties/arguments")
     return {
-        "x-guidance": JSON_STYLE,
+        "x-guidance": TOOL_STYLE,
         "type": "object",
         "properties": {"name": {"const": function["name"]}, "arguments": arguments},
         "required": ["name", "arguments"],

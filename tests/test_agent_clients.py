@@ -457,6 +457,36 @@ def test_a_tool_schema_with_defs_and_refs_is_usable(client):
     assert Visit.model_validate_json(call.function.arguments).place.city in ("Paris", "Rome")
 
 
+@pytest.mark.parametrize("tool_choice", ["required", "auto", "none"])
+def test_a_tool_schema_with_openapi_formats_is_usable(client, tool_choice):
+    """OpenAPI-derived tools (MCP servers, generated clients) carry string formats the grammar
+    compiler does not implement (`password`, `binary`, `int64`): the tool is taken, those
+    strings are constrained as plain strings, and a forced call's arguments follow the rest."""
+    parameters = {
+        "type": "object",
+        "properties": {
+            "user": {"type": "string", "format": "password", "maxLength": 8},
+            "blob": {"type": "string", "format": "binary", "maxLength": 8},
+            "id": {"type": "string", "format": "int64", "maxLength": 8},
+            "count": {"type": "integer", "format": "int32", "minimum": 0, "maximum": 9},
+        },
+        "required": ["user", "blob", "id", "count"],
+    }
+    tool = {"type": "function", "function": {"name": "login", "parameters": parameters}}
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=[tool], tool_choice=tool_choice,
+        parallel_tool_calls=False, max_tokens=120,
+    )  # fmt: skip
+    if tool_choice != "required":
+        return  # taken, not refused; what the model says is its own choice
+    arguments = json.loads(completion.choices[0].message.tool_calls[0].function.arguments)
+    assert set(arguments) == {"user", "blob", "id", "count"}
+    assert all(
+        isinstance(arguments[k], str) and len(arguments[k]) <= 8 for k in ("user", "blob", "id")
+    )
+    assert arguments["count"] in range(10)
+
+
 # -- openai-python: Responses --------------------------------------------------------------------
 
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]

@@ -28,6 +28,11 @@ from fermi.requests import GenerationRequest, OutputFormat
 
 # Compact JSON as json.dumps writes it: no free whitespace, which a weak model would fill forever.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# A tool's parameters come from code the caller may not control (OpenAPI specs, MCP servers),
+# which uses formats and keywords llguidance does not implement (`"format": "password"`,
+# `"int64"`, `"binary"` on strings): it ignores those and constrains the rest, as OpenAI and vLLM
+# accept such tools. A response format stays strict: an unsupported keyword there is a 400.
+TOOL_STYLE = {**JSON_STYLE, "lenient": True}
 NEG_INF = np.float32(-np.inf)
 
 
@@ -45,9 +50,51 @@ def close_objects(schema: object) -> object:
     return out
 
 
-def json_schema_grammar(schema: dict) -> str:
+def json_schema_grammar(schema: dict, style: dict = JSON_STYLE) -> str:
+    """A Lark grammar for JSON text that `schema` accepts, with objects closed (close_objects)
+    and written in `style` (llguidance's JSON compile options)."""
     styled = copy.deepcopy(close_objects(schema))
-    return llguidance.LLMatcher.grammar_from_json_schema(styled, defaults=JSON_STYLE)
+    return llguidance.LLMatcher.grammar_from_json_schema(styled, defaults=style)
+
+
+def check_tool_parameters(name: str, parameters: dict, param: str) -> None:
+    """A function tool's `parameters` (named `param` in the request) must be a JSON schema of
+    an object, since a call's arguments are a JSON object, and one the grammar compiler takes,
+    whether or not this request's tool_choice makes it compile the tools' grammar. Raises
+    InvalidRequest naming `param`, with the compiler's complaint in one line."""
+    kind = parameters.get("type", "object")
+    if "object" not in (kind if isinstance(kind, list) else [kind]):
+        raise InvalidRequest(
+            f"{param}: the parameters of function {name!r} must be a JSON schema of type "
+            f"object, got type {kind!r}",
+            param=param,
+        )
+    error = _compile_error(json_schema_grammar(parameters, TOOL_STYLE), None)
+    if error:
+        raise InvalidRequest(
+            f"{param}: invalid JSON schema for function {name!r}: {error}", param=param
+        )
+
+
+def _compile_error(grammar: str, tokenizer: llguidance.LLTokenizer | None) -> str | None:
+    """llguidance's complaint about a grammar, in one line (its first; a regex error's cause
+    follows it on a later `error:` line), or None when it takes the grammar."""
+    error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    if not error.strip() or error.startswith("WARNING"):
+        return None
+    return _one_line(error)
+
+
+def _one_line(error: str) -> str:
+    """The first line of a compiler message (the rest is a dump of the grammar or the regex
+    with a caret), with the cause of a regex error (`regex parse error:` ... `error: unclosed
+    group`) appended."""
+    lines = [line.strip() for line in error.strip().splitlines()]
+    first = lines[0]
+    cause = next((line for line in lines[1:] if line.startswith("error:")), None)
+    if first.endswith(":") and cause:
+        first = f"{first} {cause.removeprefix('error:').strip()}"
+    return first
 
 
 def format_grammar(output: OutputFormat) -> str:
@@ -61,13 +108,38 @@ def format_grammar(output: OutputFormat) -> str:
     return llguidance.LLMatcher.grammar_from_lark(output.value)  # type: ignore[arg-type]
 
 
+# Keywords whose values are data, not schemas: a "$ref" inside them is not a reference.
+DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
+def rebase_refs(schema: object, base: str) -> object:
+    """A copy of a JSON schema to embed at `base` (a JSON pointer fragment, "#/...") of a larger
+    one: its local references ("#", "#/$defs/X", ...) are resolved from the document's root, so
+    they are moved under `base`."""
+    if isinstance(schema, list):
+        return [rebase_refs(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {
+        key: value if key in DATA_KEYWORDS else rebase_refs(value, base)
+        for key, value in schema.items()
+    }
+    ref = out.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
 def _tool_schema(tool: dict) -> dict:
+    """A Hermes call to `tool`: its name and its arguments, which follow its parameters (whose
+    references now resolve where they are embedded)."""
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    arguments = rebase_refs(close_objects(parameters), "#/properties/arguments")
     return {
-        "x-guidance": JSON_STYLE,
+        "x-guidance": TOOL_STYLE,
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": close_objects(parameters)},
+        "properties": {"name": {"const": function["name"]}, "arguments": arguments},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
@@ -193,13 +265,15 @@ class GrammarCompiler:
         return ids[0] if len(ids) == 1 else None
 
     def matcher(self, spec: GrammarSpec) -> llguidance.LLMatcher:
-        """A fresh matcher; InvalidRequest(spec.param) when llguidance cannot take the grammar."""
-        error = llguidance.LLMatcher.validate_grammar(spec.grammar, self.ll_tokenizer)
-        if error and not error.startswith("WARNING"):
-            raise InvalidRequest(f"{spec.param}: {error.strip()}", param=spec.param)
+        """A fresh matcher; InvalidRequest(spec.param), in one line, when llguidance cannot take
+        the grammar."""
+        error = _compile_error(spec.grammar, self.ll_tokenizer)
+        if error:
+            raise InvalidRequest(f"{spec.param}: {error}", param=spec.param)
         matcher = llguidance.LLMatcher(self.ll_tokenizer, spec.grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"{spec.param}: {matcher.get_error()}", param=spec.param)
+            error = _one_line(matcher.get_error())
+            raise InvalidRequest(f"{spec.param}: {error}", param=spec.param)
         return matcher
 
 

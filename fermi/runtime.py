@@ -66,7 +66,7 @@ from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.text_stream import OutputChannels, StopMatcher, channel_table
 from fermi.token_text import TokenText
-from fermi.tool_calls import TOOL_CALL_FORMATS, HermesToolCalls
+from fermi.tool_calls import TOOL_CALL_FORMATS, HermesToolCalls, check_tool_result
 from fermi.tracing import GenerationTrace
 
 MAX_STOP_STRINGS = 16
@@ -263,11 +263,11 @@ class Runtime:
             thinking, prompt, conversation, dropped = False, "", [], 0
             prompt_ids = self._raw_prompt(request)
         else:
-            conversation = (
-                _merge(session.history, request.messages)
-                if request.append
-                else list(request.messages)
-            )
+            if request.append:
+                conversation = _merge(session.history, request.messages)
+                _check_appended_tool_results(conversation, request.messages)
+            else:
+                conversation = list(request.messages)
             prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
         room = self.context_length - len(prompt_ids)
         max_new = (
@@ -822,6 +822,20 @@ def _merge(history: list[Message], new: list[Message]) -> list[Message]:
         system = [m for m in new if m.role == "system"]
         return system + history + [m for m in new if m.role != "system"]
     return history + new
+
+
+def _check_appended_tool_results(conversation: list[Message], new: list[Message]) -> None:
+    """The tool results among `new`, turns appended to a session's history (they end the merged
+    `conversation`, system messages aside), must answer the calls of the session's last turn
+    (tool_calls.check_tool_result). They are named in the order sent, as gRPC's field:
+    InvalidRequest on tool_results[j] or tool_results[j].tool_call_id."""
+    appended = sum(m.role != "system" for m in new)
+    j = 0
+    for i in range(len(conversation) - appended, len(conversation)):
+        if conversation[i].role == "tool":
+            field = f"tool_results[{j}]"
+            check_tool_result(conversation, i, field, f"{field}.tool_call_id")
+            j += 1
 
 
 def _drop_oldest_turn(conversation: list[Message]) -> list[Message] | None:

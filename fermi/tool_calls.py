@@ -1,4 +1,5 @@
-"""Tool calls in the model's output: the text inside the tool-call tags, parsed as it streams.
+"""Tool calls in the model's output: the text inside the tool-call tags, parsed as it streams;
+and the rule that the tool results sent back answer those calls (`check_tool_result`).
 
 Hermes format (Qwen2.5, Qwen3, NousResearch Hermes; vLLM's `hermes` parser): each block holds
 one JSON object `{"name": "...", "arguments": {...}}`. While a block streams, the name is sent as
@@ -15,6 +16,9 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+
+from fermi.errors import InvalidRequest
+from fermi.requests import Message
 
 TOOL_CALL_FORMATS = ("hermes",)
 # `{"name": "<json string>", "arguments": ` with any JSON whitespace.
@@ -153,3 +157,29 @@ def _without_outer_close(text: str) -> str:
     if body.endswith("}"):
         body = body[:-1].rstrip()
     return body
+
+
+def check_tool_result(messages: list[Message], i: int, param: str, id_param: str) -> None:
+    """`messages[i]`, a tool result, must answer a call of the assistant turn it follows (other
+    tool results may come between them), as OpenAI requires; its tool_call_id, when it has one,
+    must be the id of one of that turn's calls. Without an id it answers them in order, as chat
+    templates pair results with calls. Raises InvalidRequest naming `param` when no assistant
+    turn with tool calls comes just before, `id_param` when the id is none of its calls'."""
+    j = i - 1
+    while j >= 0 and messages[j].role == "tool":
+        j -= 1
+    calls = (messages[j].tool_calls if j >= 0 and messages[j].role == "assistant" else None) or []
+    if not calls:
+        raise InvalidRequest(
+            f"{param}: a tool result must follow an assistant turn with tool_calls (only other "
+            "tool results may come between them)",
+            param=param,
+        )
+    call_id = messages[i].tool_call_id
+    ids = [call["id"] for call in calls]
+    if call_id is not None and call_id not in ids:
+        raise InvalidRequest(
+            f"{id_param}: {call_id!r} is not the id of a tool call of the assistant turn it "
+            f"follows ({', '.join(ids)})",
+            param=id_param,
+        )

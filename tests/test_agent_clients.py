@@ -22,6 +22,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
@@ -135,15 +136,18 @@ def test_a_forced_call_cut_off_by_max_tokens_leaks_no_tag_text(client, max_token
     )  # fmt: skip
     choice = completion.choices[0]
     assert choice.finish_reason == "length"
-    assert not choice.message.content and "tool_call" not in str(choice.message.model_extra)
+    # null, as OpenAI's content is beside tool calls: the model was not to write text
+    assert choice.message.content is None
+    assert "tool_call" not in str(choice.message.model_extra)
     for call in choice.message.tool_calls or []:
         assert call.function.name == "get_weather" and call.id.startswith("call_")
     stream = client.chat.completions.create(
         model=MODEL, messages=USER, tools=weather, tool_choice="required",
         max_tokens=max_tokens, stream=True,
     )  # fmt: skip
-    for chunk in stream:
-        assert not (chunk.choices and chunk.choices[0].delta.content)
+    chunks = [chunk for chunk in stream if chunk.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(chunk.choices[0].delta.content is None for chunk in chunks)  # never ""
     response = client.responses.create(
         model=MODEL, input="What is the weather in Paris?", tools=[FLAT_TOOLS[0]],
         tool_choice="required", max_output_tokens=max_tokens,
@@ -151,6 +155,30 @@ def test_a_forced_call_cut_off_by_max_tokens_leaks_no_tag_text(client, max_token
     assert response.output_text == ""
     calls = [item for item in response.output if item.type == "function_call"]
     assert all(call.name == "get_weather" for call in calls)
+
+
+@pytest.mark.parametrize(
+    "tool_choice, max_tokens", [("required", 5), ("required", 200), ("auto", 20), ("none", 5)]
+)
+def test_a_streamed_message_adds_up_to_the_unstreamed_one(client, tool_choice, max_tokens):
+    """openai-python's stream helper assembles the same message, content null included, as
+    the non-streamed answer to the same request and seed."""
+    common = dict(
+        model=MODEL, messages=USER, tools=TOOLS, tool_choice=tool_choice, max_tokens=max_tokens,
+        parallel_tool_calls=False, seed=3,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**common).choices[0].message
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(**common, stream=True):
+        state.handle_chunk(chunk)
+    streamed = state.current_completion_snapshot.choices[0].message
+    assert streamed.content == whole.content
+    calls = [(c.id, c.function.name, c.function.arguments) for c in whole.tool_calls or []]
+    assert [(c.function.name, c.function.arguments) for c in streamed.tool_calls or []] == [
+        call[1:] for call in calls
+    ]
+    if tool_choice == "required":
+        assert whole.content is None
 
 
 def test_a_named_function_is_called_once_without_parallel_calls(client):
@@ -231,20 +259,73 @@ def test_tools_and_replayed_calls_reach_the_prompt(client):
 
     plain = prompt_tokens(messages=USER)
     assert prompt_tokens(messages=USER, tools=TOOLS) > plain + 100
-    call = {
-        "id": "call_1",
-        "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
-    }
-    history = [
-        *USER,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
-    ]
-    without_call = [*USER, {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"}]
-    assert prompt_tokens(messages=history, tools=TOOLS) > prompt_tokens(
-        messages=without_call, tools=TOOLS
+    no_arguments = {**CALL, "function": {**CALL["function"], "arguments": "{}"}}
+    assert prompt_tokens(messages=answered(CALL), tools=TOOLS) > prompt_tokens(
+        messages=answered(no_arguments), tools=TOOLS
     )
+
+
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+}
+TIME_CALL = {
+    "id": "call_2",
+    "type": "function",
+    "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+}
+
+
+def called(*calls: dict) -> list[dict]:
+    return [*USER, {"role": "assistant", "content": None, "tool_calls": list(calls)}]
+
+
+def result(call_id: str | None, content: str = "21 degrees") -> dict:
+    message = {"role": "tool", "content": content}
+    return message if call_id is None else {**message, "tool_call_id": call_id}
+
+
+def answered(call: dict) -> list[dict]:
+    return [*called(call), result(call["id"])]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        answered(CALL),
+        [*called(CALL, TIME_CALL), result("call_2"), result("call_1")],  # any order
+        [*called(CALL), result(None)],  # no id: the results answer the calls in order
+        [*answered(CALL), *called(TIME_CALL)[1:], result("call_2")],  # a second round
+    ],
+)
+def test_tool_messages_that_answer_the_calls_before_them_are_taken(client, messages):
+    completion = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, max_tokens=1
+    )
+    assert completion.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "messages, param, words",
+    [
+        ([*USER, result("call_1")], "messages[1].role", "tool_calls"),
+        ([*USER, {"role": "assistant", "content": "Let me see."}, result("call_1")],
+         "messages[2].role", "tool_calls"),
+        ([*called(CALL), result("call_2")], "messages[2].tool_call_id", "'call_2'"),
+        ([*answered(CALL), {"role": "user", "content": "And?"}, result("call_1")],
+         "messages[4].role", "tool_calls"),
+    ],
+)  # fmt: skip
+def test_a_tool_message_that_answers_no_call_is_a_400(client, messages, param, words):
+    """As OpenAI answers: a tool message must follow an assistant message with tool_calls
+    (other tool messages may come between) and its tool_call_id must be one of them."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=1)
+    body = err.value.body
+    assert body["param"] == param and body["type"] == "invalid_request_error"
+    assert body["message"].startswith(f"{param}: ") and words in body["message"]
+    assert "\n" not in body["message"]
 
 
 def test_parse_with_a_pydantic_model(client):
@@ -323,6 +404,89 @@ def test_bad_agent_fields_are_400s_naming_the_field(server, fields, param):
     assert response.json()["error"]["param"] == param
 
 
+BAD_SCHEMAS = [
+    ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, "nonsense"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}, "regex"),
+    ({"type": "string"}, "object"),
+]
+
+
+def check_one_line(error: openai.BadRequestError, param: str, gist: str) -> None:
+    body = error.response.json()["error"]
+    assert body["type"] == "invalid_request_error" and body["param"] == param == error.param
+    message = body["message"]
+    assert "\n" not in message and len(message) < 300, message
+    assert message.startswith(f"{param}: ") and "'lookup'" in message and gist in message
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "auto", "none"])
+@pytest.mark.parametrize("schema, gist", BAD_SCHEMAS)
+def test_a_tool_schema_the_compiler_rejects_is_a_one_line_400(client, schema, gist, tool_choice):
+    bad = {"type": "function", "function": {"name": "lookup", "parameters": schema}}
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(
+            model=MODEL, messages=USER, tools=[TOOLS[0], bad], tool_choice=tool_choice,
+            max_tokens=4,
+        )  # fmt: skip
+    check_one_line(chat.value, "tools[1].function.parameters", gist)
+    flat = {"type": "function", "name": "lookup", "parameters": schema}
+    with pytest.raises(openai.BadRequestError) as responses:
+        client.responses.create(
+            model=MODEL, input="Weather?", tools=[FLAT_TOOLS[0], flat], tool_choice=tool_choice,
+            max_output_tokens=4,
+        )  # fmt: skip
+    check_one_line(responses.value, "tools[1].parameters", gist)
+
+
+def test_a_tool_schema_with_defs_and_refs_is_usable(client):
+    """Pydantic writes nested models as $defs and `#/$defs/...` refs."""
+
+    class Place(BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    class Visit(BaseModel):
+        place: Place
+
+    tool = openai.pydantic_function_tool(Visit, name="visit")
+    assert "$defs" in tool["function"]["parameters"]
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=[tool], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=200,
+    )  # fmt: skip
+    call = completion.choices[0].message.tool_calls[0]
+    assert Visit.model_validate_json(call.function.arguments).place.city in ("Paris", "Rome")
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "auto", "none"])
+def test_a_tool_schema_with_openapi_formats_is_usable(client, tool_choice):
+    """OpenAPI-derived tools (MCP servers, generated clients) carry string formats the grammar
+    compiler does not implement (`password`, `binary`, `int64`): the tool is taken, those
+    strings are constrained as plain strings, and a forced call's arguments follow the rest."""
+    parameters = {
+        "type": "object",
+        "properties": {
+            "user": {"type": "string", "format": "password", "maxLength": 8},
+            "blob": {"type": "string", "format": "binary", "maxLength": 8},
+            "id": {"type": "string", "format": "int64", "maxLength": 8},
+            "count": {"type": "integer", "format": "int32", "minimum": 0, "maximum": 9},
+        },
+        "required": ["user", "blob", "id", "count"],
+    }
+    tool = {"type": "function", "function": {"name": "login", "parameters": parameters}}
+    completion = client.chat.completions.create(
+        model=MODEL, messages=USER, tools=[tool], tool_choice=tool_choice,
+        parallel_tool_calls=False, max_tokens=120,
+    )  # fmt: skip
+    if tool_choice != "required":
+        return  # taken, not refused; what the model says is its own choice
+    arguments = json.loads(completion.choices[0].message.tool_calls[0].function.arguments)
+    assert set(arguments) == {"user", "blob", "id", "count"}
+    assert all(
+        isinstance(arguments[k], str) and len(arguments[k]) <= 8 for k in ("user", "blob", "id")
+    )
+    assert arguments["count"] in range(10)
+
+
 # -- openai-python: Responses --------------------------------------------------------------------
 
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
@@ -356,6 +520,26 @@ def test_responses_function_calls_and_their_outputs(client):
     )  # fmt: skip
     assert [item.type for item in follow_up.output] == ["message"]
     assert follow_up.usage.input_tokens > response.usage.input_tokens
+
+
+@pytest.mark.parametrize(
+    "items, param",
+    [
+        ([{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}], "input[1]"),
+        ([{"type": "function_call", "call_id": "call_1", "name": "get_weather",
+           "arguments": "{}"},
+          {"type": "function_call_output", "call_id": "call_2", "output": "sunny"}],
+         "input[2].call_id"),
+    ],
+)  # fmt: skip
+def test_a_function_call_output_that_answers_no_call_is_a_400(client, items, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(
+            model=MODEL, input=[{"role": "user", "content": "Weather?"}, *items],
+            tools=FLAT_TOOLS, max_output_tokens=1,
+        )  # fmt: skip
+    assert err.value.body["param"] == param
+    assert err.value.body["message"].startswith(f"{param}: ")
 
 
 def test_responses_stream_function_call_events(client):
@@ -413,6 +597,16 @@ def test_litellm_tool_calls(server):
     assert rebuilt.choices[0].finish_reason == "tool_calls"
     for call in rebuilt.choices[0].message.tool_calls:
         check_call(call.function.name, call.function.arguments)
+    # The tool loop: the assistant message as litellm gives it back, then the results.
+    message = response.choices[0].message
+    results = [
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"} for call in message.tool_calls
+    ]
+    follow_up = litellm.completion(
+        **{**common, "messages": [*USER, message, *results], "tool_choice": "none",
+           "max_tokens": 2},
+    )  # fmt: skip
+    assert follow_up.choices[0].finish_reason == "length"
 
 
 # -- langchain-openai ----------------------------------------------------------------------------
@@ -444,6 +638,20 @@ def test_langchain_bind_tools(chat_model):
     assert message.tool_calls and {c["name"] for c in message.tool_calls} == {"GetWeather"}
     for call in message.tool_calls:
         assert set(call["args"]) == {"city", "unit"} and call["id"].startswith("call_")
+
+
+def test_langchain_tool_loop(chat_model):
+    """ToolMessages answer the AIMessage's calls by id; one that answers none is refused."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    model = chat_model.bind_tools([GetWeather])
+    question = HumanMessage("Weather?")
+    message = chat_model.bind_tools([GetWeather], tool_choice="required").invoke([question])
+    results = [ToolMessage("sunny", tool_call_id=call["id"]) for call in message.tool_calls]
+    assert results
+    model.bind(max_tokens=2).invoke([question, message, *results])
+    with pytest.raises(openai.BadRequestError, match="tool_call_id"):
+        model.invoke([question, message, ToolMessage("sunny", tool_call_id="call_nope")])
 
 
 @pytest.mark.parametrize("method", ["function_calling", "json_schema"])

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from fermi.constraints import Constraint, GrammarCompiler, close_objects, request_grammar
+from fermi.constraints import (
+    Constraint,
+    GrammarCompiler,
+    close_objects,
+    rebase_refs,
+    request_grammar,
+)
 from fermi.errors import InvalidRequest
 from fermi.requests import GenerationRequest, Message, OutputFormat
 from fermi.sampling import ResolvedSampling, Sampler
@@ -115,6 +121,27 @@ def test_required_tool_calls_validate_against_their_function(compiler, tokenizer
             jsonschema.validate(arguments, close_objects(SCHEMA))
         else:
             assert call["name"] == "now" and arguments == {}
+
+
+def test_tool_parameters_with_defs_and_refs_keep_their_meaning(compiler, tokenizer):
+    """Refs resolve from the parameters' root, not the call grammar's that embeds them."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "place": {"$ref": "#/$defs/Place"},
+            "tag": {"const": {"$ref": "#/data"}},  # data, not a reference
+        },
+        "required": ["place", "tag"],
+        "$defs": {"Place": {"enum": ["Paris", "Rome"]}},
+    }
+    tools = [{"type": "function", "function": {"name": "visit", "parameters": schema}}]
+    request = GenerationRequest([], tools=tools, tool_choice="visit", parallel_tool_calls=False)
+    for seed in range(2):
+        [call] = parse_calls(tokenizer, draw(compiler, request, seed))
+        arguments = json.loads(call["arguments"])
+        assert arguments["place"] in ("Paris", "Rome") and arguments["tag"] == {"$ref": "#/data"}
+    recursive = {"type": "array", "items": {"$ref": "#"}}
+    assert rebase_refs(recursive, "#/p") == {"type": "array", "items": {"$ref": "#/p"}}
 
 
 def test_a_named_function_is_the_one_called_once_without_parallel_calls(compiler, tokenizer):

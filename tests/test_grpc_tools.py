@@ -81,3 +81,83 @@ def test_bad_agent_fields_are_invalid_argument(stub, fields, field):
     error = rpc_error(lambda: generate(stub, **fields))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.details()
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "auto", "none"])
+@pytest.mark.parametrize(
+    "schema, gist",
+    [
+        ({"type": "object", "properties": {"a": {"type": "nonsense"}}}, "nonsense"),
+        ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}, "regex"),
+        ({"type": "string"}, "object"),
+    ],
+)
+def test_a_tool_schema_the_compiler_rejects_is_one_line_naming_the_tool(
+    stub, schema, gist, tool_choice
+):
+    bad = pb.Tool(name="lookup", parameters_json=json.dumps(schema))
+    error = rpc_error(
+        lambda: generate(stub, prompt="x", tools=[TOOL, bad], tool_choice=tool_choice)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.details()
+    assert "\n" not in details and len(details) < 300, details
+    assert details.startswith("tools[1].parameters_json: ") and "'lookup'" in details
+    assert gist in details
+
+
+def test_a_tool_schema_with_defs_and_refs_is_usable(stub):
+    """Pydantic writes nested models as $defs and `#/$defs/...` refs."""
+    schema = {
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}},
+        "required": ["place"],
+        "$defs": {"Place": {"type": "string", "enum": ["Paris", "Rome"]}},
+    }
+    tool = pb.Tool(name="visit", parameters_json=json.dumps(schema))
+    *pieces, last = generate(
+        stub, prompt="Go", tools=[tool], tool_choice="visit", parallel_tool_calls=False
+    )
+    assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    arguments = "".join(p.tool_call.arguments for p in pieces)
+    assert json.loads(arguments)["place"] in ("Paris", "Rome")
+
+
+def forced_calls(stub) -> tuple[str, list[str]]:
+    """A new session whose turn made tool calls: its id and the calls' ids."""
+    *pieces, last = generate(stub, prompt="Weather in Paris?", tools=[TOOL], tool_choice="required")
+    assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    return last.session_id, [p.tool_call.id for p in pieces if p.tool_call.id]
+
+
+def test_tool_results_answer_the_calls_of_the_previous_turn(stub):
+    session, ids = forced_calls(stub)
+    wrong = [pb.ToolResult(tool_call_id="call_nope", content="sunny")]
+    error = rpc_error(lambda: generate(stub, session_id=session, tool_results=wrong))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.details()
+    assert details.startswith("tool_results[0].tool_call_id: ")
+    assert "'call_nope'" in details and ids[0] in details and "\n" not in details
+    # Refused, the session still waits for its results; an empty id answers by position.
+    results = [pb.ToolResult(tool_call_id=ids[0], content="sunny")]
+    results += [pb.ToolResult(content="rain") for _ in ids[1:]]
+    *_, last = generate(
+        stub, session_id=session, tool_results=results, max_new_tokens=2, ignore_eos=True
+    )
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_tool_results_without_calls_before_them_are_invalid_argument(stub):
+    results = [pb.ToolResult(tool_call_id="call_1", content="sunny")]
+    error = rpc_error(lambda: generate(stub, tool_results=results))  # a new session
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("tool_results[0]: ")
+    *_, last = generate(stub, prompt="Hi", max_new_tokens=2, ignore_eos=True)
+    error = rpc_error(
+        lambda: generate(
+            stub, session_id=last.session_id, tool_results=results, prompt="and?",
+            system_prompt="Be brief.",
+        )
+    )  # fmt: skip
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("tool_results[0]: ")

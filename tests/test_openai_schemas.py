@@ -54,11 +54,12 @@ def test_messages_roles_and_content_parts():
             "messages": [
                 {"role": "developer", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"text": "b"}]},
-                {"role": "assistant", "content": None, "reasoning_content": "hmm"},
+                {"role": "assistant", "content": None, "reasoning_content": "hmm",
+                 "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}]},
                 {"role": "tool", "content": "42"},
             ]
         }
-    )
+    )  # fmt: skip
     roles = [(m.role, m.content, m.reasoning_content) for m in call.generation.messages]
     assert roles == [
         ("system", "be brief", None),

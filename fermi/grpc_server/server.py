@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fermi import logs, tracing
+from fermi.constraints import check_tool_parameters
 from fermi.errors import (
     FermiError,
     GenerationTimeout,
@@ -166,7 +167,9 @@ def _sampled(request: pb.GenerateRequest, name: str, legacy: str | None = None) 
 
 
 def _tools(request: pb.GenerateRequest) -> list[dict]:
-    """The request's tools in OpenAI's shape (what chat templates read)."""
+    """The request's tools in OpenAI's shape (what chat templates read). Raises
+    InvalidRequest naming the field: an empty name, parameters_json that is not a JSON object,
+    or not a JSON schema of an object the grammar compiler takes."""
     tools = []
     for i, tool in enumerate(request.tools):
         function: dict = {"name": tool.name}
@@ -175,9 +178,9 @@ def _tools(request: pb.GenerateRequest) -> list[dict]:
         if tool.description:
             function["description"] = tool.description
         if tool.parameters_json:
-            function["parameters"] = _json_object(
-                tool.parameters_json, f"tools[{i}].parameters_json"
-            )
+            param = f"tools[{i}].parameters_json"
+            function["parameters"] = _json_object(tool.parameters_json, param)
+            check_tool_parameters(tool.name, function["parameters"], param)
         tools.append({"type": "function", "function": function})
     return tools
 
@@ -194,9 +197,12 @@ def _json_object(text: str, param: str) -> dict:
 
 def to_generation_request(request: pb.GenerateRequest, session_id: str | None) -> GenerationRequest:
     """The runtime request of a Generate call; with no session_id the runtime mints one and
-    keeps the session (unclaimed until the client sends the id back)."""
+    keeps the session (unclaimed until the client sends the id back). Raises InvalidRequest
+    naming the field; tool_results that answer no call of the session's last turn are refused
+    by the runtime, which holds the session (an empty tool_call_id answers in order)."""
     results = [
-        Message("tool", r.content, tool_call_id=r.tool_call_id) for r in request.tool_results
+        Message("tool", r.content, tool_call_id=r.tool_call_id or None)
+        for r in request.tool_results
     ]
     if not (request.prompt.strip() or results):
         raise InvalidRequest("prompt must not be empty", param="prompt")

@@ -12,7 +12,7 @@ from typing import Any
 from fermi.openai_server.errors import ApiError
 from fermi.openai_server.logprobs import token_entries
 from fermi.openai_server.schemas import ResponsesCall
-from fermi.requests import Finished, TextDelta, ToolCallDelta, Usage
+from fermi.requests import Finished, GenerationRequest, TextDelta, ToolCallDelta, Usage
 from fermi.sampling import SampledToken
 from fermi.token_text import TokenText
 
@@ -137,10 +137,23 @@ def choice_finish_reason(finished: Finished, index: int) -> str:
     return reasons[index] if index < len(reasons) else "stop"
 
 
+def may_call_tools(request: GenerationRequest) -> bool:
+    """Whether the reply may carry tool calls (tools offered, tool_choice not "none"). Then a
+    chat message with no text has `content: null`, as OpenAI's content beside tool calls is,
+    whether calls came or a forced call was cut off before its name (stream: from the role
+    chunk on, which cannot know yet)."""
+    return bool(request.tools) and request.tool_choice != "none"
+
+
 def chat_completion(
-    meta: Meta, choices: list[ChoiceText], finished: Finished, text: TokenText | None = None
+    meta: Meta,
+    choices: list[ChoiceText],
+    finished: Finished,
+    text: TokenText | None = None,
+    may_call: bool = False,
 ) -> dict[str, Any]:
-    """`text` given: the choices carry `logprobs.content` (the answer's tokens)."""
+    """`text` given: the choices carry `logprobs.content` (the answer's tokens). `may_call`:
+    see may_call_tools."""
     return {
         "id": meta.id,
         "object": "chat.completion",
@@ -150,7 +163,7 @@ def chat_completion(
         "choices": [
             {
                 "index": choice.index,
-                "message": _message(choice),
+                "message": _message(choice, may_call),
                 "logprobs": _chat_logprobs(text, choice.tokens),
                 "finish_reason": choice_finish_reason(finished, choice.index),
             }
@@ -161,8 +174,8 @@ def chat_completion(
     }
 
 
-def _message(choice: ChoiceText) -> dict[str, Any]:
-    content = choice.answer if choice.answer or not choice.tool_calls else None
+def _message(choice: ChoiceText, may_call: bool) -> dict[str, Any]:
+    content = choice.answer if choice.answer or not (may_call or choice.tool_calls) else None
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if choice.reasoning:
         message.update(reasoning_fields(choice.reasoning))
@@ -181,13 +194,22 @@ class ChatStream:
     """The frames of one chat.completion.chunk stream: a role chunk per choice, text deltas
     (each naming its choice `index`), a finish chunk per choice, an optional usage chunk
     (empty choices), then [DONE]. With `text` (logprobs asked), answer chunks carry
-    `logprobs.content` for their tokens."""
+    `logprobs.content` for their tokens. The role chunk's content is "" (more text follows),
+    or null when `may_call` (may_call_tools): no chunk carries content but text."""
 
-    def __init__(self, meta: Meta, include_usage: bool, n: int = 1, text: TokenText | None = None):
+    def __init__(
+        self,
+        meta: Meta,
+        include_usage: bool,
+        n: int = 1,
+        text: TokenText | None = None,
+        may_call: bool = False,
+    ):
         self.meta = meta
         self.include_usage = include_usage
         self.n = n
         self.token_text = text
+        self.may_call = may_call
 
     def chunk(
         self,
@@ -216,9 +238,8 @@ class ChatStream:
         return sse(body)
 
     def start(self) -> str:
-        return "".join(
-            self.chunk({"role": "assistant", "content": ""}, index=i) for i in range(self.n)
-        )
+        role = {"role": "assistant", "content": None if self.may_call else ""}
+        return "".join(self.chunk(role, index=i) for i in range(self.n))
 
     def text(self, delta: TextDelta | ToolCallDelta) -> str:
         if isinstance(delta, ToolCallDelta):

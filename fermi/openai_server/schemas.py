@@ -17,6 +17,7 @@ from fermi.openai_server.hostile import MAX_DEPTH, check_body
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
 from fermi.sampling import MAX_LOGPROBS, validate_sampling
 from fermi.security import validate_session_id
+from fermi.tool_calls import check_tool_result
 
 CHAT_ROLES = {
     "system": "system",
@@ -319,12 +320,22 @@ def _message(f: Fields, roles: dict[str, str]) -> Message:
 # -- endpoints -----------------------------------------------------------------------------------
 
 
-def parse_chat(body: dict[str, Any]) -> ChatCall:
-    f = Fields(body)
+def _chat_messages(f: Fields) -> list[Message]:
+    """`messages`; a tool message must answer a call of the assistant message before it
+    (tool_calls.check_tool_result: InvalidRequest on messages[i].role or .tool_call_id)."""
     items = f.array("messages", required=True)
     if not items:
         raise InvalidRequest("messages must not be empty", param="messages")
     messages = [_message(Fields(m, f"messages[{i}]"), CHAT_ROLES) for i, m in enumerate(items)]
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            check_tool_result(messages, i, f"messages[{i}].role", f"messages[{i}].tool_call_id")
+    return messages
+
+
+def parse_chat(body: dict[str, Any]) -> ChatCall:
+    f = Fields(body)
+    messages = _chat_messages(f)
     legacy_max = f.integer("max_tokens", minimum=1)
     max_tokens = f.integer("max_completion_tokens", minimum=1) or legacy_max
     options = f.object("stream_options")
@@ -427,7 +438,8 @@ def _responses_include(f: Fields) -> bool:
 def _responses_input(f: Fields) -> list[Message]:
     """`input` is a string (one user turn) or an array of items: messages, reasoning (attached
     to the assistant message that follows it), function_call (a tool call of the assistant turn)
-    and function_call_output (a tool message)."""
+    and function_call_output (a tool message, which must answer a function_call before it:
+    InvalidRequest on input[i] or input[i].call_id)."""
     value = f.raw("input")
     if isinstance(value, str):
         return [Message("user", value)]
@@ -450,6 +462,7 @@ def _responses_input(f: Fields) -> list[Message]:
             call_id = item.string("call_id", required=True)
             output = _content(item, "output", required=True)
             messages.append(Message("tool", output, tool_call_id=call_id))
+            check_tool_result(messages, len(messages) - 1, item.where, item.param("call_id"))
             continue
         if kind != "message":
             raise InvalidRequest(

@@ -113,11 +113,12 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     text = runtime.token_text if call.logprobs else None
     call.generation.tenant = request.ctx.tenant
     generation = await submit_off_loop(runtime, call.generation)
+    may_call = fmt.may_call_tools(call.generation)
     if call.stream:
-        frames = fmt.ChatStream(meta, call.include_usage, call.generation.n, text)
+        frames = fmt.ChatStream(meta, call.include_usage, call.generation.n, text, may_call)
         return await _stream(request, generation, frames)
     choices, _, finished = await _collect(request, generation, call.generation.n)
-    return _json(fmt.chat_completion(meta, choices, finished, text), meta)
+    return _json(fmt.chat_completion(meta, choices, finished, text, may_call), meta)
 
 
 @route("/v1/responses", "POST")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from fermi.constraints import check_tool_parameters
 from fermi.errors import InvalidRequest
 from fermi.requests import OutputFormat
 
@@ -21,7 +22,9 @@ SCHEMA_NAME = FUNCTION_NAME  # response_format.json_schema.name: the same rule i
 
 
 def _function(f: Fields, name_field: str = "name") -> dict[str, Any]:
-    """A function definition in chat's shape: {"name", "description"?, "parameters"?}."""
+    """A function definition in chat's shape: {"name", "description"?, "parameters"?}.
+    Raises InvalidRequest naming the field, e.g. parameters that are not a JSON schema of an
+    object the grammar compiler takes (constraints.check_tool_parameters)."""
     name = f.string(name_field, required=True)
     if not FUNCTION_NAME.match(name):
         raise InvalidRequest(
@@ -34,6 +37,7 @@ def _function(f: Fields, name_field: str = "name") -> dict[str, Any]:
         function["description"] = description
     parameters = f.object("parameters")
     if parameters is not None:
+        check_tool_parameters(name, parameters.data, parameters.where)
         function["parameters"] = parameters.data
     strict = f.boolean("strict")
     if strict is not None:

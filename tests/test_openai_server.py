@@ -413,6 +413,32 @@ def test_unknown_model(http):
     assert http.get("/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
 
 
+# -- raw HTTP: checked fields a client may send ------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+COMPLETIONS = "/v1/completions"
+HI = {"model": MODEL, "input": "hi", "max_output_tokens": 2}
+ONCE = {"model": MODEL, "prompt": "Once", "max_tokens": 2}
+
+
+def assert_refused(http: httpx.Client, path: str, body: dict, param: str) -> dict:
+    """A 400 whose param, and the start of whose message, is `param`."""
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param), error
+    return error
+
+
+def test_tokenizer_routes_check_the_model(http):
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+        response = http.post(path, json={**body, "model": "nope"})
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "model_not_found"
+        assert http.post(path, json={**body, "model": MODEL}).status_code == 200
+
+
 def test_unknown_route_names_itself(http):
     """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
     included (Sanic's own message drops it)."""

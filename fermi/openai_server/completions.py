@@ -280,11 +280,12 @@ class TokenizeCall:
     with_pieces: bool
     add_generation_prompt: bool = True  # messages: end with the assistant turn's opening
     thinking: Thinking | None = None  # messages: chat_template_kwargs.enable_thinking and kin
+    model: str | None = None  # checked like every route's (404 for a model not served)
 
 
 def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
     f = Fields(body)
-    f.string("model")
+    model = f.string("model")
     if "content" in body:
         call = TokenizeCall(
             "llama",
@@ -292,6 +293,7 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
             None,
             bool(f.boolean("add_special")),
             bool(f.boolean("with_pieces")),
+            model=model,
         )
         if f.boolean("parse_special") is False:  # true, llama-server's default, is fermi's way
             raise InvalidRequest(
@@ -309,24 +311,26 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
             False,
             add_generation_prompt=f.boolean("add_generation_prompt") is not False,
             thinking=_thinking(f, None),
+            model=model,
         )
     else:
         add = f.boolean("add_special_tokens")
         call = TokenizeCall(
-            "vllm", f.string("prompt", required=True), None, add is not False, False
+            "vllm", f.string("prompt", required=True), None, add is not False, False, model=model
         )
     _check_tokenizer_fields(body, f.used)
     return call
 
 
-def parse_detokenize(body: dict[str, Any]) -> list[int]:
+def parse_detokenize(body: dict[str, Any]) -> tuple[str | None, list[int]]:
+    """(model, tokens); raises InvalidRequest naming a bad or unknown field."""
     f = Fields(body)
-    f.string("model")
+    model = f.string("model")
     tokens = f.array("tokens", required=True)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise InvalidRequest("tokens must be an array of token ids", param="tokens")
     _check_tokenizer_fields(body, f.used)
-    return tokens
+    return model, tokens
 
 
 def _check_tokenizer_fields(body: dict[str, Any], used: set[str]) -> None:

@@ -161,6 +161,7 @@ async def completions(request: Request) -> HTTPResponse | None:
 async def tokenize(request: Request) -> HTTPResponse:
     runtime = _runtime(request)
     call = cmpl.parse_tokenize(parse_json(request.body))
+    check_model(call.model, runtime.info.names)
     if call.messages is not None:
         ids = await asyncio.to_thread(
             runtime.tokenize_messages, call.messages, call.thinking, call.add_generation_prompt
@@ -173,7 +174,8 @@ async def tokenize(request: Request) -> HTTPResponse:
 @route("/detokenize", "POST")
 async def detokenize(request: Request) -> HTTPResponse:
     runtime = _runtime(request)
-    ids = cmpl.parse_detokenize(parse_json(request.body))
+    model, ids = cmpl.parse_detokenize(parse_json(request.body))
+    check_model(model, runtime.info.names)
     return _json(cmpl.detokenize_body(await asyncio.to_thread(runtime.decode, ids)))
 
 

@@ -439,6 +439,13 @@ def test_tokenizer_routes_check_the_model(http):
         assert http.post(path, json={**body, "model": MODEL}).status_code == 200
 
 
+def test_stop_lists_as_long_as_editors_send(http):
+    stops = [f"\nSTOP{i}" for i in range(128)]
+    assert http.post(COMPLETIONS, json={**ONCE, "stop": stops}).status_code == 200
+    assert http.post(CHAT, json=chat_body(stop=stops)).status_code == 200
+    assert_refused(http, CHAT, chat_body(stop=[*stops, "one more"]), "stop")
+
+
 def test_unknown_route_names_itself(http):
     """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
     included (Sanic's own message drops it)."""

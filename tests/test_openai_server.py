@@ -446,6 +446,14 @@ def test_stop_lists_as_long_as_editors_send(http):
     assert_refused(http, CHAT, chat_body(stop=[*stops, "one more"]), "stop")
 
 
+def test_a_body_that_is_not_utf8_says_so(http):
+    for raw in (b"\xff\xfe{\x00}\x00", '{"model": "x"}'.encode("utf-16")):
+        response = http.post(CHAT, content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        message = response.json()["error"]["message"]
+        assert "UTF-8" in message and "utf-16" not in message.lower(), message
+
+
 def test_unknown_route_names_itself(http):
     """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
     included (Sanic's own message drops it)."""

@@ -76,11 +76,19 @@ class ResponsesCall:
 
 
 def parse_json(raw: bytes | None) -> dict[str, Any]:
+    """The body as a JSON object. Raises InvalidRequest when it is empty, not UTF-8 (a UTF-8
+    BOM is allowed; JSON over HTTP is UTF-8), not JSON, nests too deep or is not an object."""
     if not raw:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(
+            f"the request body must be UTF-8 encoded JSON; byte {e.start} is not UTF-8"
+        ) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels") from None

@@ -454,6 +454,14 @@ def test_a_body_that_is_not_utf8_says_so(http):
         assert "UTF-8" in message and "utf-16" not in message.lower(), message
 
 
+def test_fields_of_another_route_say_so(http):
+    prompt = assert_refused(http, CHAT, chat_body(prompt="Once"), "prompt")["message"]
+    assert "messages" in prompt and "/v1/completions" in prompt and "template" not in prompt
+    for path, body in ((CHAT, chat_body(best_of=1)), (RESPONSES, {**HI, "best_of": 1})):
+        message = assert_refused(http, path, body, "best_of")["message"]
+        assert "/v1/completions" in message and "must equal" not in message
+
+
 def test_unknown_route_names_itself(http):
     """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
     included (Sanic's own message drops it)."""

@@ -1,18 +1,19 @@
-"""Which top-level request fields each route takes, and what happens to the rest.
+"""Which fields each route takes, and what happens to the rest.
 
 Every field a route's parser reads is honoured (the parser marks it as used). Of the others:
 - INFORMATIONAL fields change nothing a local server does (`store`, `metadata`, `user`, ...):
   accepted, logged at debug level, ignored.
 - PENDING fields (none today) would be accepted and ignored while a feature is being built.
 - Any other field is refused with 400 naming it: a known OpenAI field fermi cannot honour
-  (`audio`, `prediction`, `web_search_options`, ...) and a field no API defines alike. vLLM
-  instead ignores unknown fields with a warning; a 400 is what tells a client that the thing it
-  asked for will not happen.
+  (`audio`, `prediction`, `web_search_options`, ...), a field of another route (`prompt` or
+  `best_of` on chat) and a field no API defines alike. vLLM instead ignores unknown fields with
+  a warning; a 400 is what tells a client that the thing it asked for will not happen.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Container
 
 from fermi.errors import InvalidRequest
 
@@ -37,23 +38,39 @@ UNSUPPORTED = {
     "web_search_options": "web search is not supported",
     "service_tier": "only the auto and default service tiers exist here",
     "verbosity": "verbosity is not supported",
-    "best_of": "best_of must equal n (or be 1)",
+    "best_of": "unknown field for this route (best_of belongs to /v1/completions)",
     "background": "background responses are not supported",
     "conversation": "stored conversations are not supported; resend the conversation in input",
     "prompt": "prompt templates are not supported",
     "max_tool_calls": "max_tool_calls is not supported",
     "truncation": "only truncation 'disabled' is supported",
 }
+# Where a route reads a name differently from UNSUPPORTED's reading (a field of another route).
+ROUTE_UNSUPPORTED = {
+    "chat": {
+        "prompt": "not a chat completions field; send the conversation in messages, or a raw "
+        "prompt to /v1/completions",
+    },
+}
+UNKNOWN = "unknown field for this route"
 
 
 def check_fields(data: dict, used: set[str], route: str) -> None:
     """Raise InvalidRequest for the first field of `data` that is neither used by the route's
     parser, informational, nor pending; null values count as absent."""
+    unknown = first_unknown(data, used, PENDING[route].union(INFORMATIONAL))
+    if unknown is not None:
+        reasons = ROUTE_UNSUPPORTED.get(route, {})
+        reason = reasons.get(unknown) or UNSUPPORTED.get(unknown, UNKNOWN)
+        raise InvalidRequest(f"{unknown}: {reason}", param=unknown)
     for name, value in data.items():
-        if value is None or name in used or name in PENDING[route]:
-            continue
-        if name in INFORMATIONAL:
+        if name in INFORMATIONAL and name not in used and value is not None:
             log.debug("ignoring informational field %s", name)
-            continue
-        reason = UNSUPPORTED.get(name, "unknown field for this route")
-        raise InvalidRequest(f"{name}: {reason}", param=name)
+
+
+def first_unknown(data: dict, used: set[str], ignored: Container[str]) -> str | None:
+    """The first key of `data` with a non-null value that is neither used nor ignored."""
+    return next(
+        (k for k, v in data.items() if v is not None and k not in used and k not in ignored),
+        None,
+    )

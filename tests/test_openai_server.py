@@ -462,6 +462,32 @@ def test_fields_of_another_route_say_so(http):
         assert "/v1/completions" in message and "must equal" not in message
 
 
+BAD_INFORMATIONAL = [
+    (CHAT, chat_body(user=5), "user"),
+    (CHAT, chat_body(user={"id": "u"}), "user"),
+    (CHAT, chat_body(metadata="x"), "metadata"),
+    (CHAT, chat_body(metadata={"k": 1}), "metadata"),
+    (CHAT, chat_body(metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
+    (CHAT, chat_body(store="yes"), "store"),
+    (RESPONSES, {**HI, "store": "yes"}, "store"),
+    (RESPONSES, {**HI, "metadata": "x"}, "metadata"),
+    (COMPLETIONS, {**ONCE, "user": 5}, "user"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", BAD_INFORMATIONAL)
+def test_informational_fields_of_a_wrong_type_are_refused(http, path, body, param):
+    assert_refused(http, path, body, param)
+
+
+def test_informational_fields_of_the_right_type_are_accepted(http):
+    metadata = {f"k{i}": "v" for i in range(16)}
+    body = chat_body(user="u", metadata=metadata, store=True, safety_identifier="s",
+                     prompt_cache_key="p")  # fmt: skip
+    assert http.post(CHAT, json=body).status_code == 200
+    assert http.post(COMPLETIONS, json={**ONCE, "user": "u", "store": False}).status_code == 200
+
+
 def test_unknown_route_names_itself(http):
     """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
     included (Sanic's own message drops it)."""

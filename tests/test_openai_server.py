@@ -488,6 +488,68 @@ def test_informational_fields_of_the_right_type_are_accepted(http):
     assert http.post(COMPLETIONS, json={**ONCE, "user": "u", "store": False}).status_code == 200
 
 
+BAD_NESTED = [
+    (RESPONSES, {**HI, "text": {"verbosity": "low"}}, "text.verbosity"),
+    (RESPONSES, {**HI, "text": {"bogus": 1}}, "text.bogus"),
+    (RESPONSES, {**HI, "reasoning": {"effort": "low", "bogus": 1}}, "reasoning.bogus"),
+    (RESPONSES, {**HI, "input": [{"role": "user", "content": "hi", "extra": 1}]},
+     "input[0].extra"),
+    (RESPONSES, {**HI, "input": [{"role": "user", "content": [{"type": "input_text",
+               "text": "hi", "extra": 1}]}]}, "input[0].content[0].extra"),
+    (CHAT, chat_body(messages=[{"role": "user", "content": "hi", "extra": 1}]),
+     "messages[0].extra"),
+    (CHAT, chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi",
+           "extra": 1}]}]), "messages[0].content[0].extra"),
+    (CHAT, chat_body(messages=[*USER, {"role": "assistant", "content": "x",
+           "function_call": {"name": "f", "arguments": "{}"}}, *USER]),
+     "messages[1].function_call"),
+    (CHAT, chat_body(chat_template_kwargs={"enable_thinking": False, "bogus": 1}),
+     "chat_template_kwargs.bogus"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi", "extra": 1}]},
+     "messages[0].extra"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, param", BAD_NESTED)
+def test_unknown_keys_of_nested_objects_are_named_by_path(http, path, body, param):
+    assert_refused(http, path, body, param)
+
+
+def test_fields_clients_send_back_in_history_are_accepted(client):
+    """What openai-python, litellm and langchain-openai put on replayed messages: `name`, and
+    on an assistant message `refusal`, `annotations`, null `audio` / `function_call`, and
+    fermi's own `reasoning` beside `reasoning_content`; Responses output items as returned."""
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4).choices[0]
+    messages = [
+        {"role": "system", "content": "Be brief.", "name": "setup"},
+        {"role": "user", "content": "Hello", "name": "alice"},
+        {"role": "assistant", "content": "Hi.", "refusal": None, "annotations": [],
+         "audio": None, "function_call": None, "tool_calls": None, "name": "bot",
+         "reasoning": "Greet back.", "reasoning_content": "Greet back."},
+        reply.message,  # the official client's own message object, as returned
+        {"role": "user", "content": "Again"},
+    ]  # fmt: skip
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    first = client.responses.create(model=MODEL, input="Say hi", max_output_tokens=4)
+    again = [*first.output, {"role": "user", "content": "Again"}]  # ids, status, summary: []
+    assert client.responses.create(model=MODEL, input=again, max_output_tokens=2)
+
+
+def test_responses_echo_metadata_effort_and_store(http, client):
+    sent = {"metadata": {"run": "7"}, "reasoning": {"effort": "low", "summary": "auto"},
+            "store": True}  # fmt: skip
+    body = http.post(RESPONSES, json={**HI, **sent}).json()
+    assert body["metadata"] == {"run": "7"} and body["store"] is True
+    assert body["reasoning"] == {"effort": "low", "summary": "auto"}
+    events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=2,
+                                          stream=True, **sent))  # fmt: skip
+    for response in (events[0].response, events[-1].response):
+        assert response.metadata == {"run": "7"} and response.store is True
+        assert response.reasoning.effort == "low"
+    plain = http.post(RESPONSES, json=HI).json()
+    assert (plain["metadata"], plain["store"], plain["reasoning"]["effort"]) == ({}, False, None)
+
+
 def test_unknown_route_names_itself(http):
     """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
     included (Sanic's own message drops it)."""

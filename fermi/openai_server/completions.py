@@ -14,7 +14,7 @@ from typing import Any
 
 from fermi.errors import InvalidRequest
 from fermi.openai_server.errors import ApiError
-from fermi.openai_server.field_policy import check_fields
+from fermi.openai_server.field_policy import UNKNOWN, check_fields, first_unknown
 from fermi.openai_server.formatters import DONE, FINGERPRINT, Meta, chat_usage, error_body, sse
 from fermi.openai_server.logprobs import LegacyLogprobs, merge_legacy
 from fermi.openai_server.schemas import (
@@ -334,9 +334,9 @@ def parse_detokenize(body: dict[str, Any]) -> tuple[str | None, list[int]]:
 
 
 def _check_tokenizer_fields(body: dict[str, Any], used: set[str]) -> None:
-    unknown = [name for name, value in body.items() if value is not None and name not in used]
-    if unknown:
-        raise InvalidRequest(f"{unknown[0]}: unknown field for this route", param=unknown[0])
+    unknown = first_unknown(body, used, ())
+    if unknown is not None:
+        raise InvalidRequest(f"{unknown}: {UNKNOWN}", param=unknown)
 
 
 def tokenize_body(

@@ -8,12 +8,17 @@ Every field a route's parser reads is honoured (the parser marks it as used). Of
   (`audio`, `prediction`, `web_search_options`, ...), a field of another route (`prompt` or
   `best_of` on chat) and a field no API defines alike. vLLM instead ignores unknown fields with
   a warning; a 400 is what tells a client that the thing it asked for will not happen.
+
+Objects inside the body that fermi parses (messages, content parts, `text`, `reasoning`,
+`stream_options`, ...) follow the same rule through check_keys: a key the parser did not read
+is a 400 naming its full path (`messages[0].extra`), unless the object's parser lists it as
+one that clients are known to send back and that changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from typing import Any
 
 from fermi.errors import InvalidRequest
@@ -78,6 +83,22 @@ def check_fields(data: dict, used: set[str], route: str) -> None:
             check_informational(name, value)
             if name not in used and value is not None:
                 log.debug("ignoring informational field %s", name)
+
+
+def check_keys(
+    data: dict,
+    used: set[str],
+    where: str,
+    ignored: Container[str] = (),
+    reasons: Mapping[str, str] | None = None,
+) -> None:
+    """Raise InvalidRequest naming `where.key` for the first non-null key of the object at
+    `where` that its parser did not read and that is not `ignored` (keys clients send back
+    that change nothing); `reasons` words the refusal of known keys."""
+    unknown = first_unknown(data, used, ignored)
+    if unknown is not None:
+        reason = (reasons or {}).get(unknown, "unknown field for this object")
+        raise InvalidRequest(f"{where}.{unknown}: {reason}", param=f"{where}.{unknown}")
 
 
 def first_unknown(data: dict, used: set[str], ignored: Container[str]) -> str | None:

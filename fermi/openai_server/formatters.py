@@ -351,10 +351,10 @@ def response_object(
         "tools": call.tools or [],
         "text": {"format": call.text_format or {"type": "text"}},
         "truncation": "disabled",
-        "store": False,
+        "store": bool(call.store),  # echoed; nothing is stored
         "background": False,
-        "metadata": {},
-        "reasoning": {"effort": None, "summary": None},
+        "metadata": call.metadata or {},
+        "reasoning": {"effort": call.reasoning_effort, "summary": call.reasoning_summary},
         "incomplete_details": incomplete,
         "error": {"code": err_code(error), "message": error.message} if error else None,
         "usage": responses_usage(finished.usage) if finished else None,

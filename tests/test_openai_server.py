@@ -446,6 +446,7 @@ def test_stop_lists_as_long_as_editors_send(http):
     assert_refused(http, CHAT, chat_body(stop=[*stops, "one more"]), "stop")
 
 
+# @@utf8
 def test_a_body_that_is_not_utf8_says_so(http):
     for raw in (b"\xff\xfe{\x00}\x00", '{"model": "x"}'.encode("utf-16")):
         response = http.post(CHAT, content=raw, headers={"content-type": "application/json"})
@@ -548,6 +549,38 @@ def test_responses_echo_metadata_effort_and_store(http, client):
         assert response.reasoning.effort == "low"
     plain = http.post(RESPONSES, json=HI).json()
     assert (plain["metadata"], plain["store"], plain["reasoning"]["effort"]) == ({}, False, None)
+
+
+BAD_STREAM_OPTIONS = [
+    (RESPONSES, {**HI, "stream": True, "stream_options": {"include_usage": True}},
+     "stream_options.include_usage"),
+    (CHAT, chat_body(stream=True, stream_options={"bogus": True}), "stream_options.bogus"),
+    (COMPLETIONS, {**ONCE, "stream": True, "stream_options": {"bogus": 1}},
+     "stream_options.bogus"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, param", BAD_STREAM_OPTIONS)
+def test_unknown_stream_options_are_named(http, path, body, param):
+    assert_refused(http, path, body, param)
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(http):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body in ((CHAT, chat_body(max_tokens=6)), (COMPLETIONS, {**ONCE, "max_tokens": 6})):
+        text = http.post(path, json={**body, "stream": True, "stream_options": options}).text
+        chunks = chat_chunks(text)
+        usages = [c["usage"] for c in chunks]
+        assert all(u is not None for u in usages), usages
+        final = usages[-1]
+        assert chunks[-1]["choices"] == [] and 0 < final["completion_tokens"] <= 6
+        counts = [u["completion_tokens"] for u in usages]
+        assert counts == sorted(counts) and counts[-1] == final["completion_tokens"]
+        for u in usages:
+            assert u["prompt_tokens"] == final["prompt_tokens"] > 0
+            assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        alone = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+        assert_refused(http, path, {**body, **alone}, "stream_options.continuous_usage_stats")
 
 
 def test_unknown_route_names_itself(http):

@@ -73,6 +73,7 @@ class ChatCall:
     include_usage: bool
     generation: GenerationRequest
     logprobs: bool = False  # choices carry logprobs.content
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM)
 
 
 @dataclass(frozen=True)
@@ -262,12 +263,31 @@ def _common_options(f: Fields) -> None:
     """Known fields every route takes at their default value only."""
     _only(f, "service_tier", ("auto", "default"))
     _only(f, "modalities", (["text"],))
-    # include_usage is read per route; include_obfuscation is moot. Without a stream the
-    # options would silently do nothing: OpenAI and vLLM refuse them, and so does fermi.
-    if f.object("stream_options") is not None and not f.boolean("stream"):
+
+
+def _stream_options(f: Fields, usage: bool) -> tuple[bool, bool]:
+    """`stream_options` -> (include_usage, continuous_usage_stats). `usage`: the route streams
+    usage (chat, completions); Responses takes only include_obfuscation, which is moot (fermi
+    never pads its events). Raises InvalidRequest for the options without `stream: true` (they
+    would do nothing: OpenAI and vLLM refuse them too), continuous_usage_stats without
+    include_usage (vLLM ignores it then) and any other key."""
+    options = f.object("stream_options")
+    if options is None:
+        return False, False
+    if not f.boolean("stream"):
         raise InvalidRequest(
             "stream_options is only allowed with stream: true", param="stream_options"
         )
+    options.boolean("include_obfuscation")
+    include, continuous = False, False
+    if usage:
+        include = bool(options.boolean("include_usage"))
+        continuous = bool(options.boolean("continuous_usage_stats"))
+        if continuous and not include:
+            param = options.param("continuous_usage_stats")
+            raise InvalidRequest(f"{param} needs include_usage: true", param=param)
+    options.check_unread()
+    return include, continuous
 
 
 def _stop(f: Fields) -> list[str]:
@@ -379,7 +399,7 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
     messages = _chat_messages(f)
     legacy_max = f.integer("max_tokens", minimum=1)
     max_tokens = f.integer("max_completion_tokens", minimum=1) or legacy_max
-    options = f.object("stream_options")
+    include_usage, continuous_usage = _stream_options(f, usage=True)
     effort = f.string("reasoning_effort", choices=set(EFFORT_THINKING))
     logprobs = bool(f.boolean("logprobs"))
     top_logprobs = _top_logprobs(f)
@@ -390,7 +410,8 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
     call = ChatCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
-        include_usage=bool(options and options.boolean("include_usage")),
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
         logprobs=logprobs,
         generation=GenerationRequest(
             messages=messages,
@@ -430,6 +451,7 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
     top_logprobs = _top_logprobs(f)
     logprobs = _responses_include(f) or top_logprobs is not None
     _common_options(f)
+    _stream_options(f, usage=False)
     _only(f, "background", (False,))
     _only(f, "truncation", ("disabled",))
     tools = tool_schemas.responses_tools(f)

@@ -164,6 +164,23 @@ def test_completions_logprobs_and_echo(client):
     assert len(lp.tokens) == len(prompt_ids) + plain.usage.completion_tokens
 
 
+def test_completions_top_logprobs_hold_the_sampled_token(http):
+    """As OpenAI's legacy completions and vLLM answer: each position's top_logprobs holds the
+    token that was sampled (up to logprobs + 1 entries), the echoed prompt's tokens too."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 1.5,
+            "logprobs": 1, "seed": 3, "echo": True}  # fmt: skip
+    lp = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    rows = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))[1:]
+    assert len(rows) > 10
+    for token, logprob, top in rows:
+        assert 1 <= len(top) <= 2 and top[token] == logprob, (token, logprob, top)
+    chat = http.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": USER, "max_tokens": 20, "temperature": 1.5, "seed": 3,
+        "logprobs": True, "top_logprobs": 1,
+    }).json()["choices"][0]["logprobs"]["content"]  # fmt: skip
+    assert all(len(t["top_logprobs"]) == 1 for t in chat)  # chat: the top-k only, as OpenAI
+
+
 def test_completions_echo_with_max_tokens_0_scores_the_prompt_only(client, http):
     """lm-eval's loglikelihood: echo + max_tokens 0 + logprobs returns the prompt and its
     logprobs, and no new token (streamed too); max_tokens 0 without echo stays a 400."""

@@ -413,6 +413,176 @@ def test_unknown_model(http):
     assert http.get("/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
 
 
+# -- raw HTTP: checked fields a client may send ------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+COMPLETIONS = "/v1/completions"
+HI = {"model": MODEL, "input": "hi", "max_output_tokens": 2}
+ONCE = {"model": MODEL, "prompt": "Once", "max_tokens": 2}
+
+
+def assert_refused(http: httpx.Client, path: str, body: dict, param: str) -> dict:
+    """A 400 whose param, and the start of whose message, is `param`."""
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param), error
+    return error
+
+
+def test_tokenizer_routes_check_the_model(http):
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+        response = http.post(path, json={**body, "model": "nope"})
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "model_not_found"
+        assert http.post(path, json={**body, "model": MODEL}).status_code == 200
+
+
+def test_stop_lists_as_long_as_editors_send(http):
+    stops = [f"\nSTOP{i}" for i in range(128)]
+    assert http.post(COMPLETIONS, json={**ONCE, "stop": stops}).status_code == 200
+    assert http.post(CHAT, json=chat_body(stop=stops)).status_code == 200
+    assert_refused(http, CHAT, chat_body(stop=[*stops, "one more"]), "stop")
+
+
+# @@utf8
+def test_a_body_that_is_not_utf8_says_so(http):
+    for raw in (b"\xff\xfe{\x00}\x00", '{"model": "x"}'.encode("utf-16")):
+        response = http.post(CHAT, content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        message = response.json()["error"]["message"]
+        assert "UTF-8" in message and "utf-16" not in message.lower(), message
+
+
+def test_fields_of_another_route_say_so(http):
+    prompt = assert_refused(http, CHAT, chat_body(prompt="Once"), "prompt")["message"]
+    assert "messages" in prompt and "/v1/completions" in prompt and "template" not in prompt
+    for path, body in ((CHAT, chat_body(best_of=1)), (RESPONSES, {**HI, "best_of": 1})):
+        message = assert_refused(http, path, body, "best_of")["message"]
+        assert "/v1/completions" in message and "must equal" not in message
+
+
+BAD_INFORMATIONAL = [
+    (CHAT, chat_body(user=5), "user"),
+    (CHAT, chat_body(user={"id": "u"}), "user"),
+    (CHAT, chat_body(metadata="x"), "metadata"),
+    (CHAT, chat_body(metadata={"k": 1}), "metadata"),
+    (CHAT, chat_body(metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
+    (CHAT, chat_body(store="yes"), "store"),
+    (RESPONSES, {**HI, "store": "yes"}, "store"),
+    (RESPONSES, {**HI, "metadata": "x"}, "metadata"),
+    (COMPLETIONS, {**ONCE, "user": 5}, "user"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", BAD_INFORMATIONAL)
+def test_informational_fields_of_a_wrong_type_are_refused(http, path, body, param):
+    assert_refused(http, path, body, param)
+
+
+def test_informational_fields_of_the_right_type_are_accepted(http):
+    metadata = {f"k{i}": "v" for i in range(16)}
+    body = chat_body(user="u", metadata=metadata, store=True, safety_identifier="s",
+                     prompt_cache_key="p")  # fmt: skip
+    assert http.post(CHAT, json=body).status_code == 200
+    assert http.post(COMPLETIONS, json={**ONCE, "user": "u", "store": False}).status_code == 200
+
+
+BAD_NESTED = [
+    (RESPONSES, {**HI, "text": {"verbosity": "low"}}, "text.verbosity"),
+    (RESPONSES, {**HI, "text": {"bogus": 1}}, "text.bogus"),
+    (RESPONSES, {**HI, "reasoning": {"effort": "low", "bogus": 1}}, "reasoning.bogus"),
+    (RESPONSES, {**HI, "input": [{"role": "user", "content": "hi", "extra": 1}]},
+     "input[0].extra"),
+    (RESPONSES, {**HI, "input": [{"role": "user", "content": [{"type": "input_text",
+               "text": "hi", "extra": 1}]}]}, "input[0].content[0].extra"),
+    (CHAT, chat_body(messages=[{"role": "user", "content": "hi", "extra": 1}]),
+     "messages[0].extra"),
+    (CHAT, chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "hi",
+           "extra": 1}]}]), "messages[0].content[0].extra"),
+    (CHAT, chat_body(messages=[*USER, {"role": "assistant", "content": "x",
+           "function_call": {"name": "f", "arguments": "{}"}}, *USER]),
+     "messages[1].function_call"),
+    (CHAT, chat_body(chat_template_kwargs={"enable_thinking": False, "bogus": 1}),
+     "chat_template_kwargs.bogus"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi", "extra": 1}]},
+     "messages[0].extra"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, param", BAD_NESTED)
+def test_unknown_keys_of_nested_objects_are_named_by_path(http, path, body, param):
+    assert_refused(http, path, body, param)
+
+
+def test_fields_clients_send_back_in_history_are_accepted(client):
+    """What openai-python, litellm and langchain-openai put on replayed messages: `name`, and
+    on an assistant message `refusal`, `annotations`, null `audio` / `function_call`, and
+    fermi's own `reasoning` beside `reasoning_content`; Responses output items as returned."""
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4).choices[0]
+    messages = [
+        {"role": "system", "content": "Be brief.", "name": "setup"},
+        {"role": "user", "content": "Hello", "name": "alice"},
+        {"role": "assistant", "content": "Hi.", "refusal": None, "annotations": [],
+         "audio": None, "function_call": None, "tool_calls": None, "name": "bot",
+         "reasoning": "Greet back.", "reasoning_content": "Greet back."},
+        reply.message,  # the official client's own message object, as returned
+        {"role": "user", "content": "Again"},
+    ]  # fmt: skip
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    first = client.responses.create(model=MODEL, input="Say hi", max_output_tokens=4)
+    again = [*first.output, {"role": "user", "content": "Again"}]  # ids, status, summary: []
+    assert client.responses.create(model=MODEL, input=again, max_output_tokens=2)
+
+
+def test_responses_echo_metadata_effort_and_store(http, client):
+    sent = {"metadata": {"run": "7"}, "reasoning": {"effort": "low", "summary": "auto"},
+            "store": True}  # fmt: skip
+    body = http.post(RESPONSES, json={**HI, **sent}).json()
+    assert body["metadata"] == {"run": "7"} and body["store"] is True
+    assert body["reasoning"] == {"effort": "low", "summary": "auto"}
+    events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=2,
+                                          stream=True, **sent))  # fmt: skip
+    for response in (events[0].response, events[-1].response):
+        assert response.metadata == {"run": "7"} and response.store is True
+        assert response.reasoning.effort == "low"
+    plain = http.post(RESPONSES, json=HI).json()
+    assert (plain["metadata"], plain["store"], plain["reasoning"]["effort"]) == ({}, False, None)
+
+
+BAD_STREAM_OPTIONS = [
+    (RESPONSES, {**HI, "stream": True, "stream_options": {"include_usage": True}},
+     "stream_options.include_usage"),
+    (CHAT, chat_body(stream=True, stream_options={"bogus": True}), "stream_options.bogus"),
+    (COMPLETIONS, {**ONCE, "stream": True, "stream_options": {"bogus": 1}},
+     "stream_options.bogus"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, body, param", BAD_STREAM_OPTIONS)
+def test_unknown_stream_options_are_named(http, path, body, param):
+    assert_refused(http, path, body, param)
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(http):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body in ((CHAT, chat_body(max_tokens=6)), (COMPLETIONS, {**ONCE, "max_tokens": 6})):
+        text = http.post(path, json={**body, "stream": True, "stream_options": options}).text
+        chunks = chat_chunks(text)
+        usages = [c["usage"] for c in chunks]
+        assert all(u is not None for u in usages), usages
+        final = usages[-1]
+        assert chunks[-1]["choices"] == [] and 0 < final["completion_tokens"] <= 6
+        counts = [u["completion_tokens"] for u in usages]
+        assert counts == sorted(counts) and counts[-1] == final["completion_tokens"]
+        for u in usages:
+            assert u["prompt_tokens"] == final["prompt_tokens"] > 0
+            assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        alone = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+        assert_refused(http, path, {**body, **alone}, "stream_options.continuous_usage_stats")
+
+
 def test_unknown_route_names_itself(http):
     """A path no route serves is a 404 in OpenAI's shape that names the method and path, "/"
     included (Sanic's own message drops it)."""

@@ -14,8 +14,17 @@ from typing import Any
 
 from fermi.errors import InvalidRequest
 from fermi.openai_server.errors import ApiError
-from fermi.openai_server.field_policy import check_fields
-from fermi.openai_server.formatters import DONE, FINGERPRINT, Meta, chat_usage, error_body, sse
+from fermi.openai_server.field_policy import UNKNOWN, check_fields, first_unknown
+from fermi.openai_server.formatters import (
+    DONE,
+    FINGERPRINT,
+    Meta,
+    RunningUsage,
+    chat_usage,
+    error_body,
+    running_usage,
+    sse,
+)
 from fermi.openai_server.logprobs import LegacyLogprobs, merge_legacy
 from fermi.openai_server.schemas import (
     CHAT_ROLES,
@@ -25,6 +34,7 @@ from fermi.openai_server.schemas import (
     _message,
     _sampling,
     _stop,
+    _stream_options,
     _thinking,
 )
 from fermi.requests import Finished, GenerationRequest, PromptLogprobs, TextDelta, Thinking
@@ -43,6 +53,7 @@ class CompletionCall:
     prompt: str | list[int]  # before any FIM rendering
     suffix: str | None
     generation: GenerationRequest
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM)
 
 
 def parse_completions(body: dict[str, Any]) -> CompletionCall:
@@ -59,7 +70,7 @@ def parse_completions(body: dict[str, Any]) -> CompletionCall:
     best_of = f.integer("best_of", minimum=1)
     if best_of not in (None, 1, n):
         raise InvalidRequest(f"best_of must equal n ({n}), got {best_of}", param="best_of")
-    options = f.object("stream_options")
+    include_usage, continuous_usage = _stream_options(f, usage=True)
     max_tokens = _max_tokens(f, echo)
     # Echo scores the prompt; with max_tokens 0 that is the whole answer, even without logprobs.
     prompt_logprobs = (0 if logprobs is None and max_tokens == 0 else logprobs) if echo else None
@@ -67,7 +78,8 @@ def parse_completions(body: dict[str, Any]) -> CompletionCall:
     call = CompletionCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
-        include_usage=bool(options and options.boolean("include_usage")),
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
         echo=echo,
         prompt=prompt,
         suffix=suffix,
@@ -217,15 +229,19 @@ def _reason(reasons: list[str], index: int) -> str:
 
 class CompletionStream:
     """SSE frames of a streamed completion: text chunks (choice `index` on each), one finish
-    chunk per choice, a usage chunk when asked (empty choices), then [DONE]."""
+    chunk per choice, a usage chunk when asked (empty choices), then [DONE]. With `running`
+    (continuous usage stats), every chunk carries the usage so far."""
 
-    def __init__(self, frames: CompletionFrames):
+    def __init__(self, frames: CompletionFrames, running: RunningUsage | None = None):
         self.frames = frames
         self.meta = frames.meta
         self.started: set[int] = set()
+        self.running = running
 
     def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        extra = {"usage": usage} if self.frames.call.include_usage else {}
+        extra = {}
+        if self.frames.call.include_usage:
+            extra["usage"] = running_usage(usage, self.running)
         return sse(self.frames.envelope(choices, **extra))
 
     def start(self) -> str:
@@ -236,6 +252,8 @@ class CompletionStream:
         return ""
 
     def text(self, delta: TextDelta) -> str:
+        if self.running is not None:
+            self.running.add(delta)
         frames = self._begin(delta.index)
         choice, block = self.frames.delta(delta)
         body = self.frames.choice_body(choice.index, delta.text, block, None)
@@ -280,11 +298,12 @@ class TokenizeCall:
     with_pieces: bool
     add_generation_prompt: bool = True  # messages: end with the assistant turn's opening
     thinking: Thinking | None = None  # messages: chat_template_kwargs.enable_thinking and kin
+    model: str | None = None  # checked like every route's (404 for a model not served)
 
 
 def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
     f = Fields(body)
-    f.string("model")
+    model = f.string("model")
     if "content" in body:
         call = TokenizeCall(
             "llama",
@@ -292,6 +311,7 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
             None,
             bool(f.boolean("add_special")),
             bool(f.boolean("with_pieces")),
+            model=model,
         )
         if f.boolean("parse_special") is False:  # true, llama-server's default, is fermi's way
             raise InvalidRequest(
@@ -309,30 +329,32 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeCall:
             False,
             add_generation_prompt=f.boolean("add_generation_prompt") is not False,
             thinking=_thinking(f, None),
+            model=model,
         )
     else:
         add = f.boolean("add_special_tokens")
         call = TokenizeCall(
-            "vllm", f.string("prompt", required=True), None, add is not False, False
+            "vllm", f.string("prompt", required=True), None, add is not False, False, model=model
         )
     _check_tokenizer_fields(body, f.used)
     return call
 
 
-def parse_detokenize(body: dict[str, Any]) -> list[int]:
+def parse_detokenize(body: dict[str, Any]) -> tuple[str | None, list[int]]:
+    """(model, tokens); raises InvalidRequest naming a bad or unknown field."""
     f = Fields(body)
-    f.string("model")
+    model = f.string("model")
     tokens = f.array("tokens", required=True)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise InvalidRequest("tokens must be an array of token ids", param="tokens")
     _check_tokenizer_fields(body, f.used)
-    return tokens
+    return model, tokens
 
 
 def _check_tokenizer_fields(body: dict[str, Any], used: set[str]) -> None:
-    unknown = [name for name, value in body.items() if value is not None and name not in used]
-    if unknown:
-        raise InvalidRequest(f"{unknown[0]}: unknown field for this route", param=unknown[0])
+    unknown = first_unknown(body, used, ())
+    if unknown is not None:
+        raise InvalidRequest(f"{unknown}: {UNKNOWN}", param=unknown)
 
 
 def tokenize_body(

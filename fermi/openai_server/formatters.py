@@ -103,6 +103,27 @@ def chat_usage(usage: Usage) -> dict[str, Any]:
     }
 
 
+@dataclass
+class RunningUsage:
+    """vLLM's stream_options.continuous_usage_stats: the usage so far, on every chunk.
+    completion_tokens counts the tokens of the pieces sent so far (a token whose text is held
+    back, as a possible stop string, counts with the piece that releases it); the last chunk
+    carries the generation's exact usage."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def add(self, delta: TextDelta | ToolCallDelta) -> None:
+        self.completion_tokens += len(delta.token_ids)
+
+    def body(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
 def reasoning_fields(text: str) -> dict[str, str]:
     """Reasoning under both names clients read: `reasoning_content` (llama-server, DeepSeek,
     older vLLM, LiteLLM) and `reasoning` (current vLLM, Ollama, OpenRouter)."""
@@ -195,7 +216,8 @@ class ChatStream:
     (each naming its choice `index`), a finish chunk per choice, an optional usage chunk
     (empty choices), then [DONE]. With `text` (logprobs asked), answer chunks carry
     `logprobs.content` for their tokens. The role chunk's content is "" (more text follows),
-    or null when `may_call` (may_call_tools): no chunk carries content but text."""
+    or null when `may_call` (may_call_tools): no chunk carries content but text. With
+    `running` (continuous usage stats), every chunk carries the usage so far instead of null."""
 
     def __init__(
         self,
@@ -204,12 +226,14 @@ class ChatStream:
         n: int = 1,
         text: TokenText | None = None,
         may_call: bool = False,
+        running: RunningUsage | None = None,
     ):
         self.meta = meta
         self.include_usage = include_usage
         self.n = n
         self.token_text = text
         self.may_call = may_call
+        self.running = running
 
     def chunk(
         self,
@@ -234,7 +258,7 @@ class ChatStream:
             **extra,
         }
         if self.include_usage:
-            body["usage"] = usage  # null on every chunk but the last, as OpenAI does
+            body["usage"] = running_usage(usage, self.running)
         return sse(body)
 
     def start(self) -> str:
@@ -242,6 +266,8 @@ class ChatStream:
         return "".join(self.chunk(role, index=i) for i in range(self.n))
 
     def text(self, delta: TextDelta | ToolCallDelta) -> str:
+        if self.running is not None:
+            self.running.add(delta)
         if isinstance(delta, ToolCallDelta):
             return self.chunk({"tool_calls": [tool_call_delta(delta)]}, index=delta.choice)
         if delta.kind == "reasoning":
@@ -262,6 +288,16 @@ class ChatStream:
 
     def error(self, err: ApiError) -> str:
         return sse(error_body(err)) + DONE
+
+
+def running_usage(
+    usage: dict[str, Any] | None, running: RunningUsage | None
+) -> dict[str, Any] | None:
+    """A streamed chunk's `usage` when include_usage is on: the final usage on the last chunk;
+    on the others null, as OpenAI sends it, or the usage so far with continuous usage stats."""
+    if usage is not None or running is None:
+        return usage
+    return running.body()
 
 
 def tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
@@ -351,10 +387,10 @@ def response_object(
         "tools": call.tools or [],
         "text": {"format": call.text_format or {"type": "text"}},
         "truncation": "disabled",
-        "store": False,
+        "store": bool(call.store),  # echoed; nothing is stored
         "background": False,
-        "metadata": {},
-        "reasoning": {"effort": None, "summary": None},
+        "metadata": call.metadata or {},
+        "reasoning": {"effort": call.reasoning_effort, "summary": call.reasoning_summary},
         "incomplete_details": incomplete,
         "error": {"code": err_code(error), "message": error.message} if error else None,
         "usage": responses_usage(finished.usage) if finished else None,

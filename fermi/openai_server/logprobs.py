@@ -4,7 +4,10 @@
   `response.output_text.delta`'s `logprobs`): per token `{token, logprob, bytes, top_logprobs:
   [{token, logprob, bytes}]}`.
 - completions (legacy): per choice `{tokens, token_logprobs, top_logprobs: [{token: logprob}],
-  text_offset}`, parallel lists; a prompt's first token (with echo) has null logprobs.
+  text_offset}`, parallel lists; a prompt's first token (with echo) has null logprobs. Each
+  position's `top_logprobs` holds the sampled (or echoed) token beside the k best, as OpenAI's
+  legacy completions and vLLM answer: up to k + 1 entries. Chat's and responses' `top_logprobs`
+  are the k best only, as OpenAI's are; the chosen token is the entry's own `token`.
 """
 
 from __future__ import annotations
@@ -53,14 +56,17 @@ class LegacyLogprobs:
             piece, _ = self.text.piece(token_id)
             out["tokens"].append(piece)
             out["token_logprobs"].append(None if t is None else _number(t.logprob))
-            out["top_logprobs"].append(
-                None
-                if t is None
-                else {self.text.piece(i)[0]: _number(lp) for i, lp in t.top_logprobs}
-            )
+            out["top_logprobs"].append(None if t is None else self._top(t))
             out["text_offset"].append(self.offset)
             self.offset += len(piece)
         return out
+
+    def _top(self, t: SampledToken) -> dict[str, float]:
+        """The k best and the token itself (last, where it is not among them; its own logprob
+        where another id spells the same text)."""
+        top = {self.text.piece(i)[0]: _number(lp) for i, lp in t.top_logprobs}
+        top[self.text.piece(t.id)[0]] = _number(t.logprob)
+        return top
 
 
 def merge_legacy(blocks: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fermi.errors import InvalidRequest, ModelNotFound
 from fermi.openai_server import tool_schemas
-from fermi.openai_server.field_policy import UNSUPPORTED, check_fields
+from fermi.openai_server.field_policy import UNSUPPORTED, check_fields, check_keys
 from fermi.openai_server.hostile import MAX_DEPTH, check_body
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
 from fermi.sampling import MAX_LOGPROBS, validate_sampling
@@ -48,6 +48,20 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # Responses `include` values: the one that asks for logprobs, and one that asks for something
 # fermi never produces (encrypted reasoning: reasoning comes back in plain text), accepted.
 RESPONSES_INCLUDE = {LOGPROBS_INCLUDE, "reasoning.encrypted_content"}
+# Keys that clients send back on replayed history and that change nothing here: a participant's
+# `name` (openai-python, langchain-openai), an assistant message's `refusal` and `annotations`
+# and openai-python's `parsed` copy of its content; Responses output items' `id` and `status`,
+# and reasoning items' `summary` and `encrypted_content` (fermi sends reasoning in full).
+MESSAGE_ECHOES = frozenset({"name", "refusal", "annotations", "parsed"})
+ITEM_ECHOES = frozenset({"id", "status"})
+REASONING_ITEM_ECHOES = ITEM_ECHOES | {"summary", "encrypted_content"}
+PART_ECHOES = frozenset({"annotations", "logprobs"})  # on a replayed output_text part
+# A message key fermi has no use for, with the reason a non-null value is refused.
+MESSAGE_REFUSALS = {
+    "audio": "audio in messages is not supported",
+    "function_call": "the deprecated functions API is not supported; send tool_calls instead",
+}
+REASONING_SUMMARIES = {"auto", "concise", "detailed"}  # moot: reasoning comes back in full
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,7 @@ class ChatCall:
     include_usage: bool
     generation: GenerationRequest
     logprobs: bool = False  # choices carry logprobs.content
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM)
 
 
 @dataclass(frozen=True)
@@ -73,14 +88,27 @@ class ResponsesCall:
     logprobs: bool = False  # output_text parts and deltas carry logprobs
     tools: list[dict[str, Any]] | None = None  # as sent (flat), echoed in the response
     text_format: dict[str, Any] | None = None  # text.format as sent
+    # Echoed in the response object, as OpenAI's is (fermi stores nothing: store is only echoed)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    reasoning_effort: str | None = None
+    reasoning_summary: str | None = None
 
 
 def parse_json(raw: bytes | None) -> dict[str, Any]:
+    """The body as a JSON object. Raises InvalidRequest when it is empty, not UTF-8 (a UTF-8
+    BOM is allowed; JSON over HTTP is UTF-8), not JSON, nests too deep or is not an object."""
     if not raw:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(
+            f"the request body must be UTF-8 encoded JSON; byte {e.start} is not UTF-8"
+        ) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels") from None
@@ -167,6 +195,11 @@ class Fields:
     def array(self, name: str, required: bool = False) -> list | None:
         return self._get(name, (list,), "an array", required)
 
+    def check_unread(self, ignored=(), reasons: dict[str, str] | None = None) -> None:
+        """Raise InvalidRequest naming the path of the first key not read (field_policy's
+        check_keys) of this nested object."""
+        check_keys(self.data, self.used, self.where, ignored, reasons)
+
 
 # -- shared pieces -------------------------------------------------------------------------------
 
@@ -230,12 +263,31 @@ def _common_options(f: Fields) -> None:
     """Known fields every route takes at their default value only."""
     _only(f, "service_tier", ("auto", "default"))
     _only(f, "modalities", (["text"],))
-    # include_usage is read per route; include_obfuscation is moot. Without a stream the
-    # options would silently do nothing: OpenAI and vLLM refuse them, and so does fermi.
-    if f.object("stream_options") is not None and not f.boolean("stream"):
+
+
+def _stream_options(f: Fields, usage: bool) -> tuple[bool, bool]:
+    """`stream_options` -> (include_usage, continuous_usage_stats). `usage`: the route streams
+    usage (chat, completions); Responses takes only include_obfuscation, which is moot (fermi
+    never pads its events). Raises InvalidRequest for the options without `stream: true` (they
+    would do nothing: OpenAI and vLLM refuse them too), continuous_usage_stats without
+    include_usage (vLLM ignores it then) and any other key."""
+    options = f.object("stream_options")
+    if options is None:
+        return False, False
+    if not f.boolean("stream"):
         raise InvalidRequest(
             "stream_options is only allowed with stream: true", param="stream_options"
         )
+    options.boolean("include_obfuscation")
+    include, continuous = False, False
+    if usage:
+        include = bool(options.boolean("include_usage"))
+        continuous = bool(options.boolean("continuous_usage_stats"))
+        if continuous and not include:
+            param = options.param("continuous_usage_stats")
+            raise InvalidRequest(f"{param} needs include_usage: true", param=param)
+    options.check_unread()
+    return include, continuous
 
 
 def _stop(f: Fields) -> list[str]:
@@ -255,6 +307,8 @@ def _thinking(f: Fields, effort: str | None) -> Thinking | None:
     raw = f.raw("thinking")
     kwargs = f.object("chat_template_kwargs")
     nested = kwargs.boolean("enable_thinking") if kwargs else None
+    if kwargs:
+        kwargs.check_unread()  # no other template variable reaches the template
     top = f.boolean("enable_thinking")  # top-level, as some clients send it
     if raw is not None:
         word = str(raw).lower() if isinstance(raw, bool | str) else None
@@ -298,10 +352,13 @@ def _content(f: Fields, name: str, required: bool, part_types: set[str] = TEXT_P
                 param=part.param("type"),
             )
         texts.append(part.string("text", required=True))
+        part.check_unread(PART_ECHOES)
     return "".join(texts)
 
 
-def _message(f: Fields, roles: dict[str, str]) -> Message:
+def _message(f: Fields, roles: dict[str, str], ignored: frozenset[str] = MESSAGE_ECHOES) -> Message:
+    """One message; `ignored`: the keys accepted unread. Raises InvalidRequest naming the
+    field, a key not read nor ignored included (messages[i].extra)."""
     role = f.string("role", required=True)
     if role not in roles:
         raise InvalidRequest(
@@ -309,11 +366,15 @@ def _message(f: Fields, roles: dict[str, str]) -> Message:
             param=f.param("role"),
         )
     content = _content(f, "content", required=role not in ("assistant", "tool"))
-    message = Message(roles[role], content, reasoning_content=f.string("reasoning_content"))
+    # fermi's own replies carry the reasoning under both names (formatters.reasoning_fields)
+    reasoning = f.string("reasoning_content")
+    alias = f.string("reasoning")
+    message = Message(roles[role], content, reasoning_content=reasoning or alias)
     if role == "assistant":
         message.tool_calls = tool_schemas.assistant_tool_calls(f)
     if role == "tool":
         message.tool_call_id = f.string("tool_call_id")
+    f.check_unread(ignored, MESSAGE_REFUSALS)
     return message
 
 
@@ -338,7 +399,7 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
     messages = _chat_messages(f)
     legacy_max = f.integer("max_tokens", minimum=1)
     max_tokens = f.integer("max_completion_tokens", minimum=1) or legacy_max
-    options = f.object("stream_options")
+    include_usage, continuous_usage = _stream_options(f, usage=True)
     effort = f.string("reasoning_effort", choices=set(EFFORT_THINKING))
     logprobs = bool(f.boolean("logprobs"))
     top_logprobs = _top_logprobs(f)
@@ -349,7 +410,8 @@ def parse_chat(body: dict[str, Any]) -> ChatCall:
     call = ChatCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
-        include_usage=bool(options and options.boolean("include_usage")),
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
         logprobs=logprobs,
         generation=GenerationRequest(
             messages=messages,
@@ -384,16 +446,19 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
     instructions = f.string("instructions")
     if instructions:
         messages.insert(0, Message("system", instructions))
-    reasoning = f.object("reasoning")
-    effort = reasoning.string("effort", choices=set(EFFORT_THINKING)) if reasoning else None
+    effort, summary = _reasoning(f)
     max_output_tokens = f.integer("max_output_tokens", minimum=1)
     top_logprobs = _top_logprobs(f)
     logprobs = _responses_include(f) or top_logprobs is not None
     _common_options(f)
+    _stream_options(f, usage=False)
     _only(f, "background", (False,))
     _only(f, "truncation", ("disabled",))
     tools = tool_schemas.responses_tools(f)
-    output_format = tool_schemas.text_format(f)
+    text = f.object("text")
+    output_format = tool_schemas.text_format(text)
+    if text is not None:
+        text.check_unread(reasons={"verbosity": UNSUPPORTED["verbosity"]})
     call = ResponsesCall(
         model=f.string("model"),
         stream=bool(f.boolean("stream")),
@@ -401,7 +466,11 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
         max_output_tokens=max_output_tokens,
         logprobs=logprobs,
         tools=f.raw("tools") or [],
-        text_format=f.object("text").data.get("format") if output_format else None,
+        text_format=text.data.get("format") if output_format else None,
+        metadata=f.raw("metadata"),  # type-checked with the informational fields
+        store=f.raw("store"),
+        reasoning_effort=effort,
+        reasoning_summary=summary,
         generation=GenerationRequest(
             messages=messages,
             max_new_tokens=max_output_tokens,
@@ -420,6 +489,18 @@ def parse_responses(body: dict[str, Any]) -> ResponsesCall:
     )
     check_fields(body, f.used, "responses")
     return call
+
+
+def _reasoning(f: Fields) -> tuple[str | None, str | None]:
+    """`reasoning`: (effort, summary). A summary is accepted and echoed but changes nothing:
+    the reasoning comes back in full. Raises InvalidRequest naming reasoning.* otherwise."""
+    reasoning = f.object("reasoning")
+    if reasoning is None:
+        return None, None
+    effort = reasoning.string("effort", choices=set(EFFORT_THINKING))
+    summary = reasoning.string("summary", choices=REASONING_SUMMARIES)
+    reasoning.check_unread()
+    return effort, summary
 
 
 def _responses_include(f: Fields) -> bool:
@@ -453,14 +534,17 @@ def _responses_input(f: Fields) -> list[Message]:
         kind = item.string("type") or "message"
         if kind == "reasoning":
             reasoning = _content(item, "content", False, REASONING_PART_TYPES) or None
+            item.check_unread(REASONING_ITEM_ECHOES)
             continue
         if kind == "function_call":
             _add_function_call(messages, item, reasoning)
+            item.check_unread(ITEM_ECHOES)
             reasoning = None
             continue
         if kind == "function_call_output":
             call_id = item.string("call_id", required=True)
             output = _content(item, "output", required=True)
+            item.check_unread(ITEM_ECHOES)
             messages.append(Message("tool", output, tool_call_id=call_id))
             check_tool_result(messages, len(messages) - 1, item.where, item.param("call_id"))
             continue
@@ -470,7 +554,7 @@ def _responses_input(f: Fields) -> list[Message]:
                 "function_call and function_call_output items",
                 param=item.param("type"),
             )
-        message = _message(item, RESPONSES_ROLES)
+        message = _message(item, RESPONSES_ROLES, ITEM_ECHOES)
         if message.role == "assistant" and reasoning and not message.reasoning_content:
             message.reasoning_content = reasoning
         reasoning = None

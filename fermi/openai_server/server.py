@@ -115,7 +115,10 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     generation = await submit_off_loop(runtime, call.generation)
     may_call = fmt.may_call_tools(call.generation)
     if call.stream:
-        frames = fmt.ChatStream(meta, call.include_usage, call.generation.n, text, may_call)
+        running = fmt.RunningUsage(generation.prompt_tokens) if call.continuous_usage else None
+        frames = fmt.ChatStream(
+            meta, call.include_usage, call.generation.n, text, may_call, running
+        )
         return await _stream(request, generation, frames)
     choices, _, finished = await _collect(request, generation, call.generation.n)
     return _json(fmt.chat_completion(meta, choices, finished, text, may_call), meta)
@@ -152,7 +155,8 @@ async def completions(request: Request) -> HTTPResponse | None:
     generation_request.tenant = request.ctx.tenant
     generation = await submit_off_loop(runtime, generation_request)
     if call.stream:
-        return await _stream(request, generation, cmpl.CompletionStream(frames))
+        running = fmt.RunningUsage(generation.prompt_tokens) if call.continuous_usage else None
+        return await _stream(request, generation, cmpl.CompletionStream(frames, running))
     _, events, finished = await _collect(request, generation, call.generation.n)
     return _json(frames.body(events, finished))
 
@@ -161,6 +165,7 @@ async def completions(request: Request) -> HTTPResponse | None:
 async def tokenize(request: Request) -> HTTPResponse:
     runtime = _runtime(request)
     call = cmpl.parse_tokenize(parse_json(request.body))
+    check_model(call.model, runtime.info.names)
     if call.messages is not None:
         ids = await asyncio.to_thread(
             runtime.tokenize_messages, call.messages, call.thinking, call.add_generation_prompt
@@ -173,7 +178,8 @@ async def tokenize(request: Request) -> HTTPResponse:
 @route("/detokenize", "POST")
 async def detokenize(request: Request) -> HTTPResponse:
     runtime = _runtime(request)
-    ids = cmpl.parse_detokenize(parse_json(request.body))
+    model, ids = cmpl.parse_detokenize(parse_json(request.body))
+    check_model(model, runtime.info.names)
     return _json(cmpl.detokenize_body(await asyncio.to_thread(runtime.decode, ids)))
 
 

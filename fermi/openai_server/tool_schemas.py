@@ -175,10 +175,9 @@ def response_format(f: Fields) -> OutputFormat | None:
     return None if g is None else _output_format(g, "response_format", flat=False)
 
 
-def text_format(f: Fields) -> OutputFormat | None:
-    """The Responses API's text.format: the same kinds, json_schema flat ({"type":
-    "json_schema", "name", "schema", "strict"})."""
-    text = f.object("text")
+def text_format(text: Fields | None) -> OutputFormat | None:
+    """The Responses API's text.format (`text`: the request's `text` object): the same kinds,
+    json_schema flat ({"type": "json_schema", "name", "schema", "strict"})."""
     g = text.object("format") if text else None
     return None if g is None else _output_format(g, "text.format", flat=True)
 

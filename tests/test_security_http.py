@@ -308,6 +308,44 @@ def test_stalled_headers_are_closed_after_the_request_timeout(server, port):
     assert response.startswith(b"HTTP/1.1 408"), response[:200]
 
 
+def read_to_eof(sock: socket.socket, within_s: float = WAIT_S) -> tuple[bytes, bool]:
+    """What the server sends until it closes the connection: (bytes, True), or (bytes, False)
+    when it is still open after `within_s` seconds."""
+    sock.settimeout(within_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return received, False
+    except ConnectionResetError:
+        pass
+    return received, True
+
+
+def test_stalled_requests_are_closed_and_free_their_connection_slots(server, port):
+    """As many stalled requests as the cap allows: each is answered 408 and its connection
+    closed by the server, so none keeps counting against FERMI_MAX_CONNECTIONS."""
+    body_head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt":'
+    )
+    heads = [body_head, b"POST /v1/completions HTTP/1.1\r\nHost:"]  # a body or headers stall
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for i, sock in enumerate(held):
+            sock.sendall(heads[i % 2])
+        for sock in held:
+            answer, closed = read_to_eof(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert closed, "the server answered 408 but kept the connection open"
+        response = httpx.get(server.url + "/health", timeout=30)
+        assert response.status_code == 200, response.text
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_open_connections_are_capped(server, port):
     """Connections beyond FERMI_MAX_CONNECTIONS get a 503 in OpenAI's shape and are closed."""
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS + 4)]

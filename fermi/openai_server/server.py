@@ -18,9 +18,16 @@ from typing import Any
 from urllib.parse import unquote
 
 from sanic import Request, Sanic
-from sanic.exceptions import NotFound
+from sanic.exceptions import (
+    BadRequest,
+    ExpectationFailed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
+from sanic.signals import Event as SanicEvent
 
 from fermi import logs, tracing
 from fermi.errors import FermiError, GenerationTimeout
@@ -48,6 +55,8 @@ log = logging.getLogger("fermi.openai")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")  # keyed like /v1 (llama-server keys them too)
+# What Sanic raises when it cannot read a request (answered before any key check)
+UNREAD_ERRORS = (BadRequest, PayloadTooLarge, RequestTimeout, ExpectationFailed)
 ROUTES: list[tuple[Callable, str, str]] = []  # (handler, uri, method), filled by @route
 
 
@@ -375,13 +384,23 @@ def allowed_origin(settings: Settings, origin: str | None) -> str | None:
     return "*" if "*" in allowed else origin if origin in allowed else None
 
 
+async def note_error(request: Request, exception: BaseException) -> None:
+    """Remember the error Sanic is about to answer (signal http.lifecycle.exception), so that
+    `authorize` can tell a request Sanic could not read."""
+    request.ctx.error = exception
+
+
 async def authorize(request: Request) -> None:
     """Set `request.ctx.tenant` from the bearer key; /v1 routes, /tokenize and /detokenize
-    refuse a missing or unknown key with 401 when keys are configured (/health and /metrics
-    stay open)."""
+    refuse a missing or unknown key with 401 (Unauthorized) when keys are configured (/health
+    and /metrics stay open). A request Sanic could not read (malformed framing, too large, not
+    received in time) is answered with that error instead: no handler runs for it, and a
+    malformed head leaves no headers, so no key, to check."""
     request.ctx.tenant = ANONYMOUS
     protected = request.path.startswith("/v1") or request.path in TOKENIZER_ROUTES
     if not protected or request.method == "OPTIONS":
+        return
+    if isinstance(getattr(request.ctx, "error", None), UNREAD_ERRORS):
         return
     tenant = request.app.ctx.keys.tenant_for_header(request.headers.get("authorization"))
     if tenant is None:
@@ -519,6 +538,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
         app.add_route(handler, uri, methods=methods, name=f"{handler.__name__}_{i}")
     for i, uri in enumerate(sorted({uri for _, uri, _ in ROUTES if uri.startswith("/v1")})):
         app.add_route(preflight, uri, methods=["OPTIONS"], name=f"preflight_{i}")
+    app.add_signal(note_error, SanicEvent.HTTP_LIFECYCLE_EXCEPTION.value)
     app.on_request(start_request)
     app.on_request(authorize)
     app.on_response(finish_response)

@@ -475,6 +475,34 @@ def test_cors(http):
     assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [
+        ("/tokenize", "POST"),
+        ("/detokenize", "POST"),
+        ("/health", "GET"),
+        ("/metrics", "GET"),
+        ("/v1/models", "GET"),
+        ("/v1/models/tiny-qwen3", "GET"),
+        ("/v1/sessions/some-session", "DELETE"),
+        ("/v1/completions", "POST"),
+    ],
+)
+def test_every_route_answers_a_cors_preflight(http, path, method):
+    """A browser preflights each route it calls: all answer like /v1/chat/completions."""
+    preflight = http.options(
+        path,
+        headers={
+            "Origin": "http://allowed.example",
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status_code == 204, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "http://allowed.example"
+    assert method in preflight.headers["access-control-allow-methods"]
+
+
 def test_metrics(http):
     http.post("/v1/chat/completions", json=chat_body())
     text = http.get("/metrics").text

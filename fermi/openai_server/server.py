@@ -536,7 +536,7 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     for i, (handler, uri, method) in enumerate(ROUTES):
         methods = ["GET", "HEAD"] if method == "GET" else [method]  # HEAD wherever GET works
         app.add_route(handler, uri, methods=methods, name=f"{handler.__name__}_{i}")
-    for i, uri in enumerate(sorted({uri for _, uri, _ in ROUTES if uri.startswith("/v1")})):
+    for i, uri in enumerate(sorted({uri for _, uri, _ in ROUTES})):  # every route a browser calls
         app.add_route(preflight, uri, methods=["OPTIONS"], name=f"preflight_{i}")
     app.add_signal(note_error, SanicEvent.HTTP_LIFECYCLE_EXCEPTION.value)
     app.on_request(start_request)

@@ -96,9 +96,12 @@ async def list_models(request: Request) -> HTTPResponse:
 
 @route("/v1/models/<model_id:path>")
 async def get_model(request: Request, model_id: str) -> HTTPResponse:
+    """The model card under any of its names; another raises ModelNotFound (404). The id is
+    percent-decoded once, so `org%2Fmy-model` (what openai-python sends) and a plain
+    `org/my-model` both name "org/my-model"."""
     if not model_id:  # GET /v1/models/ is the list
         return await list_models(request)
-    check_model(model_id, _runtime(request).info.names)
+    check_model(unquote(model_id), _runtime(request).info.names)
     return _json(_model_card(request))
 
 

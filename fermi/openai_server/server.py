@@ -268,16 +268,16 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
     within one decode step if running, its session and queue place freed if it never ran."""
     ctx = request.app.ctx
     queue: asyncio.Queue = asyncio.Queue()
-    events = _record(request.ctx.access, ctx.metrics.observe(generation.aiter()))
+    observed = ctx.metrics.observe(generation.aiter(), lambda: request.ctx.disconnected)
+    events = _record(request.ctx.access, observed)
     pump = asyncio.create_task(_pump(events, queue.put_nowait))
     request.ctx.pump = pump
     ctx.pumps.add(pump)
     pump.add_done_callback(ctx.pumps.discard)
     try:
         yield _drain(queue, ctx)
-    except asyncio.CancelledError:
-        ctx.metrics.generations.labels("disconnected").inc()
-        _log_disconnect(request)
+    except asyncio.CancelledError:  # also Sanic's RequestCancelled from a send
+        _log_disconnect(request)  # before the close below: the metrics say "disconnected"
         raise
     finally:
         generation.close()
@@ -291,10 +291,24 @@ def _log_disconnect(request: Request) -> None:
     access.status = 499
     request.ctx.disconnected = True  # finish_response leaves the line to us
     if pump is not None and not pump.done():
-        pump.add_done_callback(lambda _: access.emit())
+        pump.add_done_callback(lambda _: _account(request))
         return
     access.finish_reason = access.finish_reason or "cancelled"
+    _account(request)
+
+
+def _account(request: Request) -> None:
+    """Count the request in /metrics and write its access line, both once and with the same
+    status (`request.ctx.access.status`)."""
+    access = request.ctx.access
+    if access.emitted:
+        return
+    request.app.ctx.metrics.requests.labels(_route_name(request), str(access.status)).inc()
     access.emit()
+
+
+def _route_name(request: Request) -> str:
+    return f"/{request.route.path}" if request.route else "unmatched"
 
 
 async def _collect(
@@ -350,7 +364,7 @@ async def _stream(request: Request, generation, frames):
     finally:
         if ended:
             request.ctx.access.status = 200
-            request.ctx.access.emit()
+            _account(request)
         else:  # the client went away (the handler was cancelled, or a send failed)
             _log_disconnect(request)
 
@@ -423,14 +437,14 @@ async def start_request(request: Request) -> None:
 
 
 async def finish_response(request: Request, response: HTTPResponse) -> None:
-    """Count the request, write its access log line (a stream's when it ends) and add CORS
-    headers (also to streams and errors)."""
-    name = f"/{request.route.path}" if request.route else "unmatched"
-    request.app.ctx.metrics.requests.labels(name, str(response.status)).inc()
+    """Count the request and write its access log line (a stream's, or a departed client's,
+    when its generation ends) and add CORS headers (also to streams and errors)."""
     access = getattr(request.ctx, "access", None)
-    if access is not None and not request.ctx.streaming and not request.ctx.disconnected:
+    if access is None:  # answered without the request middleware (no access record)
+        request.app.ctx.metrics.requests.labels(_route_name(request), str(response.status)).inc()
+    elif not request.ctx.streaming and not request.ctx.disconnected:
         access.status = response.status
-        access.emit()
+        _account(request)
     origin = allowed_origin(request.app.ctx.settings, request.headers.get("origin"))
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin

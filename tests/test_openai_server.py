@@ -645,6 +645,34 @@ def test_cors(http):
     assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [
+        ("/tokenize", "POST"),
+        ("/detokenize", "POST"),
+        ("/health", "GET"),
+        ("/metrics", "GET"),
+        ("/v1/models", "GET"),
+        ("/v1/models/tiny-qwen3", "GET"),
+        ("/v1/sessions/some-session", "DELETE"),
+        ("/v1/completions", "POST"),
+    ],
+)
+def test_every_route_answers_a_cors_preflight(http, path, method):
+    """A browser preflights each route it calls: all answer like /v1/chat/completions."""
+    preflight = http.options(
+        path,
+        headers={
+            "Origin": "http://allowed.example",
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status_code == 204, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == "http://allowed.example"
+    assert method in preflight.headers["access-control-allow-methods"]
+
+
 def test_metrics(http):
     http.post("/v1/chat/completions", json=chat_body())
     text = http.get("/metrics").text
@@ -684,21 +712,49 @@ def test_32_concurrent_streams(server, http):
     assert_healthy(http)
 
 
+def outcomes(http: httpx.Client) -> dict[str, float]:
+    """What /metrics counts of generations ending (by outcome) and of chat requests (by status)."""
+    route = "/v1/chat/completions"
+    return {
+        "cancelled": metric(http, "fermi_generations_total", outcome="cancelled"),
+        "disconnected": metric(http, "fermi_generations_total", outcome="disconnected"),
+        "200": metric(http, "fermi_http_requests_total", route=route, status="200"),
+        "499": metric(http, "fermi_http_requests_total", route=route, status="499"),
+    }
+
+
+def counted_once_as_disconnected(http: httpx.Client, before: dict[str, float]) -> None:
+    """The generation of a client that left is counted once, as disconnected (not also as
+    cancelled), and its request with the status of its access line, 499 (not 200)."""
+    expected = {**before, "disconnected": before["disconnected"] + 1, "499": before["499"] + 1}
+    deadline = time.monotonic() + 60
+    while outcomes(http) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # and nothing more is counted later
+    assert outcomes(http) == expected
+
+
+def test_a_finished_stream_is_counted_once_as_200(http):
+    wait_for(lambda: idle(http), "the engine to be idle")
+    before = outcomes(http)
+    length = metric(http, "fermi_generations_total", outcome="length")
+    body = chat_body(stream=True, max_tokens=4, ignore_eos=True)
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    wait_for(lambda: outcomes(http) != before, "the stream to be counted")
+    assert outcomes(http) == {**before, "200": before["200"] + 1}
+    assert metric(http, "fermi_generations_total", outcome="length") == length + 1
+
+
 def test_disconnect_stops_generation(http):
-    cancelled = metric(http, "fermi_generations_total", outcome="cancelled")
-    disconnected = metric(http, "fermi_generations_total", outcome="disconnected")
+    before = outcomes(http)
     tokens = metric(http, "fermi_completion_tokens_total")
     body = chat_body(stream=True, max_tokens=LONG, ignore_eos=True, session_id="disconnect-test")
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         data = (line for line in response.iter_lines() if line.startswith("data: "))
         next(data), next(data)  # the role chunk and the first text: it is generating
         assert metric(http, "fermi_running") == 1
-    # The client has gone: the generation ends as cancelled, long before its token limit.
-    wait_for(
-        lambda: metric(http, "fermi_generations_total", outcome="cancelled") == cancelled + 1,
-        "the generation to be cancelled",
-    )
-    assert metric(http, "fermi_generations_total", outcome="disconnected") == disconnected + 1
+    # The client has gone: the generation ends, long before its token limit.
+    counted_once_as_disconnected(http, before)
     assert metric(http, "fermi_completion_tokens_total") - tokens < LONG
     wait_for(lambda: idle(http), "the engine to be idle")
     follow_up = http.post("/v1/chat/completions", json=chat_body(session_id="disconnect-test"))
@@ -707,7 +763,7 @@ def test_disconnect_stops_generation(http):
 
 def test_disconnect_non_streaming(server, http):
     """A non-streaming client that hangs up mid-generation also cancels it."""
-    cancelled = metric(http, "fermi_generations_total", outcome="cancelled")
+    before = outcomes(http)
     tokens = metric(http, "fermi_completion_tokens_total")
     body = json.dumps(chat_body(max_tokens=LONG, ignore_eos=True)).encode()
     head = (
@@ -718,10 +774,7 @@ def test_disconnect_non_streaming(server, http):
     with socket.create_connection(("127.0.0.1", port)) as raw:
         raw.sendall(head + body)
         wait_for(lambda: metric(http, "fermi_running") == 1, "the generation to start")
-    wait_for(
-        lambda: metric(http, "fermi_generations_total", outcome="cancelled") == cancelled + 1,
-        "the generation to be cancelled",
-    )
+    counted_once_as_disconnected(http, before)
     assert metric(http, "fermi_completion_tokens_total") - tokens < LONG
     wait_for(lambda: idle(http), "the engine to be idle")
 

@@ -249,6 +249,52 @@ def test_a_long_url_is_414_large_headers_431_a_large_body_413(server, port):
     assert_healthy(server)
 
 
+FRAMING_ERRORS = {
+    "non-numeric Content-Length": b"Content-Length: abc\r\n",
+    "two Content-Lengths": b"Content-Length: 2\r\nContent-Length: 3\r\n",
+    "Content-Length and Transfer-Encoding": b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n",
+}
+
+
+@pytest.mark.parametrize("name", [*FRAMING_ERRORS, "raw 0xff in the path"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/health"])
+def test_a_malformed_request_with_a_valid_key_is_400(server, port, name, path):
+    """The framing error is the answer, not the key check: Sanic cannot read such a request,
+    so it has no headers (no key) to check."""
+    if name in FRAMING_ERRORS:
+        head = f"POST {path} HTTP/1.1\r\n".encode() + FRAMING_ERRORS[name]
+    else:
+        head = f"POST {path}".encode() + b"\xff HTTP/1.1\r\nContent-Length: 2\r\n"
+    request = head + b"Host: x\r\nAuthorization: Bearer alice-key\r\n\r\n{}"
+    status, data = parse_response(raw_exchange(port, request))
+    assert status == 400, (name, data)
+    assert set(data["error"]) == {"message", "type", "param", "code"}
+    assert data["error"]["type"] == "invalid_request_error"
+    assert_healthy(server)
+
+
+def test_a_malformed_request_does_not_bypass_the_key_check(server, port):
+    """Without a key, a well-formed request to an unknown /v1 path is still 401, and a framing
+    error is 400 whatever the key: neither runs a handler."""
+    status, data = parse_response(
+        raw_exchange(port, b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+    )
+    assert status == 401 and data["error"]["code"] == "invalid_api_key"
+    request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"
+    status, data = parse_response(raw_exchange(port, request))
+    assert status == 400
+
+
+def test_a_body_too_large_or_too_slow_is_answered_before_the_key_check(port):
+    """413 and 408 say what is wrong with the request whatever its key, like a framing error."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+    status, data = parse_response(raw_exchange(port, head))
+    assert status == 413 and data["error"]["code"] == "request_too_large"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{"
+    status, _ = parse_response(raw_exchange(port, head, read_s=WAIT_S))
+    assert status == 408
+
+
 # -- connections -----------------------------------------------------------------------------
 
 
@@ -306,6 +352,44 @@ def test_a_trickled_body_is_closed_after_the_request_timeout(server, port):
 def test_stalled_headers_are_closed_after_the_request_timeout(server, port):
     response = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost:", read_s=WAIT_S)
     assert response.startswith(b"HTTP/1.1 408"), response[:200]
+
+
+def read_to_eof(sock: socket.socket, within_s: float = WAIT_S) -> tuple[bytes, bool]:
+    """What the server sends until it closes the connection: (bytes, True), or (bytes, False)
+    when it is still open after `within_s` seconds."""
+    sock.settimeout(within_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return received, False
+    except ConnectionResetError:
+        pass
+    return received, True
+
+
+def test_stalled_requests_are_closed_and_free_their_connection_slots(server, port):
+    """As many stalled requests as the cap allows: each is answered 408 and its connection
+    closed by the server, so none keeps counting against FERMI_MAX_CONNECTIONS."""
+    body_head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-key\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt":'
+    )
+    heads = [body_head, b"POST /v1/completions HTTP/1.1\r\nHost:"]  # a body or headers stall
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for i, sock in enumerate(held):
+            sock.sendall(heads[i % 2])
+        for sock in held:
+            answer, closed = read_to_eof(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert closed, "the server answered 408 but kept the connection open"
+        response = httpx.get(server.url + "/health", timeout=30)
+        assert response.status_code == 200, response.text
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_open_connections_are_capped(server, port):

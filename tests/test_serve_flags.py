@@ -49,7 +49,8 @@ def json_lines(text: str) -> list[dict]:
 def flagged(tiny_artifact):
     """A server started with flags only: two served names, a context cap, a key, JSON logs."""
     args = (
-        "--served-model-name", "tiny-alias", "--alias", "second-name", "--ctx-size", str(CTX),
+        "--served-model-name", "tiny-alias", "--alias", "second-name", "--alias", "org/my-model",
+        "--ctx-size", str(CTX),
         "--api-key", KEY, "--log-format", "json", "--max-num-seqs", "2", "--max-queue", "5",
         "--threads", "1", "-n", "3", "--allowed-origins", "http://ok.example",
         "--max-body-bytes", "2048", "--session-max", "4", "--default-thinking", "off",
@@ -87,6 +88,16 @@ def test_served_names_full_path_and_folder_name(flagged, http, tiny_artifact):
         assert http.get(f"/v1/models/{name}").json()["id"] == "tiny-alias"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=USER, max_tokens=2)
+
+
+def test_a_served_name_with_a_slash_is_retrieved_by_the_official_client(flagged, http):
+    """openai-python sends models.retrieve("org/my-model") as /v1/models/org%2Fmy-model; the
+    plain /v1/models/org/my-model works as well."""
+    client = openai.OpenAI(base_url=flagged.url + "/v1", api_key=KEY, max_retries=0)
+    assert client.models.retrieve("org/my-model").id == "tiny-alias"
+    assert http.get("/v1/models/org/my-model").json()["id"] == "tiny-alias"
+    with pytest.raises(openai.NotFoundError, match="'org/other'"):
+        client.models.retrieve("org/other")
 
 
 def test_models_list_and_trailing_slash_carry_what_clients_use(http):
@@ -143,7 +154,8 @@ def test_head_works_where_get_does_and_405_says_allow(http):
         assert head.headers["content-type"] == get.headers["content-type"]
     wrong = http.put("/health")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
-    assert set(wrong.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+    allow = set(wrong.headers["allow"].replace(" ", "").split(","))
+    assert allow == {"GET", "HEAD", "OPTIONS"}  # OPTIONS: the CORS preflight
     post_only = http.get("/v1/chat/completions")
     assert post_only.status_code == 405 and "POST" in post_only.headers["allow"]
 

@@ -2,17 +2,17 @@
 the time to receive a request (headers and body together), and request preparation (chat
 template rendering and tokenization, which take seconds for a 4 MiB prompt) off the event loop.
 
-Sanic measures its REQUEST_TIMEOUT only until the headers are in and its RESPONSE_TIMEOUT from
-the last byte moved, so a client that sends headers and then stalls its body would be held for
-the whole response timeout (hours: generations and queue waits are long). `GuardedProtocol`
-closes such a connection once `request_timeout_s` has passed since its request began, answering
-408 when it still can."""
+Sanic measures its REQUEST_TIMEOUT only until the headers are in (from the last byte received)
+and its RESPONSE_TIMEOUT from the last byte moved, so a client that sends headers and then stalls
+or trickles its body would be held for the whole response timeout (hours: generations and queue
+waits are long). `GuardedProtocol` answers 408 and closes such a connection once
+`request_timeout_s` has passed since the request's first byte, the way Sanic ends its own
+request timeout."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-from time import monotonic
 
 from sanic.exceptions import PayloadTooLarge, RequestTimeout
 from sanic.http import Stage
@@ -34,38 +34,48 @@ BUSY_RESPONSE = (
 
 class GuardedProtocol(HttpProtocol):
     """Sanic's HTTP/1.1 protocol with a connection cap (`app.config.FERMI_MAX_CONNECTIONS`)
-    and a total time limit on receiving each request (`REQUEST_TIMEOUT`, seconds)."""
+    and a total time limit on receiving each request (`REQUEST_TIMEOUT`, seconds): headers
+    and body together, counted from the request's first byte."""
 
-    __slots__ = ("_refused", "_receiving_since")
+    __slots__ = ("_refused", "_request_timer")
 
     def connection_made(self, transport) -> None:
         cap = self.app.config.get("FERMI_MAX_CONNECTIONS", 0)
         self._refused = bool(cap and len(self.connections) >= cap)
+        self._request_timer: asyncio.TimerHandle | None = None
         if self._refused:
             transport.write(BUSY_RESPONSE)
             transport.close()
             return
-        self._receiving_since: float | None = None
         super().connection_made(transport)
 
     def connection_lost(self, exc) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
         if not self._refused:
             super().connection_lost(exc)
 
-    def check_timeouts(self) -> None:
-        http = self._http
-        receiving = http is not None and (
-            http.stage is Stage.REQUEST or (http.stage is Stage.HANDLER and http.request_body)
-        )
-        if not receiving:
-            self._receiving_since = None
-        elif self._receiving_since is None:
-            self._receiving_since = monotonic()  # within one check interval
-        elif self._task and monotonic() - self._receiving_since > self.request_timeout:
-            http.exception = RequestTimeout("Request Timeout: the request was not received in time")
-            self._task.cancel()
+    def data_received(self, data: bytes) -> None:
+        http = self.http
+        if http is None or http.stage is Stage.IDLE:  # the first bytes of a request
+            if self._request_timer is not None:
+                self._request_timer.cancel()
+            self._request_timer = self.loop.call_later(self.request_timeout, self._time_out)
+        super().data_received(data)
+
+    def _time_out(self) -> None:
+        """The request began `request_timeout` seconds ago: if it is still being received,
+        end it as Sanic ends its own request timeout (the connection task is cancelled with
+        RequestTimeout as the error to answer: 408, `connection: close`). The rest of the
+        body is not waited for, so the connection closes once the 408 is out."""
+        self._request_timer = None
+        http = self.http
+        if http is None or self._task is None:
             return
-        super().check_timeouts()
+        if http.stage is Stage.REQUEST or (http.stage is Stage.HANDLER and http.request_body):
+            http.exception = RequestTimeout("Request Timeout: the request was not received in time")
+            http.request_body = None  # else Sanic reads the rest of it before closing
+            self._task.cancel()
 
 
 async def submit_off_loop(runtime, request):

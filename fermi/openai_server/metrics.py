@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -33,8 +33,8 @@ class Metrics:
             "fermi_completion_tokens", "Generated tokens of finished generations", registry=registry
         )
         self.generations = Counter(
-            "fermi_generations", "Generations by outcome (stop, length, cancelled, disconnected, "
-            "error)", ["outcome"], registry=registry,
+            "fermi_generations", "Generations by outcome (stop, length, cancelled, disconnected: "
+            "cancelled because the client went away, error)", ["outcome"], registry=registry,
         )  # fmt: skip
         self.ttft = Histogram(
             "fermi_time_to_first_token_seconds", "From submit to the first text",
@@ -68,8 +68,12 @@ class Metrics:
             self.kv_bytes.set(stats.kv_bytes)
         return generate_latest(self.registry)
 
-    async def observe(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """Pass events through, timing first and later tokens and counting the outcome."""
+    async def observe(
+        self, events: AsyncIterator[Event], client_left: Callable[[], bool] = lambda: False
+    ) -> AsyncIterator[Event]:
+        """Pass events through, timing first and later tokens and counting the outcome once:
+        the finish reason, or "disconnected" for a generation cancelled because its client
+        went away (`client_left()` true when it ends), or "error" when `events` raises."""
         last = start = time.perf_counter()
         first = True
         try:
@@ -84,15 +88,16 @@ class Metrics:
                             self.itl.observe((now - last) / len(event.token_ids))
                     last = now
                 elif isinstance(event, Finished):
-                    self.finished(event)
+                    gone = event.finish_reason == "cancelled" and client_left()
+                    self.finished(event, "disconnected" if gone else event.finish_reason)
                 yield event
         except Exception:
             self.generations.labels("error").inc()
             raise
 
-    def finished(self, finished: Finished) -> None:
+    def finished(self, finished: Finished, outcome: str) -> None:
         usage = finished.usage
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.cached_tokens.inc(usage.cached_tokens)
         self.completion_tokens.inc(usage.completion_tokens)
-        self.generations.labels(finished.finish_reason).inc()
+        self.generations.labels(outcome).inc()

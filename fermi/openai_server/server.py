@@ -18,9 +18,16 @@ from typing import Any
 from urllib.parse import unquote
 
 from sanic import Request, Sanic
-from sanic.exceptions import NotFound
+from sanic.exceptions import (
+    BadRequest,
+    ExpectationFailed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, empty, json, raw
+from sanic.signals import Event as SanicEvent
 
 from fermi import logs, tracing
 from fermi.errors import FermiError, GenerationTimeout
@@ -48,6 +55,8 @@ log = logging.getLogger("fermi.openai")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")  # keyed like /v1 (llama-server keys them too)
+# What Sanic raises when it cannot read a request (answered before any key check)
+UNREAD_ERRORS = (BadRequest, PayloadTooLarge, RequestTimeout, ExpectationFailed)
 ROUTES: list[tuple[Callable, str, str]] = []  # (handler, uri, method), filled by @route
 
 
@@ -87,9 +96,12 @@ async def list_models(request: Request) -> HTTPResponse:
 
 @route("/v1/models/<model_id:path>")
 async def get_model(request: Request, model_id: str) -> HTTPResponse:
+    """The model card under any of its names; another raises ModelNotFound (404). The id is
+    percent-decoded once, so `org%2Fmy-model` (what openai-python sends) and a plain
+    `org/my-model` both name "org/my-model"."""
     if not model_id:  # GET /v1/models/ is the list
         return await list_models(request)
-    check_model(model_id, _runtime(request).info.names)
+    check_model(unquote(model_id), _runtime(request).info.names)
     return _json(_model_card(request))
 
 
@@ -262,16 +274,16 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
     within one decode step if running, its session and queue place freed if it never ran."""
     ctx = request.app.ctx
     queue: asyncio.Queue = asyncio.Queue()
-    events = _record(request.ctx.access, ctx.metrics.observe(generation.aiter()))
+    observed = ctx.metrics.observe(generation.aiter(), lambda: request.ctx.disconnected)
+    events = _record(request.ctx.access, observed)
     pump = asyncio.create_task(_pump(events, queue.put_nowait))
     request.ctx.pump = pump
     ctx.pumps.add(pump)
     pump.add_done_callback(ctx.pumps.discard)
     try:
         yield _drain(queue, ctx)
-    except asyncio.CancelledError:
-        ctx.metrics.generations.labels("disconnected").inc()
-        _log_disconnect(request)
+    except asyncio.CancelledError:  # also Sanic's RequestCancelled from a send
+        _log_disconnect(request)  # before the close below: the metrics say "disconnected"
         raise
     finally:
         generation.close()
@@ -285,10 +297,24 @@ def _log_disconnect(request: Request) -> None:
     access.status = 499
     request.ctx.disconnected = True  # finish_response leaves the line to us
     if pump is not None and not pump.done():
-        pump.add_done_callback(lambda _: access.emit())
+        pump.add_done_callback(lambda _: _account(request))
         return
     access.finish_reason = access.finish_reason or "cancelled"
+    _account(request)
+
+
+def _account(request: Request) -> None:
+    """Count the request in /metrics and write its access line, both once and with the same
+    status (`request.ctx.access.status`)."""
+    access = request.ctx.access
+    if access.emitted:
+        return
+    request.app.ctx.metrics.requests.labels(_route_name(request), str(access.status)).inc()
     access.emit()
+
+
+def _route_name(request: Request) -> str:
+    return f"/{request.route.path}" if request.route else "unmatched"
 
 
 async def _collect(
@@ -344,7 +370,7 @@ async def _stream(request: Request, generation, frames):
     finally:
         if ended:
             request.ctx.access.status = 200
-            request.ctx.access.emit()
+            _account(request)
         else:  # the client went away (the handler was cancelled, or a send failed)
             _log_disconnect(request)
 
@@ -381,13 +407,23 @@ def allowed_origin(settings: Settings, origin: str | None) -> str | None:
     return "*" if "*" in allowed else origin if origin in allowed else None
 
 
+async def note_error(request: Request, exception: BaseException) -> None:
+    """Remember the error Sanic is about to answer (signal http.lifecycle.exception), so that
+    `authorize` can tell a request Sanic could not read."""
+    request.ctx.error = exception
+
+
 async def authorize(request: Request) -> None:
     """Set `request.ctx.tenant` from the bearer key; /v1 routes, /tokenize and /detokenize
-    refuse a missing or unknown key with 401 when keys are configured (/health and /metrics
-    stay open)."""
+    refuse a missing or unknown key with 401 (Unauthorized) when keys are configured (/health
+    and /metrics stay open). A request Sanic could not read (malformed framing, too large, not
+    received in time) is answered with that error instead: no handler runs for it, and a
+    malformed head leaves no headers, so no key, to check."""
     request.ctx.tenant = ANONYMOUS
     protected = request.path.startswith("/v1") or request.path in TOKENIZER_ROUTES
     if not protected or request.method == "OPTIONS":
+        return
+    if isinstance(getattr(request.ctx, "error", None), UNREAD_ERRORS):
         return
     tenant = request.app.ctx.keys.tenant_for_header(request.headers.get("authorization"))
     if tenant is None:
@@ -407,14 +443,14 @@ async def start_request(request: Request) -> None:
 
 
 async def finish_response(request: Request, response: HTTPResponse) -> None:
-    """Count the request, write its access log line (a stream's when it ends) and add CORS
-    headers (also to streams and errors)."""
-    name = f"/{request.route.path}" if request.route else "unmatched"
-    request.app.ctx.metrics.requests.labels(name, str(response.status)).inc()
+    """Count the request and write its access log line (a stream's, or a departed client's,
+    when its generation ends) and add CORS headers (also to streams and errors)."""
     access = getattr(request.ctx, "access", None)
-    if access is not None and not request.ctx.streaming and not request.ctx.disconnected:
+    if access is None:  # answered without the request middleware (no access record)
+        request.app.ctx.metrics.requests.labels(_route_name(request), str(response.status)).inc()
+    elif not request.ctx.streaming and not request.ctx.disconnected:
         access.status = response.status
-        access.emit()
+        _account(request)
     origin = allowed_origin(request.app.ctx.settings, request.headers.get("origin"))
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -523,8 +559,9 @@ def create_app(settings: Settings, load: Callable[[Settings], Any] | None = None
     for i, (handler, uri, method) in enumerate(ROUTES):
         methods = ["GET", "HEAD"] if method == "GET" else [method]  # HEAD wherever GET works
         app.add_route(handler, uri, methods=methods, name=f"{handler.__name__}_{i}")
-    for i, uri in enumerate(sorted({uri for _, uri, _ in ROUTES if uri.startswith("/v1")})):
+    for i, uri in enumerate(sorted({uri for _, uri, _ in ROUTES})):  # every route a browser calls
         app.add_route(preflight, uri, methods=["OPTIONS"], name=f"preflight_{i}")
+    app.add_signal(note_error, SanicEvent.HTTP_LIFECYCLE_EXCEPTION.value)
     app.on_request(start_request)
     app.on_request(authorize)
     app.on_response(finish_response)

@@ -108,6 +108,7 @@ class PromptLogprobs:
 
     token_ids: list[int]
     logprobs: list[SampledToken | None]
+    prompt: int = 0  # which prompt, in a request of several (/v1/completions)
 
 
 @dataclass

@@ -267,9 +267,72 @@ def test_completions_streaming_n_and_usage(client):
     assert set(finishes) == {0, 1} and usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_a_batch_of_prompts_answers_each_as_if_alone(client):
+    """A list of prompts (text and token ids mixed) is one request: n choices per prompt,
+    numbered prompt by prompt, each equal to the same prompt sent alone; the usage sums them."""
+    prompts = ["The quick brown fox", tokenize(client, "one two three"), "Once upon a time"]
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0, n=2)
+        for p in prompts
+    ]
+    batch = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0,
+                                      n=2)  # fmt: skip
+    assert [c.index for c in batch.choices] == list(range(6))
+    for p, single in enumerate(alone):
+        for i in range(2):
+            choice, want = batch.choices[p * 2 + i], single.choices[i]
+            assert (choice.text, choice.finish_reason) == (want.text, want.finish_reason)
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    texts, finishes, usage = {}, {}, None
+    for chunk in client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True,
+        stream_options={"include_usage": True},
+    ):  # fmt: skip
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in batch.choices}
+    assert finishes == {c.index: c.finish_reason for c in batch.choices}
+    assert usage.total_tokens == batch.usage.total_tokens
+
+
+def test_a_batch_of_prompts_echoes_and_scores_each_prompt(client):
+    """lm-eval's loglikelihood requests in a batch: echo + logprobs + max_tokens 0 score each
+    prompt as that prompt alone is scored."""
+    prompts = ["The quick brown fox", "jumps over the lazy dog", "Hello"]
+    alone = [
+        client.completions.create(
+            model=MODEL, prompt=p, max_tokens=0, echo=True, logprobs=1
+        ).choices[0]
+        for p in prompts
+    ]
+    batch = client.completions.create(model=MODEL, prompt=prompts, max_tokens=0, echo=True,
+                                      logprobs=1)  # fmt: skip
+    for choice, want in zip(batch.choices, alone, strict=True):
+        assert choice.text == want.text
+        assert choice.logprobs.tokens == want.logprobs.tokens
+        assert choice.logprobs.token_logprobs == pytest.approx(want.logprobs.token_logprobs)
+
+
+def test_a_batch_with_a_prompt_too_long_is_refused_whole(client, http):
+    """One prompt over the context: the request is a 400 and nothing of it stays queued or
+    running (the next request is served at once)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["short", "word " * 5000], max_tokens=4)
+    assert e.value.body["param"] == "prompt"
+    metrics = http.get("/metrics").text
+    assert "fermi_running 0.0" in metrics and "fermi_queue_depth 0.0" in metrics
+    assert client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=2).choices
+
+
 def test_completions_refusals(client):
     cases = [
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a"] * 33}, "prompt"),  # more prompts than one request may hold
+        ({"prompt": ["a", 5]}, "prompt"),
         ({"prompt": "def f(", "suffix": "return 1"}, "suffix"),  # no FIM tokens in tiny-qwen3
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),

@@ -761,6 +761,19 @@ def test_disconnect_stops_generation(http):
     assert follow_up.status_code == 200  # the session is free again
 
 
+def test_disconnect_stops_every_prompt_of_a_batch(http):
+    """A streamed /v1/completions batch whose client leaves: all its generations stop."""
+    tokens = metric(http, "fermi_completion_tokens_total")
+    body = {"prompt": ["Once", "upon", "a time"], "max_tokens": LONG, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        data = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(data), next(data)
+        assert metric(http, "fermi_running") + metric(http, "fermi_queue_depth") == 3
+    wait_for(lambda: idle(http), "the engine to be idle")
+    assert metric(http, "fermi_completion_tokens_total") - tokens < 3 * LONG
+
+
 def test_disconnect_non_streaming(server, http):
     """A non-streaming client that hangs up mid-generation also cancels it."""
     before = outcomes(http)

@@ -1,15 +1,19 @@
 """POST /v1/completions (OpenAI's legacy text completions) and the tokenizer routes:
 parsing into the runtime's raw-prompt GenerationRequest, and every body and chunk they send.
 
-The prompt is a string, a list of token ids, or a list holding one of those; batches of several
-prompts are refused (send one request each). `suffix` renders a fill-in-the-middle prompt when
-the model's vocabulary has FIM tokens (fermi/fim.py). `echo` puts the prompt before the
-completion; with `logprobs` too, the prompt tokens' logprobs come first (the first token's are
-null: nothing predicts it). `max_tokens` defaults to 16, as OpenAI's does."""
+The prompt is a string, a list of token ids, or a list of those: a batch, where each prompt is
+its own generation, all submitted at once and decoded in the same batch, and choice `index` runs
+prompt by prompt (`prompt * n + i`), as OpenAI's and vLLM's do. `suffix` renders a
+fill-in-the-middle prompt when the model's vocabulary has FIM tokens (fermi/fim.py). `echo` puts
+the prompt before the completion; with `logprobs` too, the prompt tokens' logprobs come first
+(the first token's are null: nothing predicts it). `max_tokens` defaults to 16, as OpenAI's
+does."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fermi.errors import InvalidRequest
@@ -37,11 +41,22 @@ from fermi.openai_server.schemas import (
     _stream_options,
     _thinking,
 )
-from fermi.requests import Finished, GenerationRequest, PromptLogprobs, TextDelta, Thinking
+from fermi.requests import (
+    Event,
+    Finished,
+    GenerationRequest,
+    PromptLogprobs,
+    TextDelta,
+    Thinking,
+    Usage,
+)
 from fermi.sampling import MAX_LOGPROBS
 from fermi.token_text import TokenText
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default
+# Prompts in one request: each takes a place in the batch or the queue (FERMI_MAX_QUEUE, 64 by
+# default), so a request of more than this could never be admitted whole on a default server.
+MAX_PROMPTS = 32
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,7 @@ class CompletionCall:
     stream: bool
     include_usage: bool
     echo: bool
-    prompt: str | list[int]  # before any FIM rendering
+    prompts: list[str | list[int]]  # before any FIM rendering; one or more
     suffix: str | None
     generation: GenerationRequest
     continuous_usage: bool = False  # every chunk carries the usage so far (vLLM)
@@ -58,13 +73,13 @@ class CompletionCall:
 
 def parse_completions(body: dict[str, Any]) -> CompletionCall:
     f = Fields(body)
-    prompt = _prompt(f.raw("prompt"))
+    prompts = _prompts(f.raw("prompt"))
     logprobs = f.integer("logprobs", minimum=0)
     if logprobs is not None and logprobs > MAX_LOGPROBS:
         raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
     echo = bool(f.boolean("echo"))
     suffix = f.string("suffix") or None
-    if suffix is not None and not isinstance(prompt, str):
+    if suffix is not None and not all(isinstance(prompt, str) for prompt in prompts):
         raise InvalidRequest("suffix needs a text prompt", param="suffix")
     n = _choices(f)
     best_of = f.integer("best_of", minimum=1)
@@ -81,11 +96,11 @@ def parse_completions(body: dict[str, Any]) -> CompletionCall:
         include_usage=include_usage,
         continuous_usage=continuous_usage,
         echo=echo,
-        prompt=prompt,
+        prompts=prompts,
         suffix=suffix,
         generation=GenerationRequest(
             messages=[],
-            prompt=prompt,
+            prompt=prompts[0],  # the request of each prompt is this one with its prompt
             max_new_tokens=max_tokens,
             sampling=_sampling(f),
             stop=_stop(f),
@@ -106,24 +121,33 @@ def _max_tokens(f: Fields, echo: bool) -> int:
     return DEFAULT_MAX_TOKENS if value is None else value
 
 
-def _prompt(value: Any) -> str | list[int]:
+def _prompts(value: Any) -> list[str | list[int]]:
+    """`prompt` as a list of prompts: a string or an array of token ids is one; an array of
+    those is a batch of at most MAX_PROMPTS. Raises InvalidRequest naming `prompt`."""
     if value is None:
         raise InvalidRequest("prompt is required", param="prompt")
-    if isinstance(value, list) and value and isinstance(value[0], str | list):
-        if len(value) > 1:
+    batch = isinstance(value, list) and bool(value) and isinstance(value[0], str | list)
+    prompts = value if batch else [value]
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequest(
+            f"prompt: at most {MAX_PROMPTS} prompts in one request, got {len(prompts)}",
+            param="prompt",
+        )
+    for i, prompt in enumerate(prompts):
+        if not _one_prompt(prompt):
+            where = f"prompt[{i}]" if batch else "prompt"
             raise InvalidRequest(
-                f"prompt: batches of several prompts are not supported ({len(value)} given); "
-                "send one request per prompt",
-                param="prompt",
+                f"{where} must be a string or an array of token ids", param="prompt"
             )
-        value = value[0]
+    return prompts
+
+
+def _one_prompt(value: Any) -> bool:
     if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(
+        return True
+    return isinstance(value, list) and all(
         isinstance(i, int) and not isinstance(i, bool) for i in value
-    ):
-        return value
-    raise InvalidRequest("prompt must be a string or an array of token ids", param="prompt")
+    )
 
 
 # -- bodies ----------------------------------------------------------------------------------
@@ -146,33 +170,37 @@ class ChoiceState:
 
 class CompletionFrames:
     """Builds /v1/completions bodies: `prefix` (the echoed prompt) and `text` per delta feed a
-    ChoiceState per choice; `body` and the stream frames read them."""
+    ChoiceState per choice (`n` per prompt, choice `prompt * n + i`); `body` and the stream
+    frames read them."""
 
-    def __init__(self, meta: Meta, call: CompletionCall, text: TokenText, prompt_text: str):
+    def __init__(self, meta: Meta, call: CompletionCall, text: TokenText, prompt_texts: list[str]):
         self.meta = meta
         self.call = call
-        self.prompt_text = prompt_text
+        self.prompt_texts = prompt_texts
+        self.n = call.generation.n
         wants = call.generation.logprobs is not None
         self.choices = [
             ChoiceState(i, LegacyLogprobs(text) if wants else None)
-            for i in range(call.generation.n)
+            for i in range(len(prompt_texts) * self.n)
         ]
-        self.prompt_block: dict[str, Any] | None = None
+        self.prompt_blocks: dict[int, dict[str, Any]] = {}
 
     def prompt(self, event: PromptLogprobs | None) -> None:
-        """Remember the echoed prompt's logprobs (each choice starts with them)."""
+        """Remember an echoed prompt's logprobs (each of its choices starts with them)."""
         if event is not None and self.choices[0].logprobs is not None:
-            self.prompt_block = LegacyLogprobs(self.choices[0].logprobs.text).block(
+            self.prompt_blocks[event.prompt] = LegacyLogprobs(self.choices[0].logprobs.text).block(
                 event.logprobs, event.token_ids
             )
 
     def start_choice(self, choice: ChoiceState) -> tuple[str, dict[str, Any] | None]:
-        """The echo: the prompt's text and logprobs, once per choice."""
+        """The echo: the choice's prompt text and logprobs, once per choice."""
         if not self.call.echo:
             return "", None
+        prompt = choice.index // self.n
+        text = self.prompt_texts[prompt]
         if choice.logprobs is not None:
-            choice.logprobs.offset = len(self.prompt_text)
-        return self.prompt_text, self.prompt_block
+            choice.logprobs.offset = len(text)
+        return text, self.prompt_blocks.get(prompt)
 
     def delta(self, delta: TextDelta) -> tuple[ChoiceState, dict[str, Any] | None]:
         choice = self.choices[delta.index]
@@ -200,10 +228,11 @@ class CompletionFrames:
         }
 
     def body(self, events: list, finished: Finished) -> dict[str, Any]:
-        """The non-streaming body from all of a generation's events (the prompt's logprobs,
+        """The non-streaming body from all of a generation's events (the prompts' logprobs,
         when asked, come before any text)."""
-        prompt = next((e for e in events if isinstance(e, PromptLogprobs)), None)
-        self.prompt(prompt)
+        for event in events:
+            if isinstance(event, PromptLogprobs):
+                self.prompt(event)
         texts: list[list[str]] = []
         blocks: list[list[dict[str, Any]]] = []
         for choice in self.choices:
@@ -282,6 +311,80 @@ class CompletionStream:
         if not text:
             return ""
         return self.chunk([self.frames.choice_body(index, text, block, None)])
+
+
+class PromptBatch:
+    """The generations of a request's prompts as one (Generation's interface: `aiter`,
+    `close`, `prompt_tokens`): their events interleaved as they come, each TextDelta's choice
+    renumbered `prompt * n + index` and each PromptLogprobs marked with its prompt, then one
+    Finished with every choice's finish reason and the usage summed (OpenAI's and vLLM's
+    batch usage). A failure of one ends them all: the error is raised, the others closed."""
+
+    def __init__(self, generations: list, n: int):
+        self.generations = generations
+        self.n = n
+        self.prompt_tokens = sum(g.prompt_tokens for g in generations)
+        self.session_id = generations[0].session_id
+
+    async def aiter(self) -> AsyncIterator[Event]:
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._pump(p, g, queue)) for p, g in enumerate(self.generations)
+        ]
+        finished: dict[int, Finished] = {}
+        try:
+            while len(finished) < len(self.generations):
+                prompt, event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, Finished):
+                    finished[prompt] = event
+                elif isinstance(event, TextDelta):
+                    yield replace(event, index=prompt * self.n + event.index)
+                elif isinstance(event, PromptLogprobs):
+                    yield replace(event, prompt=prompt)
+                else:
+                    yield event
+            yield self._merge([finished[p] for p in range(len(self.generations))])
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.close()
+
+    @staticmethod
+    async def _pump(prompt: int, generation, queue: asyncio.Queue) -> None:
+        try:
+            async for event in generation.aiter():
+                queue.put_nowait((prompt, event))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to aiter, which raises it
+            queue.put_nowait((prompt, e))
+
+    def _merge(self, finished: list[Finished]) -> Finished:
+        reasons = [r for f in finished for r in (f.finish_reasons or [f.finish_reason] * self.n)]
+        usage = Usage(
+            prompt_tokens=sum(f.usage.prompt_tokens for f in finished),
+            completion_tokens=sum(f.usage.completion_tokens for f in finished),
+            reasoning_tokens=sum(f.usage.reasoning_tokens for f in finished),
+            cached_tokens=sum(f.usage.cached_tokens for f in finished),
+        )
+        firsts = [f.first_token_at for f in finished if f.first_token_at is not None]
+        return replace(
+            finished[-1],
+            finish_reason=reasons[-1],
+            finish_reasons=reasons,
+            usage=usage,
+            first_token_at=min(firsts) if firsts else None,
+        )
+
+    def cancel(self) -> None:
+        for generation in self.generations:
+            generation.cancel()
+
+    def close(self) -> None:
+        for generation in self.generations:
+            generation.close()
 
 
 # -- tokenizer routes ------------------------------------------------------------------------

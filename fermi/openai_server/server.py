@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -152,24 +152,40 @@ async def responses(request: Request) -> HTTPResponse | None:
     return _json(fmt.response_final(meta, call, choices[0], finished, text), meta)
 
 
+async def _submit_prompts(request: Request, runtime, call: cmpl.CompletionCall):
+    """Submit each of the call's prompts (FIM-rendered with its suffix) as its own generation:
+    one prompt is its Generation, several a PromptBatch of them. If one is refused (a prompt
+    too long, the queue full), those already submitted are closed and the error raised."""
+    generations = []
+    try:
+        for prompt in call.prompts:
+            if call.suffix is not None:
+                prompt = render_fim(runtime.fim, prompt, call.suffix)
+            one = replace(call.generation, prompt=prompt, tenant=request.ctx.tenant)
+            generations.append(await submit_off_loop(runtime, one))
+    except BaseException:
+        for generation in generations:
+            generation.close()
+        raise
+    if len(generations) == 1:
+        return generations[0]
+    return cmpl.PromptBatch(generations, call.generation.n)
+
+
 @route("/v1/completions", "POST")
 async def completions(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
     with tracing.child("parse"):
         call = cmpl.parse_completions(parse_json(request.body))
         check_model(call.model, runtime.info.names)
-    generation_request = call.generation
-    if call.suffix is not None:
-        generation_request.prompt = render_fim(runtime.fim, call.prompt, call.suffix)
     meta = fmt.Meta(fmt.new_id("cmpl-"), runtime.model_id, None)
-    prompt_text = call.prompt if isinstance(call.prompt, str) else runtime.decode(call.prompt)
-    frames = cmpl.CompletionFrames(meta, call, runtime.token_text, prompt_text)
-    generation_request.tenant = request.ctx.tenant
-    generation = await submit_off_loop(runtime, generation_request)
+    texts = [p if isinstance(p, str) else runtime.decode(p) for p in call.prompts]
+    frames = cmpl.CompletionFrames(meta, call, runtime.token_text, texts)
+    generation = await _submit_prompts(request, runtime, call)
     if call.stream:
         running = fmt.RunningUsage(generation.prompt_tokens) if call.continuous_usage else None
         return await _stream(request, generation, cmpl.CompletionStream(frames, running))
-    _, events, finished = await _collect(request, generation, call.generation.n)
+    _, events, finished = await _collect(request, generation, len(frames.choices))
     return _json(frames.body(events, finished))
 
 

@@ -418,15 +418,21 @@ def test_open_connections_are_capped(server, port):
             time.sleep(0.1)
 
 
-def test_a_huge_prompt_is_prepared_off_the_event_loop(server, alice):
-    """While a 4 MiB prompt is rendered and tokenized, /health keeps answering."""
+@pytest.mark.parametrize("kind", ["text", "token ids"])
+def test_a_huge_prompt_is_prepared_off_the_event_loop(server, alice, kind):
+    """While a 4 MiB prompt is parsed, rendered and tokenized (or its 500,000 token ids parsed
+    and checked), /health keeps answering."""
     words = " ".join(f"word{i % 997}" for i in range(600_000))[: 4 * 1024 * 1024]
     outcome = {}
 
     def send_huge():
         with client(server, "alice") as c:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": words}]}
-            outcome["response"] = c.post("/v1/chat/completions", json=body)
+            if kind == "text":
+                body = {"model": MODEL, "messages": [{"role": "user", "content": words}]}
+                outcome["response"] = c.post("/v1/chat/completions", json=body)
+            else:
+                body = {"model": MODEL, "prompt": [i % 1000 for i in range(500_000)]}
+                outcome["response"] = c.post("/v1/completions", json=body)
 
     sender = threading.Thread(target=send_huge)
     sender.start()

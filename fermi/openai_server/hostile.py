@@ -36,8 +36,12 @@ def check_body(data: Any) -> None:
                 child = f"{path}.{key}" if path else key
                 _check_text(key, child)
                 stack.append((item, child, depth + 1))
-        else:
-            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        else:  # numbers need no check, and a prompt of token ids may hold a million of them
+            stack.extend(
+                (item, f"{path}[{i}]", depth + 1)
+                for i, item in enumerate(value)
+                if isinstance(item, str | dict | list)
+            )
 
 
 def _check_text(text: str, path: str) -> None:

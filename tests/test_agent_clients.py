@@ -609,6 +609,24 @@ def test_litellm_tool_calls(server):
     assert follow_up.choices[0].finish_reason == "length"
 
 
+def test_litellm_cache_control_marks_are_taken(server):
+    """litellm passes Anthropic-style `cache_control` marks on to servers other than OpenAI's,
+    on a message and on a content part: they ask for the prefix caching fermi does anyway."""
+    import litellm
+
+    cached = {"type": "ephemeral"}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief.",
+                                        "cache_control": cached}]},
+        {"role": "user", "content": "Hello", "cache_control": cached},
+    ]  # fmt: skip
+    response = litellm.completion(
+        model=f"openai/{MODEL}", api_base=server.url + "/v1", api_key="unused",
+        messages=messages, max_tokens=2,
+    )  # fmt: skip
+    assert response.choices[0].finish_reason in ("length", "stop")
+
+
 # -- langchain-openai ----------------------------------------------------------------------------
 
 
@@ -631,6 +649,20 @@ def langchain_model(server, **fields):
 @pytest.fixture
 def chat_model(server):
     return langchain_model(server)
+
+
+def test_langchain_standard_content_blocks(chat_model):
+    """LangChain v1's standard content blocks carry an `id` on each block, which it sends on
+    user and system messages."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_core.messages.content import create_text_block
+
+    messages = [
+        SystemMessage(content_blocks=[create_text_block("Be brief.")]),
+        HumanMessage(content_blocks=[create_text_block("Hello"), create_text_block("there")]),
+    ]
+    assert messages[1].content[0]["id"]  # what goes over the wire
+    assert chat_model.bind(max_tokens=2).invoke(messages).response_metadata["finish_reason"]
 
 
 def test_langchain_bind_tools(chat_model):

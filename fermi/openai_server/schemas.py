@@ -52,10 +52,14 @@ RESPONSES_INCLUDE = {LOGPROBS_INCLUDE, "reasoning.encrypted_content"}
 # `name` (openai-python, langchain-openai), an assistant message's `refusal` and `annotations`
 # and openai-python's `parsed` copy of its content; Responses output items' `id` and `status`,
 # and reasoning items' `summary` and `encrypted_content` (fermi sends reasoning in full).
-MESSAGE_ECHOES = frozenset({"name", "refusal", "annotations", "parsed"})
+# `cache_control`: Anthropic-style prompt-caching marks (litellm passes them on to servers other
+# than OpenAI's); fermi caches every prefix by itself, so the mark asks for nothing more.
+MESSAGE_ECHOES = frozenset({"name", "refusal", "annotations", "parsed", "cache_control"})
 ITEM_ECHOES = frozenset({"id", "status"})
 REASONING_ITEM_ECHOES = ITEM_ECHOES | {"summary", "encrypted_content"}
-PART_ECHOES = frozenset({"annotations", "logprobs"})  # on a replayed output_text part
+# On a replayed output_text part: `annotations`, `logprobs`; on any part: `cache_control`, and
+# `id` (LangChain's standard content blocks carry one).
+PART_ECHOES = frozenset({"annotations", "logprobs", "cache_control", "id"})
 # A message key fermi has no use for, with the reason a non-null value is refused.
 MESSAGE_REFUSALS = {
     "audio": "audio in messages is not supported",

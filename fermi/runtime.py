@@ -167,6 +167,33 @@ class Runtime:
         """Validate and queue a request. Its session is looked up in the namespace of
         `request.tenant` only. A refused request (any exception raised here) leaves no session
         and no queue place behind."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Validate and queue requests together (the prompts of one /v1/completions batch):
+        all are queued, or none is and the first refusal is raised, leaving no session and no
+        queue place behind, so a refused batch never holds places a moment longer."""
+        prepared: list[tuple[Session, Job]] = []
+        try:
+            for request in requests:
+                prepared.append(self._admissible(request))
+            self.scheduler.submit_all([job.group for _, job in prepared])
+        except BaseException:
+            for session, _ in prepared:
+                self.sessions.release(session)
+            raise
+        generations = []
+        for session, job in prepared:
+            self.sessions.commit(session)
+            generation = Generation(self, job)
+            with self._live_lock:
+                self._live.add(generation)
+            generations.append(generation)
+        return generations
+
+    def _admissible(self, request: GenerationRequest) -> tuple[Session, Job]:
+        """A request validated, its session acquired and its job prepared (prompt rendered and
+        tokenized), ready to queue. Raises what a refusal raises, holding no session then."""
         _validate(request)
         self._check_vocab(request)
         sampling = resolve_sampling(
@@ -182,20 +209,11 @@ class Runtime:
         )
         try:
             job = self._prepare(request, session, thinking, sampling)
-        except BaseException:
-            self.sessions.release(session)
-            raise
-        try:
             job.group = self._group(job, job.signal)
-            self.scheduler.submit(job.group)  # QueueFull past the bound
         except BaseException:
             self.sessions.release(session)
             raise
-        self.sessions.commit(session)
-        generation = Generation(self, job)
-        with self._live_lock:
-            self._live.add(generation)
-        return generation
+        return session, job
 
     def _check_vocab(self, request: GenerationRequest) -> None:
         """logit_bias keys must be token ids of this model: in [0, vocab_size)."""

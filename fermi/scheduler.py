@@ -127,35 +127,43 @@ class Scheduler:
     # -- the readers' side -----------------------------------------------------------------------
 
     def submit(self, group: Group) -> None:
-        """Queue a group. Raises QueueFull when `max_waiting` groups already wait beyond those
-        the free rows will take at the loop's next turn (a burst arrives faster than the loop
-        admits it: 100 requests at once on 16 free rows and a queue of 64 take 80), and
-        InvalidRequest when the group has more sequences than ever run at once."""
-        if len(group.sequences) > self.max_running:
-            raise InvalidRequest(
-                f"n={len(group.sequences)} is more than the {self.max_running} sequences this "
-                "server runs at once (its batch limit: --max-num-seqs, FERMI_ENGINE_POOL)",
-                param="n",
-            )
+        """Queue a group (`submit_all` of one)."""
+        self.submit_all([group])
+
+    def submit_all(self, groups: list[Group]) -> None:
+        """Queue groups together: all of them, or none. Raises QueueFull when, counted after
+        those already queued and each other, `max_waiting` groups would wait beyond those the
+        free rows will take at the loop's next turn (a burst arrives faster than the loop admits
+        it: 100 requests at once on 16 free rows and a queue of 64 take 80), and InvalidRequest
+        when a group has more sequences than ever run at once."""
+        for group in groups:
+            if len(group.sequences) > self.max_running:
+                raise InvalidRequest(
+                    f"n={len(group.sequences)} is more than the {self.max_running} sequences "
+                    "this server runs at once (its batch limit: --max-num-seqs, "
+                    "FERMI_ENGINE_POOL)",
+                    param="n",
+                )
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            ahead = self._queued_ahead(group)
-            if ahead is not None and ahead >= self.max_waiting:
-                raise QueueFull(
-                    f"the server is at capacity ({len(self._running)} running, "
-                    f"{len(self._waiting)} waiting); retry shortly"
-                )
-            self._waiting.append(group)
+            for i, group in enumerate(groups):
+                ahead = self._queued_ahead(group, groups[:i])
+                if ahead is not None and ahead >= self.max_waiting:
+                    raise QueueFull(
+                        f"the server is at capacity ({len(self._running)} running, "
+                        f"{len(self._waiting)} waiting); retry shortly"
+                    )
+            self._waiting.extend(groups)
             self._wake.notify()
 
-    def _queued_ahead(self, group: Group) -> int | None:
-        """None when `group` will run at the loop's next turn (the free rows take it and every
-        group before it: admission is first come, first served and stops at the first group
-        that does not fit); else how many waiting groups the free rows will not take. Holds
-        the lock."""
+    def _queued_ahead(self, group: Group, before: list[Group]) -> int | None:
+        """None when `group`, queued after the waiting groups and `before`, will run at the
+        loop's next turn (the free rows take it and every group before it: admission is first
+        come, first served and stops at the first group that does not fit); else how many
+        groups ahead of it the free rows will not take. Holds the lock."""
         rows, beyond = self.max_running - len(self._running), 0
-        for waiting in self._waiting:
+        for waiting in [*self._waiting, *before]:
             if beyond == 0 and len(waiting.sequences) <= rows:
                 rows -= len(waiting.sequences)
             else:

@@ -329,6 +329,37 @@ def test_a_batch_with_a_prompt_too_long_is_refused_whole(client, http):
     assert client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=2).choices
 
 
+@pytest.fixture(scope="module")
+def small_server(tiny_artifact):
+    """4 sequences at once and 4 waiting beyond the free rows."""
+    env = {**ENV, "FERMI_ENGINE_POOL": "4", "FERMI_MAX_QUEUE": "4"}
+    with serve(str(tiny_artifact), env=env) as running:
+        yield running
+
+
+def test_a_batch_is_queued_whole_or_not_at_all(small_server):
+    """A batch that does not fit is a 429 that leaves nothing queued: the next request is
+    served at once (a batch refused halfway held its places for a moment, refusing it too).
+    Batches sent together are each taken whole or refused whole: of six batches of three on
+    4 rows + 4 queue places, at least two are taken, where interleaved they could all fail."""
+    import concurrent.futures
+
+    with httpx.Client(base_url=small_server.url, timeout=120) as http:
+        refused = http.post("/v1/completions", json={"prompt": ["a"] * 9, "max_tokens": 2})
+        assert refused.status_code == 429, refused.text
+        assert (
+            http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+        )
+
+        body = {"prompt": ["a", "b", "c"], "max_tokens": 8, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: http.post("/v1/completions", json=body), range(6)))
+    assert {a.status_code for a in answers} <= {200, 429}
+    taken = [a.json() for a in answers if a.status_code == 200]
+    assert len(taken) >= 2
+    assert all(len(t["choices"]) == 3 for t in taken)
+
+
 def test_completions_refusals(client):
     cases = [
         ({"prompt": ["a"] * 33}, "prompt"),  # more prompts than one request may hold

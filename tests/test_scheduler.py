@@ -586,6 +586,41 @@ def test_the_batch_reports_the_kv_its_rows_hold_on_the_host(engine):
     assert runner.nbytes == 303 * per_token < runner.pool.nbytes
 
 
+def test_groups_submitted_together_are_queued_all_or_none(engine):
+    """The prompts of one completions batch: a batch that does not fit whole is refused and
+    leaves nothing queued (a batch refused halfway used to hold places until the loop dropped
+    them, refusing other requests meanwhile), and one that fits is queued whole. Here 4 rows,
+    one busy, and a queue of 2: a batch of 6 is refused, then a batch of 5 and a single
+    request's worth of room are taken exactly."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking(PooledRunner):
+        def prefill(self, row, token_ids, last_only=True):
+            entered.set()
+            release.wait(60)
+            return super().prefill(row, token_ids, last_only)
+
+    scheduler = Scheduler(Blocking(engine, 4), PrefixCache(0), 4, 2)
+    try:
+        first = group_for([1, 2, 3], 2)
+        scheduler.submit(first)
+        assert entered.wait(60)
+        with pytest.raises(QueueFull):
+            scheduler.submit_all([group_for([4, 5, i], 2) for i in range(6)])
+        assert scheduler.waiting == 0
+        batch = [group_for([4, 5, i], 2) for i in range(5)]
+        scheduler.submit_all(batch)
+        assert scheduler.waiting == 5
+        with pytest.raises(QueueFull):
+            scheduler.submit(group_for([6, 7, 8], 2))
+        release.set()
+        for group in [first, *batch]:
+            assert collect(group)[1] == {0: "length"}
+    finally:
+        release.set()
+        scheduler.stop()
+
+
 def test_a_burst_fills_the_free_rows_before_the_queue_bound_counts(engine):
     """Requests that arrive faster than the loop admits them: those the free rows will take
     count against the rows, not against the queue (a burst of 100 on 16 free rows and a queue of

@@ -107,7 +107,7 @@ class BlockingRuntime:
         self.thread = None
         self.closed = threading.Event()
 
-    def submit(self, request):
+    def submit_all(self, requests):
         self.thread = threading.current_thread()
         assert self.release.wait(30)
         runtime = self
@@ -116,7 +116,7 @@ class BlockingRuntime:
             def close(self):
                 runtime.closed.set()
 
-        return Generation()
+        return [Generation() for _ in requests]
 
 
 def test_submit_runs_off_the_event_loop():

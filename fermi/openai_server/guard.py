@@ -83,9 +83,14 @@ async def submit_off_loop(runtime, request):
     huge prompt does not stall the event loop. If the handler is cancelled meanwhile (the
     client left), the generation it would have got is closed as soon as it exists, freeing its
     session and queue place."""
+    return (await submit_all_off_loop(runtime, [request]))[0]
+
+
+async def submit_all_off_loop(runtime, requests):
+    """`runtime.submit_all` (all queued or none) off the loop, as `submit_off_loop`."""
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()  # the request's trace context goes along
-    future = loop.run_in_executor(None, context.run, runtime.submit, request)
+    future = loop.run_in_executor(None, context.run, runtime.submit_all, requests)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -95,7 +100,8 @@ async def submit_off_loop(runtime, request):
 
 def _close_abandoned(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is None:
-        future.result().close()
+        for generation in future.result():
+            generation.close()
 
 
 def classify_oversized(request, exception: BaseException) -> BaseException:

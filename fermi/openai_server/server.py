@@ -42,7 +42,12 @@ from fermi.openai_server.errors import (
     Unauthorized,
     map_error,
 )
-from fermi.openai_server.guard import GuardedProtocol, classify_oversized, submit_off_loop
+from fermi.openai_server.guard import (
+    GuardedProtocol,
+    classify_oversized,
+    submit_all_off_loop,
+    submit_off_loop,
+)
 from fermi.openai_server.metrics import CONTENT_TYPE, Metrics
 from fermi.openai_server.schemas import check_model, parse_chat, parse_json, parse_responses
 from fermi.requests import Event, Finished, PromptLogprobs, TextDelta, ToolCallDelta
@@ -165,20 +170,15 @@ async def responses(request: Request) -> HTTPResponse | None:
 
 
 async def _submit_prompts(request: Request, runtime, call: cmpl.CompletionCall):
-    """Submit each of the call's prompts (FIM-rendered with its suffix) as its own generation:
-    one prompt is its Generation, several a PromptBatch of them. If one is refused (a prompt
-    too long, the queue full), those already submitted are closed and the error raised."""
-    generations = []
-    try:
-        for prompt in call.prompts:
-            if call.suffix is not None:
-                prompt = render_fim(runtime.fim, prompt, call.suffix)
-            one = replace(call.generation, prompt=prompt, tenant=request.ctx.tenant)
-            generations.append(await submit_off_loop(runtime, one))
-    except BaseException:
-        for generation in generations:
-            generation.close()
-        raise
+    """Submit the call's prompts (each FIM-rendered with its suffix) as generations queued
+    together, all or none (runtime.submit_all): one prompt is its Generation, several a
+    PromptBatch of them."""
+    requests = []
+    for prompt in call.prompts:
+        if call.suffix is not None:
+            prompt = render_fim(runtime.fim, prompt, call.suffix)
+        requests.append(replace(call.generation, prompt=prompt, tenant=request.ctx.tenant))
+    generations = await submit_all_off_loop(runtime, requests)
     if len(generations) == 1:
         return generations[0]
     return cmpl.PromptBatch(generations, call.generation.n)

@@ -135,6 +135,8 @@ def _tool_schema(tool: dict) -> dict:
     references now resolve where they are embedded)."""
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    if isinstance(parameters.get("type"), list):  # ["object", "null"]: arguments are an object
+        parameters = {**parameters, "type": "object"}
     arguments = rebase_refs(close_objects(parameters), "#/properties/arguments")
     return {
         "x-guidance": TOOL_STYLE,

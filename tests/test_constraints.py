@@ -123,6 +123,24 @@ def test_required_tool_calls_validate_against_their_function(compiler, tokenizer
             assert call["name"] == "now" and arguments == {}
 
 
+@pytest.mark.parametrize("tool_choice", ["required", "auto"])
+def test_parameters_that_allow_null_still_give_an_object(compiler, tokenizer, tool_choice):
+    """`"type": ["object", "null"]` (pydantic's Optional model): a call's arguments are a
+    JSON object, never `null`, which a client's `**json.loads(arguments)` would crash on."""
+    schema = {"type": ["object", "null"], "properties": {"x": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    request = GenerationRequest([], tools=tools, tool_choice=tool_choice)
+    terms = [compiler.tag_term(t) for t in ("<tool_call>", "</tool_call>")]
+
+    def accepted(text: str) -> bool:
+        matcher = compiler.matcher(request_grammar(request, terms))
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        return matcher.try_consume_tokens(ids) == len(ids) and not matcher.is_error()
+
+    assert accepted('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>')
+    assert not accepted('<tool_call>\n{"name": "f", "arguments": null}\n</tool_call>')
+
+
 def test_tool_parameters_with_defs_and_refs_keep_their_meaning(compiler, tokenizer):
     """Refs resolve from the parameters' root, not the call grammar's that embeds them."""
     schema = {

@@ -392,6 +392,26 @@ def test_stalled_requests_are_closed_and_free_their_connection_slots(server, por
             sock.close()
 
 
+def test_silent_connections_are_closed_after_the_request_timeout(tiny_artifact):
+    """Connections that never send a byte are closed once the request timeout (2 s here) has
+    passed, not held for the keep-alive timeout (120 s here), so a few silent sockets cannot
+    hold every connection slot; then the server is served again."""
+    env = {"FERMI_API_KEY": "", "FERMI_REQUEST_TIMEOUT_S": "2",
+           "FERMI_KEEP_ALIVE_TIMEOUT_S": "120", "FERMI_MAX_CONNECTIONS": "3",
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    with serve(str(tiny_artifact), env=env) as running:
+        port = int(running.url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            for sock in held:
+                answer, closed = read_to_eof(sock, within_s=WAIT_S)
+                assert closed and answer == b"", answer[:200]
+            assert httpx.get(running.url + "/health", timeout=30).status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+
+
 def test_open_connections_are_capped(server, port):
     """Connections beyond FERMI_MAX_CONNECTIONS get a 503 in OpenAI's shape and are closed."""
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS + 4)]
@@ -400,7 +420,8 @@ def test_open_connections_are_capped(server, port):
         for sock in held:  # all opened at once, well within the keep-alive timeout
             sock.settimeout(0.2)
             try:
-                refused.append(sock.recv(4096))
+                if answer := sock.recv(4096):  # b"": accepted, closed silent after 2 s
+                    refused.append(answer)
             except TimeoutError:
                 pass  # accepted, waiting for a request
         assert len(refused) >= 4 and all(r.startswith(b"HTTP/1.1 503") for r in refused)

@@ -37,25 +37,41 @@ class GuardedProtocol(HttpProtocol):
     and a total time limit on receiving each request (`REQUEST_TIMEOUT`, seconds): headers
     and body together, counted from the request's first byte."""
 
-    __slots__ = ("_refused", "_request_timer")
+    __slots__ = ("_refused", "_request_timer", "_silent_timer")
 
     def connection_made(self, transport) -> None:
         cap = self.app.config.get("FERMI_MAX_CONNECTIONS", 0)
         self._refused = bool(cap and len(self.connections) >= cap)
         self._request_timer: asyncio.TimerHandle | None = None
+        self._silent_timer: asyncio.TimerHandle | None = None
         if self._refused:
             transport.write(BUSY_RESPONSE)
             transport.close()
             return
         super().connection_made(transport)
+        # A connection that sends nothing is closed after the request timeout, not after the
+        # keep-alive timeout Sanic gives an idle one: five silent sockets would otherwise hold
+        # a cap of five for 30 s.
+        self._silent_timer = self.loop.call_later(self.request_timeout, self._close_silent)
 
     def connection_lost(self, exc) -> None:
-        if self._request_timer is not None:
-            self._request_timer.cancel()
+        for timer in (self._request_timer, self._silent_timer):
+            if timer is not None:
+                timer.cancel()
         if not self._refused:
             super().connection_lost(exc)
 
+    def _close_silent(self) -> None:
+        """No byte arrived within the request timeout of connecting: close, as nginx does with
+        a connection that sends no request (no response: there is no request to answer)."""
+        self._silent_timer = None
+        if self.transport is not None:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self._silent_timer is not None:
+            self._silent_timer.cancel()
+            self._silent_timer = None
         http = self.http
         if http is None or http.stage is Stage.IDLE:  # the first bytes of a request
             if self._request_timer is not None:

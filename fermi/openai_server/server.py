@@ -123,20 +123,21 @@ async def delete_session(request: Request, session_id: str) -> HTTPResponse:
 LARGE_BODY = 64 * 1024  # bytes: parsed in a worker thread from this size on
 
 
-async def _body(request: Request) -> dict:
-    """The request's JSON object (parse_json). A large body is parsed and checked in a worker
-    thread: walking a prompt of a million token ids takes the GIL for a second, and from a
-    thread the interpreter hands it back to the event loop every few milliseconds."""
+async def _parse(request: Request, parser):
+    """`parser` (a route's body parser) of the request's JSON object (parse_json). A large
+    body is parsed and checked in a worker thread: walking a prompt of a million token ids,
+    or 75,000 messages, takes the GIL for a second, and from a thread the interpreter hands it
+    back to the event loop every few milliseconds."""
     if len(request.body or b"") < LARGE_BODY:
-        return parse_json(request.body)
-    return await asyncio.to_thread(parse_json, request.body)
+        return parser(parse_json(request.body))
+    return await asyncio.to_thread(lambda: parser(parse_json(request.body)))
 
 
 @route("/v1/chat/completions", "POST")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
     with tracing.child("parse"):
-        call = parse_chat(await _body(request))
+        call = await _parse(request, parse_chat)
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("chatcmpl-"), runtime.model_id, call.generation.session_id)
     text = runtime.token_text if call.logprobs else None
@@ -157,7 +158,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
 async def responses(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
     with tracing.child("parse"):
-        call = parse_responses(await _body(request))
+        call = await _parse(request, parse_responses)
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("resp_"), runtime.model_id, call.generation.session_id)
     text = runtime.token_text if call.logprobs else None
@@ -188,7 +189,7 @@ async def _submit_prompts(request: Request, runtime, call: cmpl.CompletionCall):
 async def completions(request: Request) -> HTTPResponse | None:
     runtime = _runtime(request)
     with tracing.child("parse"):
-        call = cmpl.parse_completions(await _body(request))
+        call = await _parse(request, cmpl.parse_completions)
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("cmpl-"), runtime.model_id, None)
     texts = [p if isinstance(p, str) else await asyncio.to_thread(runtime.decode, p)
@@ -205,7 +206,7 @@ async def completions(request: Request) -> HTTPResponse | None:
 @route("/tokenize", "POST")
 async def tokenize(request: Request) -> HTTPResponse:
     runtime = _runtime(request)
-    call = cmpl.parse_tokenize(await _body(request))
+    call = await _parse(request, cmpl.parse_tokenize)
     check_model(call.model, runtime.info.names)
     if call.messages is not None:
         ids = await asyncio.to_thread(
@@ -219,7 +220,7 @@ async def tokenize(request: Request) -> HTTPResponse:
 @route("/detokenize", "POST")
 async def detokenize(request: Request) -> HTTPResponse:
     runtime = _runtime(request)
-    model, ids = cmpl.parse_detokenize(await _body(request))
+    model, ids = await _parse(request, cmpl.parse_detokenize)
     check_model(model, runtime.info.names)
     return _json(cmpl.detokenize_body(await asyncio.to_thread(runtime.decode, ids)))
 

@@ -906,22 +906,26 @@ def serve_with_injected_failure(argv: list[str]) -> None:
         while not gate.exists():
             time.sleep(0.05)
         runtime = Runtime.load(settings)
-        submit = runtime.submit
+        submit_all = runtime.submit_all
 
-        def submit_failing(request):
-            generation = submit(request)
-            if request.messages[-1].content == FAIL:
-                events = generation.aiter
+        def fail_after_the_first_event(generation) -> None:
+            events = generation.aiter
 
-                async def aiter():
-                    async for event in events():
-                        yield event
-                        raise RuntimeError("injected engine failure")
+            async def aiter():
+                async for event in events():
+                    yield event
+                    raise RuntimeError("injected engine failure")
 
-                generation.aiter = aiter
-            return generation
+            generation.aiter = aiter
 
-        runtime.submit = submit_failing
+        def submit_failing(requests):
+            generations = submit_all(requests)
+            for request, generation in zip(requests, generations, strict=True):
+                if request.messages and request.messages[-1].content == FAIL:
+                    fail_after_the_first_event(generation)
+            return generations
+
+        runtime.submit_all = submit_failing
         return runtime
 
     app = create_app(load_settings().replace(model=options["--model"]), load)

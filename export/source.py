@@ -50,8 +50,8 @@ def resolve(
 ) -> Source:
     """MODEL (built-in name, checkpoint dir, .gguf file or hub id) as a local Source; a hub
     repo's GGUF file is named by `gguf_file`. Raises ModelNotFound with one actionable line, and
-    InvalidRequest when `revision` or `gguf_file` is given with a built-in model, or `revision`
-    with a local path."""
+    InvalidRequest when `revision` or `gguf_file` is given with a built-in model, `revision`
+    with a local path, or `gguf_file` with a file."""
     from export.builtin import REGISTRY
 
     if model in REGISTRY:
@@ -69,6 +69,12 @@ def resolve(
     if path.is_dir():
         return Source(str(path.resolve()), path.resolve(), None)
     if path.is_file() or path.suffix == ".gguf":
+        if gguf_file is not None:
+            raise InvalidRequest(
+                f"--gguf-file names a file in a hub repo or a local directory, and {model} is "
+                "a file: drop --gguf-file, or pass the directory that holds the GGUF file",
+                param="gguf_file",
+            )
         return local_gguf(path)
     if looks_like_path(model):
         raise ModelNotFound(f"no such file or directory: {model}")

@@ -381,11 +381,12 @@ class Runtime:
         tokenizer's BOS/EOS added when `add_special`."""
         return encode(self.tokenizer, text, add_special)
 
-    def decode(self, token_ids: list[int]) -> str:
-        """Text of `token_ids`, special tokens included (ids outside the vocab are refused)."""
+    def decode(self, token_ids: list[int], param: str = "tokens") -> str:
+        """Text of `token_ids`, special tokens included. Raises InvalidRequest naming `param`
+        (the request field that holds them) for ids outside the vocabulary."""
         vocab = self.manifest.vocab_size
         if any(not 0 <= i < vocab for i in token_ids):
-            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="tokens")
+            raise InvalidRequest(f"{param}: token ids must be in [0, {vocab})", param=param)
         # decode_batch releases the GIL while it runs (see `encode`).
         return self.tokenizer.decode_batch([token_ids], skip_special_tokens=False)[0]
 

@@ -110,6 +110,18 @@ def test_revision_with_a_local_path_is_one_line(tmp_path, kind):
     assert not (tmp_path / "o").exists()
 
 
+def test_gguf_file_with_a_gguf_file_path_is_one_line(tmp_path):
+    """--gguf-file picks a file in a repo or a directory; given a file as MODEL it was
+    ignored, and MODEL exported."""
+    model = tmp_path / "a.gguf"
+    model.write_bytes(b"GGUF")
+    env = {"FERMI_ARTIFACTS": str(tmp_path / "a"), "FERMI_OFFLINE": "1"}
+    done = fermi("export", str(model), "--gguf-file", "b.gguf", "--output", str(tmp_path / "o"),
+                 env=env)  # fmt: skip
+    assert_one_line_error(done, "--gguf-file", "is a file")
+    assert not (tmp_path / "o").exists()
+
+
 def test_pip_failure_is_one_line(tmp_path):
     """The real pip subprocess, pointed at an index that is not there."""
     env = {

@@ -369,6 +369,8 @@ def test_completions_refusals(client):
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "extra_body": {"frobnicate": 1}}, "frobnicate"),
         ({"prompt": 5}, "prompt"),
+        ({"prompt": [1, 10**6]}, "prompt"),  # a token id outside the vocabulary
+        ({"prompt": [[1, 2], [10**6]]}, "prompt"),
     ]
     for body, param in cases:
         with pytest.raises(openai.BadRequestError) as e:

@@ -192,7 +192,7 @@ async def completions(request: Request) -> HTTPResponse | None:
         call = await _parse(request, cmpl.parse_completions)
         check_model(call.model, runtime.info.names)
     meta = fmt.Meta(fmt.new_id("cmpl-"), runtime.model_id, None)
-    texts = [p if isinstance(p, str) else await asyncio.to_thread(runtime.decode, p)
+    texts = [p if isinstance(p, str) else await asyncio.to_thread(runtime.decode, p, "prompt")
              for p in call.prompts]  # fmt: skip
     frames = cmpl.CompletionFrames(meta, call, runtime.token_text, texts)
     generation = await _submit_prompts(request, runtime, call)

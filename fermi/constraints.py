@@ -130,14 +130,27 @@ def rebase_refs(schema: object, base: str) -> object:
     return out
 
 
+def object_only(parameters: dict) -> dict:
+    """A tool's parameters without the branches that allow no object, since a call's
+    arguments are a JSON object: `"type": ["object", "null"]` becomes `"object"`, and the
+    `{"type": "null"}` branches of a top-level anyOf / oneOf (pydantic's Optional model) go."""
+    out = dict(parameters)
+    if isinstance(out.get("type"), list):
+        out["type"] = "object"
+    for key in ("anyOf", "oneOf"):
+        branches = out.get(key)
+        if isinstance(branches, list):
+            kept = [b for b in branches if not (isinstance(b, dict) and b.get("type") == "null")]
+            out[key] = kept or branches
+    return out
+
+
 def _tool_schema(tool: dict) -> dict:
     """A Hermes call to `tool`: its name and its arguments, which follow its parameters (whose
     references now resolve where they are embedded)."""
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
-    if isinstance(parameters.get("type"), list):  # ["object", "null"]: arguments are an object
-        parameters = {**parameters, "type": "object"}
-    arguments = rebase_refs(close_objects(parameters), "#/properties/arguments")
+    arguments = rebase_refs(close_objects(object_only(parameters)), "#/properties/arguments")
     return {
         "x-guidance": TOOL_STYLE,
         "type": "object",

@@ -144,6 +144,13 @@ class Scheduler:
                     "FERMI_ENGINE_POOL)",
                     param="n",
                 )
+        if len(groups) > 1 and self._beyond(self.max_running, groups) > self.max_waiting:
+            raise InvalidRequest(
+                f"{len(groups)} requests together are more than this server ever takes at once "
+                f"(with {len(groups[0].sequences)} sequences each: its batch limit "
+                f"{self.max_running} plus {self.max_waiting} waiting); send fewer together",
+                param="prompt",
+            )
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -157,18 +164,27 @@ class Scheduler:
             self._waiting.extend(groups)
             self._wake.notify()
 
+    @staticmethod
+    def _beyond(rows: int, groups: list[Group]) -> int:
+        """How many of `groups`, queued in order on `rows` free rows, the rows do not take at
+        the loop's next turn (it stops at the first that does not fit)."""
+        beyond = 0
+        for group in groups:
+            if beyond == 0 and len(group.sequences) <= rows:
+                rows -= len(group.sequences)
+            else:
+                beyond += 1
+        return beyond
+
     def _queued_ahead(self, group: Group, before: list[Group]) -> int | None:
         """None when `group`, queued after the waiting groups and `before`, will run at the
         loop's next turn (the free rows take it and every group before it: admission is first
         come, first served and stops at the first group that does not fit); else how many
         groups ahead of it the free rows will not take. Holds the lock."""
-        rows, beyond = self.max_running - len(self._running), 0
-        for waiting in [*self._waiting, *before]:
-            if beyond == 0 and len(waiting.sequences) <= rows:
-                rows -= len(waiting.sequences)
-            else:
-                beyond += 1
-        if beyond == 0 and len(group.sequences) <= rows:
+        rows = self.max_running - len(self._running)
+        queued = [*self._waiting, *before]
+        beyond = self._beyond(rows, queued)
+        if beyond == 0 and self._beyond(rows, [*queued, group]) == 0:
             return None
         return beyond
 

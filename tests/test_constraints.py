@@ -123,11 +123,19 @@ def test_required_tool_calls_validate_against_their_function(compiler, tokenizer
             assert call["name"] == "now" and arguments == {}
 
 
+OBJECT = {"type": "object", "properties": {"x": {"type": "integer"}}}
+NULLABLE = [
+    {"type": ["object", "null"], "properties": {"x": {"type": "integer"}}},
+    {"anyOf": [OBJECT, {"type": "null"}]},
+    {"oneOf": [{"type": "null"}, OBJECT]},
+]
+
+
+@pytest.mark.parametrize("schema", NULLABLE, ids=["type list", "anyOf", "oneOf"])
 @pytest.mark.parametrize("tool_choice", ["required", "auto"])
-def test_parameters_that_allow_null_still_give_an_object(compiler, tokenizer, tool_choice):
-    """`"type": ["object", "null"]` (pydantic's Optional model): a call's arguments are a
+def test_parameters_that_allow_null_still_give_an_object(compiler, tokenizer, tool_choice, schema):
+    """Parameters that also allow null (pydantic's Optional model): a call's arguments are a
     JSON object, never `null`, which a client's `**json.loads(arguments)` would crash on."""
-    schema = {"type": ["object", "null"], "properties": {"x": {"type": "integer"}}}
     tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
     request = GenerationRequest([], tools=tools, tool_choice=tool_choice)
     terms = [compiler.tag_term(t) for t in ("<tool_call>", "</tool_call>")]

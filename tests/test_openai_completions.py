@@ -338,18 +338,24 @@ def small_server(tiny_artifact):
 
 
 def test_a_batch_is_queued_whole_or_not_at_all(small_server):
-    """A batch that does not fit is a 429 that leaves nothing queued: the next request is
-    served at once (a batch refused halfway held its places for a moment, refusing it too).
+    """A batch that does not fit now is a 429 that leaves nothing queued: the next request is
+    served at once (a batch refused halfway held its places for a moment, refusing it too);
+    one that could never fit (9 prompts on 4 rows + 4 places) is a 400 on prompt.
     Batches sent together are each taken whole or refused whole: of six batches of three on
     4 rows + 4 queue places, at least two are taken, where interleaved they could all fail."""
     import concurrent.futures
 
     with httpx.Client(base_url=small_server.url, timeout=120) as http:
-        refused = http.post("/v1/completions", json={"prompt": ["a"] * 9, "max_tokens": 2})
-        assert refused.status_code == 429, refused.text
-        assert (
-            http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
-        )
+        never = http.post("/v1/completions", json={"prompt": ["a"] * 9, "max_tokens": 2})
+        assert never.status_code == 400 and never.json()["error"]["param"] == "prompt"
+        long = {"prompt": "a", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=long) as running:
+            lines = running.iter_lines()  # kept: a closed iterator closes the stream
+            next(line for line in lines if line.startswith("data: "))
+            refused = http.post("/v1/completions", json={"prompt": ["a"] * 8, "max_tokens": 2})
+            assert refused.status_code == 429, refused.text
+            single = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+            assert single.status_code == 200, single.text
 
         body = {"prompt": ["a", "b", "c"], "max_tokens": 8, "ignore_eos": True}
         with concurrent.futures.ThreadPoolExecutor(6) as pool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -586,18 +587,17 @@ def test_the_batch_reports_the_kv_its_rows_hold_on_the_host(engine):
     assert runner.nbytes == 303 * per_token < runner.pool.nbytes
 
 
-def test_groups_submitted_together_are_queued_all_or_none(engine):
-    """The prompts of one completions batch: a batch that does not fit whole is refused and
-    leaves nothing queued (a batch refused halfway used to hold places until the loop dropped
-    them, refusing other requests meanwhile), and one that fits is queued whole. Here 4 rows,
-    one busy, and a queue of 2: a batch of 6 is refused, then a batch of 5 and a single
-    request's worth of room are taken exactly."""
+@contextmanager
+def held_inside_a_turn(engine):
+    """A scheduler of 4 rows and a queue of 2 whose loop is held inside the prefill of a first
+    request (one busy row), as when requests arrive faster than the loop admits them. Yields
+    (scheduler, first, release); `release()` lets the loop go on."""
     entered, release = threading.Event(), threading.Event()
 
     class Blocking(PooledRunner):
         def prefill(self, row, token_ids, last_only=True):
             entered.set()
-            release.wait(60)
+            release.wait(60)  # the loop stays inside this turn while the test submits
             return super().prefill(row, token_ids, last_only)
 
     scheduler = Scheduler(Blocking(engine, 4), PrefixCache(0), 4, 2)
@@ -605,6 +605,19 @@ def test_groups_submitted_together_are_queued_all_or_none(engine):
         first = group_for([1, 2, 3], 2)
         scheduler.submit(first)
         assert entered.wait(60)
+        yield scheduler, first, release.set
+    finally:
+        release.set()
+        scheduler.stop()
+
+
+def test_groups_submitted_together_are_queued_all_or_none(engine):
+    """The prompts of one completions batch: a batch that does not fit whole is refused and
+    leaves nothing queued (a batch refused halfway used to hold places until the loop dropped
+    them, refusing other requests meanwhile), and one that fits is queued whole. Here 4 rows,
+    one busy, and a queue of 2: a batch of 6 is refused, a batch of 5 is taken, and then
+    nothing more."""
+    with held_inside_a_turn(engine) as (scheduler, first, release):
         with pytest.raises(QueueFull):
             scheduler.submit_all([group_for([4, 5, i], 2) for i in range(6)])
         assert scheduler.waiting == 0
@@ -613,12 +626,9 @@ def test_groups_submitted_together_are_queued_all_or_none(engine):
         assert scheduler.waiting == 5
         with pytest.raises(QueueFull):
             scheduler.submit(group_for([6, 7, 8], 2))
-        release.set()
+        release()
         for group in [first, *batch]:
             assert collect(group)[1] == {0: "length"}
-    finally:
-        release.set()
-        scheduler.stop()
 
 
 def test_a_burst_fills_the_free_rows_before_the_queue_bound_counts(engine):
@@ -626,27 +636,12 @@ def test_a_burst_fills_the_free_rows_before_the_queue_bound_counts(engine):
     count against the rows, not against the queue (a burst of 100 on 16 free rows and a queue of
     64 refused 30 where 20 is the bound). Here 4 rows, one busy, and a queue of 2: 3 + 2 more
     are taken, the next is refused."""
-    entered, release = threading.Event(), threading.Event()
-
-    class Blocking(PooledRunner):
-        def prefill(self, row, token_ids, last_only=True):
-            entered.set()
-            release.wait(60)  # the loop stays inside this turn while the burst arrives
-            return super().prefill(row, token_ids, last_only)
-
-    scheduler = Scheduler(Blocking(engine, 4), PrefixCache(0), 4, 2)
-    try:
-        first = group_for([1, 2, 3], 2)
-        scheduler.submit(first)
-        assert entered.wait(60)
+    with held_inside_a_turn(engine) as (scheduler, first, release):
         burst = [group_for([4, 5, i], 2) for i in range(5)]
         for group in burst:
             scheduler.submit(group)
         with pytest.raises(QueueFull):
             scheduler.submit(group_for([6, 7, 8], 2))
-        release.set()
+        release()
         for group in [first, *burst]:
             assert collect(group)[1] == {0: "length"}
-    finally:
-        release.set()
-        scheduler.stop()

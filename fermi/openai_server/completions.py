@@ -54,8 +54,9 @@ from fermi.sampling import MAX_LOGPROBS
 from fermi.token_text import TokenText
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default
-# Prompts in one request: each takes a place in the batch or the queue (FERMI_MAX_QUEUE, 64 by
-# default), so a request of more than this could never be admitted whole on a default server.
+# Prompts in one request. Each takes a place in the batch or the queue (FERMI_MAX_QUEUE, 64 by
+# default) and a batch is queued whole or not at all, so one request may take at most half of a
+# default server's queue.
 MAX_PROMPTS = 32
 
 

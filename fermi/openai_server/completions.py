@@ -54,9 +54,9 @@ from fermi.sampling import MAX_LOGPROBS
 from fermi.token_text import TokenText
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default
-# Prompts in one request. Each takes a place in the batch or the queue (FERMI_MAX_QUEUE, 64 by
-# default) and a batch is queued whole or not at all, so one request may take at most half of a
-# default server's queue.
+# Prompts in one request. Each takes a row of the batch or a place in the queue (16 and 64 by
+# default), and a batch is queued whole or not at all: the bound keeps one request from filling
+# a default server's queue.
 MAX_PROMPTS = 32
 
 

@@ -187,6 +187,7 @@ class KVPool:
         self.kv_heads, self.head_dim = num_kv_heads, head_dim
         self.rows = 0
         self.capacity = 0
+        self.version = 0  # counts reallocations: a binding of the buffers is stale when it moves
         self.buffers = [
             mover.empty((0, num_kv_heads, 0, head_dim), self.dtype) for _ in range(2 * num_layers)
         ]
@@ -240,6 +241,7 @@ class KVPool:
             shape = (rows, self.kv_heads, capacity, self.head_dim)
             self.buffers = [self.mover.empty(shape, self.dtype) for _ in self.buffers]
         self.rows, self.capacity = rows, capacity
+        self.version += 1
 
     def bind(self, binding, past_names, present_names, first: int, count: int, device: str):
         """Bind rows [first, first + count) as the graph's past and present (in place)."""

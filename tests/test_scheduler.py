@@ -338,6 +338,50 @@ def test_prompts_prefilled_together_equal_alone(engine):
         )
 
 
+def test_runner_logits_stay_right_as_rows_and_the_pool_change_between_runs(engine):
+    """The runner keeps one binding of the KV buffers across runs and reuses one logits buffer:
+    every result still equals the engine's own run as the span of rows moves, the pool grows
+    and shrinks, and what an earlier run returned is not overwritten by a later one."""
+    runner = PooledRunner(engine, 4)
+
+    def reference(ids):
+        return engine.forward(ids, engine.new_cache())
+
+    a, b = runner.acquire(), runner.acquire()
+    first = runner.prefill(a, PROMPTS[0])
+    kept = first.copy()
+    np.testing.assert_allclose(first, reference(PROMPTS[0]), atol=1e-4)
+    runner.prefill(b, PROMPTS[1])
+    both = runner.decode([a, b], [1, 2])  # rows 0 and 1
+    np.testing.assert_array_equal(first, kept)  # the prefill's logits survived two runs
+    np.testing.assert_allclose(both[0], reference(PROMPTS[0] + [1]), atol=1e-4)
+    np.testing.assert_allclose(both[1], reference(PROMPTS[1] + [2]), atol=1e-4)
+    runner.release(a)
+    alone_b = runner.decode([b], [3])  # the span starts at row 1 now
+    np.testing.assert_allclose(alone_b[0], reference(PROMPTS[1] + [2, 3]), atol=1e-4)
+    long = PROMPTS[2]  # crosses the pool's first capacity step: the buffers move
+    version = runner.pool.version
+    c = runner.acquire()
+    runner.prefill(c, long)
+    assert runner.pool.version != version
+    step = runner.decode([c, b], [4, 5])
+    np.testing.assert_allclose(step[0], reference(long + [4]), atol=1e-4)
+    np.testing.assert_allclose(step[1], reference(PROMPTS[1] + [2, 3, 5]), atol=1e-4)
+    every = runner.prefill(b, [6, 7], last_only=False)  # (2, V): a copy, not the buffer
+    runner.decode([b], [8])
+    np.testing.assert_allclose(
+        every,
+        [reference(PROMPTS[1] + [2, 3, 5, 6]), reference(PROMPTS[1] + [2, 3, 5, 6, 7])],
+        atol=1e-4,
+    )
+    runner.release(b)
+    grown, version = long + [4], runner.pool.version
+    while runner.pool.version == version:  # the same span, until a decode step moves the pool
+        logits = runner.decode([c], [9])[0]
+        grown.append(9)
+    np.testing.assert_allclose(logits, reference(grown), atol=1e-4)
+
+
 def test_prefix_cache_lru_pins_and_tenants():
     from fermi.prefix_cache import PrefixCache
 

@@ -17,11 +17,13 @@ import pytest
 from fermi.openai_server.loadtest import serve
 
 # Greedy answers of SmolLM2-135M-Instruct, checked by words only: questions a 135M model gets
-# right when asked fresh (it names Neptune as the largest planet, for one).
+# right when asked fresh (it names Neptune as the largest planet, for one), and by a margin
+# that rounding does not overturn. Not France: at fp32 its first token leads by 0.08 logits
+# ("The" over "L"), and llama.cpp's own Q4_1 run of this GGUF answers "L'Étoile, ...";
+# Japan's lead is about 1 logit at fp32, int8 and int4.
 FACTS = [
-    ("What is the capital of France?", "Paris"),
-    ("What is the capital of Germany?", "Berlin"),
     ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Germany?", "Berlin"),
     ("Who wrote Romeo and Juliet?", "Shakespeare"),
     ("What is the chemical symbol for water?", "H2O"),
     ("How many days are there in a week?", "7"),
@@ -61,19 +63,22 @@ def default_artifacts(tmp_path_factory, smollm2_gguf):
 
 
 def test_quick_start_chat_answers(default_artifacts):
-    """The README's first command, piped: one conversation, a question per line of stdin, on
-    the default (int4, carried-over) export of the built-in name."""
+    """The README's first command, piped, on the default (int4, carried-over) export of the
+    built-in name: its question, then two more in the same conversation, a question per line of
+    stdin (a 135M model drifts in a long conversation: the questions after these are asked
+    fresh in test_openai_server_answers)."""
+    conversation = FACTS[:3]
     done = subprocess.run(
         [sys.executable, "-m", "fermi.cli", "chat", "--model", "smollm2-135m",
          "--temperature", "0", "--max-new-tokens", "40"],
-        input="".join(f"{question}\n" for question, _ in FACTS),
+        input="".join(f"{question}\n" for question, _ in conversation),
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "FERMI_ARTIFACTS": str(default_artifacts), "FERMI_OFFLINE": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    for _, word in FACTS:
+    for _, word in conversation:
         assert word in done.stdout, done.stdout
     assert "smollm2-135m-int4-cpu" in str(sorted(default_artifacts.iterdir()))
 
@@ -123,7 +128,7 @@ def test_openai_server_answers(smollm2_artifact):
             stream=True,
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        assert "Paris" in text
+        assert FACTS[0][1] in text
 
 
 def fermi_greedy(engine, ids: list[int], steps: int, eos: int) -> list[int]:
@@ -232,3 +237,4 @@ def test_export_says_where_the_gguf_is_kept_on_a_terminal(smollm2_artifact, smol
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert piped.returncode == 0 and piped.stdout == f"{smollm2_artifact}\n"
     assert piped.stderr == ""
+

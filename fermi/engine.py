@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from fermi.artifact import MODEL_FILE, Manifest, load_manifest
 from fermi.errors import ArtifactError, DeviceUnavailable
+from fermi.huge_pages import HugePages, anonymous_mappings
 from fermi.kv_cache import KVCache, Resizer, SharedKVCache, WindowKVCache
 from fermi.verify import check_graph_io, ort_ports, verify_files
 
@@ -87,12 +88,26 @@ def providers_for(device: str) -> list:
 
 
 class Engine:
-    def __init__(self, artifact: Path, device: str = "auto", threads: int = 0, spin: bool = False):
+    def __init__(
+        self,
+        artifact: Path,
+        device: str = "auto",
+        threads: int = 0,
+        spin: bool = False,
+        huge_pages: bool = True,
+    ):
+        """Load `artifact` on `device` ("auto", "cpu", "cuda", "coreml"). `threads`: intra-op
+        threads (0: onnxruntime's default); `spin`: let them spin between kernels;
+        `huge_pages`: on the CPU, collapse the buffers onnxruntime allocates while loading
+        (its prepacked weights) into transparent huge pages, on a background thread
+        (fermi/huge_pages.py). Raises ArtifactError (a file missing, corrupt or not loadable)
+        and DeviceUnavailable."""
         started = time.perf_counter()
         self.artifact = Path(artifact)
         self.manifest: Manifest = load_manifest(self.artifact)
         verify_files(self.artifact, self.manifest)  # sha256, unless recorded unchanged
         self.device = pick_device(device)
+        before = anonymous_mappings() if huge_pages and self.device == "cpu" else None
         try:
             self.session = ort.InferenceSession(
                 str(self.artifact / MODEL_FILE),
@@ -118,6 +133,7 @@ class Engine:
         if m.io_mode not in IO_MODES:
             raise ArtifactError(f"{self.artifact}: unknown io_mode {m.io_mode!r} in the manifest")
         self.io = IO_MODES[m.io_mode](self)
+        self.huge_pages = HugePages(before) if before is not None else None
         self.load_seconds = time.perf_counter() - started
 
     def new_cache(self):

@@ -108,7 +108,13 @@ class Job:
 class Runtime:
     def __init__(self, settings: Settings, artifact: Path, device: str):
         self.settings = settings
-        self.engine = Engine(artifact, device=device, threads=settings.threads, spin=settings.spin)
+        self.engine = Engine(
+            artifact,
+            device=device,
+            threads=settings.threads,
+            spin=settings.spin,
+            huge_pages=settings.huge_pages,
+        )
         self.manifest = self.engine.manifest
         self.tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
         self.template = ChatTemplate.from_dir(artifact, override=settings.chat_template)

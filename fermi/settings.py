@@ -50,6 +50,7 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per physical core
     spin: bool = False  # intra-op threads spin between kernels: for a machine fermi has to itself
+    huge_pages: bool = True  # CPU: back onnxruntime's weight buffers with huge pages (Linux)
     served_model_name: str = ""  # comma-separated names the model answers to; first = reported
     chat_template: str | None = None  # a Jinja file replacing the artifact's chat template
     ctx_size: int = 0  # tokens; caps the model's context (0 = the model's own)
@@ -97,6 +98,7 @@ ENV = {
     "FERMI_MAX_BODY_BYTES": "max_body_bytes",
     "FERMI_THREADS": "threads",
     "FERMI_SPIN": "spin",
+    "FERMI_HUGE_PAGES": "huge_pages",
     "FERMI_SERVED_MODEL_NAME": "served_model_name",
     "FERMI_CHAT_TEMPLATE": "chat_template",
     "FERMI_CTX_SIZE": "ctx_size",

@@ -238,3 +238,28 @@ def test_export_says_where_the_gguf_is_kept_on_a_terminal(smollm2_artifact, smol
     assert piped.returncode == 0 and piped.stdout == f"{smollm2_artifact}\n"
     assert piped.stderr == ""
 
+
+def test_int4_weights_onnxruntime_prepacks_are_backed_by_huge_pages(default_artifacts):
+    """onnxruntime copies the int4 weights into buffers of its own at load (prepacking, about
+    110 MiB here); the engine collapses them into transparent huge pages where the kernel
+    allows it (fermi/huge_pages.py), in a fresh process as a server has it."""
+    from tests.test_huge_pages import kernel_collapses
+
+    artifact = next(default_artifacts.iterdir())
+    script = (
+        "import sys; from pathlib import Path; from fermi.engine import Engine\n"
+        "engine = Engine(Path(sys.argv[1]), 'cpu')\n"
+        "print(engine.huge_pages.wait(timeout=120))\n"
+        "print(next(line.split()[1] for line in open('/proc/self/smaps_rollup')"
+        " if line.startswith('AnonHugePages:')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(artifact)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    collapsed, huge_kib = (int(x) for x in done.stdout.split())
+    if kernel_collapses():
+        assert collapsed >= 64 << 20
+        assert huge_kib * 1024 >= collapsed
+    else:
+        assert collapsed == 0

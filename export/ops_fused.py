@@ -202,7 +202,7 @@ class FusedOps(PortableOps):
         when the session loads); q and k
         stay one tensor from their matmul to here. Per layer that is one
         thread-pool dispatch fewer (a norm over several rows runs on the pool) and one or two
-        nodes fewer: 9-13% less CPU per decode step on the Qwen3-0.6B shape at int4
+        nodes fewer: 1-4% faster decode on the Qwen3-0.6B shape at int4 on a quiet machine
         (docs/benchmarks.md, "Per-step decode cost"). The float32 graph only: in fp16 the Mul
         would round once more than the fused norm."""
         cfg, b = self.cfg, self.b

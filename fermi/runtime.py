@@ -720,7 +720,8 @@ class StopSignal:
 
 
 class Generation:
-    """One submitted request: iterate it once (blocking or async), or cancel/close it."""
+    """One submitted request: iterate it once (blocking or async), or cancel/close it.
+    `choices`: how many it generates (its n)."""
 
     def __init__(self, runtime: Runtime, job: Job):
         self._runtime = runtime
@@ -731,6 +732,7 @@ class Generation:
         self._lock = threading.Lock()
         self.session_id = job.session.id
         self.prompt_tokens = len(job.prompt_ids)
+        self.choices = job.request.n
         self.thinking = job.thinking
 
     def __iter__(self) -> Iterator[Event]:

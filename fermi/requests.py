@@ -73,8 +73,9 @@ class GenerationRequest:
     # The caller's tenant (its API key, fermi/security.py): session ids live in its namespace.
     tenant: str = ""
     # append=True: `messages` are new turns added to the session's stored history (gRPC, CLI);
-    # tool results among them answer the calls of the session's last turn, or the runtime
-    # refuses them (InvalidRequest on tool_results[j], j counting the tool messages).
+    # tool results among them answer the calls of the session's last turn, each once and all
+    # of them, or the runtime refuses them (InvalidRequest on tool_results[j], j counting the
+    # tool messages, or on tool_results).
     # append=False: `messages` are the whole conversation (OpenAI clients resend it every time).
     append: bool = False
     ignore_eos: bool = False  # benchmarks decode a fixed count

@@ -66,7 +66,13 @@ from fermi.sessions import Session, SessionLimits, SessionStore
 from fermi.settings import Settings
 from fermi.text_stream import OutputChannels, StopMatcher, channel_table
 from fermi.token_text import TokenText
-from fermi.tool_calls import TOOL_CALL_FORMATS, HermesToolCalls, check_tool_result
+from fermi.tool_calls import (
+    TOOL_CALL_FORMATS,
+    HermesToolCalls,
+    ToolFields,
+    check_tool_results,
+    id_list,
+)
 from fermi.tracing import GenerationTrace
 
 # Editors send long stop lists for autocomplete (vLLM and llama-server set no limit). The stop
@@ -714,7 +720,8 @@ class StopSignal:
 
 
 class Generation:
-    """One submitted request: iterate it once (blocking or async), or cancel/close it."""
+    """One submitted request: iterate it once (blocking or async), or cancel/close it.
+    `choices`: how many it generates (its n)."""
 
     def __init__(self, runtime: Runtime, job: Job):
         self._runtime = runtime
@@ -725,6 +732,7 @@ class Generation:
         self._lock = threading.Lock()
         self.session_id = job.session.id
         self.prompt_tokens = len(job.prompt_ids)
+        self.choices = job.request.n
         self.thinking = job.thinking
 
     def __iter__(self) -> Iterator[Event]:
@@ -864,16 +872,30 @@ def _merge(history: list[Message], new: list[Message]) -> list[Message]:
 
 def _check_appended_tool_results(conversation: list[Message], new: list[Message]) -> None:
     """The tool results among `new`, turns appended to a session's history (they end the merged
-    `conversation`, system messages aside), must answer the calls of the session's last turn
-    (tool_calls.check_tool_result). They are named in the order sent, as gRPC's field:
-    InvalidRequest on tool_results[j] or tool_results[j].tool_call_id."""
-    appended = sum(m.role != "system" for m in new)
-    j = 0
-    for i in range(len(conversation) - appended, len(conversation)):
-        if conversation[i].role == "tool":
-            field = f"tool_results[{j}]"
-            check_tool_result(conversation, i, field, f"{field}.tool_call_id")
-            j += 1
+    `conversation`, system messages aside), must answer the calls of the session's last turn,
+    each once and all of them: the model's next turn follows them, so a result sent later
+    would answer none (tool_calls.check_tool_results). A prompt sent without results is taken:
+    the history cannot be edited, so a client that will not run the calls goes on with it.
+    The results are named in the order sent, as gRPC's field: InvalidRequest on
+    tool_results[j] or tool_results[j].tool_call_id, or on tool_results when calls are left
+    unanswered."""
+    first = len(conversation) - sum(m.role != "system" for m in new)
+    names = {i: f"tool_results[{j}]" for j, i in enumerate(
+        i for i in range(first, len(conversation)) if conversation[i].role == "tool"
+    )}  # fmt: skip
+
+    def unanswered(i: int, ks: list[int]) -> InvalidRequest:
+        ids = id_list([conversation[i].tool_calls[k]["id"] for k in ks])
+        return InvalidRequest(
+            "tool_results: the results sent must answer every call of the session's last turn "
+            f"(the model's next turn follows them); these tool_call_ids have none: {ids}",
+            param="tool_results",
+        )
+
+    def where(i: int) -> str:
+        return names.get(i, "the session's last turn")
+
+    check_tool_results(conversation, ToolFields(where, unanswered), first)
 
 
 def _drop_oldest_turn(conversation: list[Message]) -> list[Message] | None:

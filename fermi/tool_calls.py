@@ -1,5 +1,5 @@
 """Tool calls in the model's output: the text inside the tool-call tags, parsed as it streams;
-and the rule that the tool results sent back answer those calls (`check_tool_result`).
+and the rules that the tool results sent back answer those calls (`check_tool_results`).
 
 Hermes format (Qwen2.5, Qwen3, NousResearch Hermes; vLLM's `hermes` parser): each block holds
 one JSON object `{"name": "...", "arguments": {...}}`. While a block streams, the name is sent as
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fermi.errors import InvalidRequest
@@ -159,27 +160,103 @@ def _without_outer_close(text: str) -> str:
     return body
 
 
-def check_tool_result(messages: list[Message], i: int, param: str, id_param: str) -> None:
-    """`messages[i]`, a tool result, must answer a call of the assistant turn it follows (other
-    tool results may come between them), as OpenAI requires; its tool_call_id, when it has one,
-    must be the id of one of that turn's calls. Without an id it answers them in order, as chat
-    templates pair results with calls. Raises InvalidRequest naming `param` when no assistant
-    turn with tool calls comes just before, `id_param` when the id is none of its calls'."""
-    j = i - 1
-    while j >= 0 and messages[j].role == "tool":
-        j -= 1
-    calls = (messages[j].tool_calls if j >= 0 and messages[j].role == "assistant" else None) or []
-    if not calls:
-        raise InvalidRequest(
-            f"{param}: a tool result must follow an assistant turn with tool_calls (only other "
-            "tool results may come between them)",
-            param=param,
-        )
-    call_id = messages[i].tool_call_id
-    ids = [call["id"] for call in calls]
-    if call_id is not None and call_id not in ids:
-        raise InvalidRequest(
-            f"{id_param}: {call_id!r} is not the id of a tool call of the assistant turn it "
-            f"follows ({', '.join(ids)})",
-            param=id_param,
-        )
+@dataclass(frozen=True)
+class ToolFields:
+    """How a transport names what tool-result errors blame. `where(i)`: the path of
+    `messages[i]` ("messages[3]", "input[4]", "tool_results[0]"); `role` and `call_id`: the
+    suffixes of a tool result's fields blamed when it answers no call / names a wrong or
+    answered id; `unanswered(i, ks)`: the error for calls `ks` (indices into
+    `messages[i].tool_calls`) that no tool result answers."""
+
+    where: Callable[[int], str]
+    unanswered: Callable[[int, list[int]], InvalidRequest]
+    role: str = ""
+    call_id: str = ".tool_call_id"
+
+
+def check_tool_results(messages: list[Message], fields: ToolFields, first: int = 0) -> None:
+    """The tool results of a conversation answer the calls before them, as OpenAI requires.
+
+    A tool message must follow an assistant turn with tool_calls (only other tool messages may
+    come between them); its tool_call_id, when it has one, must be the id of one of that turn's
+    calls not answered yet; without one it answers the first call not answered yet (chat
+    templates pair results with calls in order). Every call of such a turn must be answered
+    before the next message that is not a tool message, or the end of the list.
+
+    `first`: only the tool messages from `messages[first]` on are checked, and only the turns
+    at or after it, or answered by them, must have every call answered (a session's earlier
+    history is not judged again). Raises InvalidRequest on `where(i) + fields.role` for a tool
+    message that follows no turn with calls, or whose turn has no call left to answer; on
+    `where(i) + fields.call_id` for an id that is none of the turn's calls' or whose call is
+    answered already; and `fields.unanswered(i, ks)` for a turn left with calls `ks`
+    unanswered."""
+    turn: int | None = None  # the assistant turn whose results are being read
+    slots: dict[str, list[int]] = {}  # its calls' indices by id, not answered yet, last first
+    first_with: dict[str, int] = {}  # the index of its first call with each id
+    answered: dict[int, int] = {}  # call index -> the tool message that answered it
+    next_free = 0  # no call before this index is unanswered
+
+    def close() -> None:
+        if turn is None or not (turn >= first or answered):
+            return
+        missing = [k for k in range(len(messages[turn].tool_calls)) if k not in answered]
+        if missing:
+            raise fields.unanswered(turn, missing)
+
+    for i, message in enumerate(messages):
+        if message.role != "tool":
+            close()
+            calls = message.tool_calls if message.role == "assistant" else None
+            turn = i if calls else None
+            slots, first_with, answered, next_free = {}, {}, {}, 0
+            for k in reversed(range(len(calls or []))):
+                call_id = calls[k].get("id")
+                slots.setdefault(call_id, []).append(k)
+                first_with[call_id] = k
+            continue
+        if i < first:
+            continue
+        param, id_param = fields.where(i) + fields.role, fields.where(i) + fields.call_id
+        if turn is None:
+            raise InvalidRequest(
+                f"{param}: a tool result must follow an assistant turn with tool_calls (only "
+                "other tool results may come between them)",
+                param=param,
+            )
+        calls = messages[turn].tool_calls
+        call_id = message.tool_call_id
+        if call_id is None:
+            while next_free in answered:
+                next_free += 1
+            if next_free == len(calls):
+                raise InvalidRequest(
+                    f"{param}: a tool result without an id answers the first call not answered "
+                    f"yet, and every call of {fields.where(turn)} is answered already",
+                    param=param,
+                )
+            answered[next_free] = i
+            continue
+        ks = slots.get(call_id)
+        if call_id not in first_with:
+            raise InvalidRequest(
+                f"{id_param}: {call_id!r} is not the id of a tool call of the assistant turn it "
+                f"follows ({id_list([call.get('id') for call in calls])})",
+                param=id_param,
+            )
+        while ks and ks[-1] in answered:  # kept in reverse: the next call with this id last
+            ks.pop()
+        if not ks:
+            earlier = fields.where(answered[first_with[call_id]])
+            raise InvalidRequest(
+                f"{id_param}: {call_id!r} is answered already, by {earlier}; a tool call takes "
+                "one result",
+                param=id_param,
+            )
+        answered[ks.pop()] = i
+    close()
+
+
+def id_list(ids: list, limit: int = 10) -> str:
+    """Ids for an error message, comma-separated; past `limit`, the first ones and a count."""
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown if len(ids) <= limit else f"{shown}, ... ({len(ids)} in all)"

@@ -297,6 +297,9 @@ def answered(call: dict) -> list[dict]:
         [*called(CALL, TIME_CALL), result("call_2"), result("call_1")],  # any order
         [*called(CALL), result(None)],  # no id: the results answer the calls in order
         [*answered(CALL), *called(TIME_CALL)[1:], result("call_2")],  # a second round
+        [*answered(CALL), *called(CALL)[1:], result("call_1")],  # an id used again, next round
+        # an id-less result answers the first call not answered yet
+        [*called(CALL, TIME_CALL), result("call_2"), result(None)],
     ],
 )
 def test_tool_messages_that_answer_the_calls_before_them_are_taken(client, messages):
@@ -326,6 +329,58 @@ def test_a_tool_message_that_answers_no_call_is_a_400(client, messages, param, w
     assert body["param"] == param and body["type"] == "invalid_request_error"
     assert body["message"].startswith(f"{param}: ") and words in body["message"]
     assert "\n" not in body["message"]
+
+
+@pytest.mark.parametrize(
+    "messages, param, words",
+    [
+        (called(CALL), "messages[1].tool_calls", ": call_1"),  # the end of the list
+        (called(CALL, TIME_CALL), "messages[1].tool_calls", ": call_1, call_2"),
+        ([*called(CALL, TIME_CALL), result("call_1")], "messages[1].tool_calls", ": call_2"),
+        ([*called(CALL, TIME_CALL), result("call_2"), {"role": "user", "content": "And?"}],
+         "messages[1].tool_calls", ": call_1"),
+        ([*called(CALL), {"role": "assistant", "content": "It is sunny."}],
+         "messages[1].tool_calls", ": call_1"),
+        # id-less results answer the calls in order: the second call is left
+        ([*called(CALL, TIME_CALL), result(None)], "messages[1].tool_calls", ": call_2"),
+        # an unanswered turn is named before a later tool message is judged
+        ([*called(CALL), *USER, *called(TIME_CALL)[1:], result("call_2")],
+         "messages[1].tool_calls", ": call_1"),
+    ],
+)  # fmt: skip
+def test_an_unanswered_tool_call_is_a_400(client, messages, param, words):
+    """As OpenAI answers: each call of an assistant message needs a tool message answering it
+    before the next message that is not a tool message (or the end of the list)."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=1)
+    body = err.value.body
+    assert body["param"] == param and body["type"] == "invalid_request_error"
+    message = body["message"]
+    assert message.startswith(f"{param}: ") and message.endswith(words), message
+    assert "tool_call_id" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "messages, param, words",
+    [
+        ([*called(CALL, TIME_CALL), result("call_1"), result("call_1"), result("call_2")],
+         "messages[3].tool_call_id", ["'call_1'", "messages[2]"]),
+        # the id-less result answered call_1 (the first call); call_1 again is a second answer
+        ([*called(CALL, TIME_CALL), result(None), result("call_1")],
+         "messages[3].tool_call_id", ["'call_1'", "messages[2]"]),
+        # every call answered: an id-less result has none left to answer
+        ([*called(CALL), result("call_1"), result(None)],
+         "messages[3].role", ["messages[1]", "answered"]),
+    ],
+)  # fmt: skip
+def test_a_second_answer_to_a_tool_call_is_a_400(client, messages, param, words):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=1)
+    body = err.value.body
+    assert body["param"] == param and body["type"] == "invalid_request_error"
+    message = body["message"]
+    assert message.startswith(f"{param}: ") and all(w in message for w in words), message
+    assert "\n" not in message
 
 
 def test_parse_with_a_pydantic_model(client):
@@ -540,6 +595,55 @@ def test_a_function_call_output_that_answers_no_call_is_a_400(client, items, par
         )  # fmt: skip
     assert err.value.body["param"] == param
     assert err.value.body["message"].startswith(f"{param}: ")
+
+
+def function_call(call_id: str) -> dict:
+    return {"type": "function_call", "call_id": call_id, "name": "get_weather", "arguments": "{}"}
+
+
+def function_output(call_id: str) -> dict:
+    return {"type": "function_call_output", "call_id": call_id, "output": "sunny"}
+
+
+@pytest.mark.parametrize(
+    "items, param, words",
+    [
+        ([function_call("call_1")], "input[1]", ["call_1"]),
+        ([function_call("call_1"), function_call("call_2"), function_output("call_1")],
+         "input[2]", ["call_2"]),
+        ([function_call("call_1"), function_call("call_2")], "input[1]", ["call_1, call_2"]),
+        ([function_call("call_1"), {"role": "user", "content": "And?"}], "input[1]", ["call_1"]),
+        ([{"role": "assistant", "content": "Let me see."}, function_call("call_1"),
+          function_output("call_2")], "input[3].call_id", ["'call_2'"]),
+        ([function_call("call_1"), function_output("call_1"), function_output("call_1")],
+         "input[3].call_id", ["'call_1'", "input[2]"]),
+    ],
+)  # fmt: skip
+def test_an_unanswered_or_twice_answered_function_call_is_a_400(client, items, param, words):
+    """As OpenAI answers ("No tool output found for function call call_1."): each
+    function_call item needs a function_call_output with its call_id, before the next item that
+    is neither; and a call is answered once."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(
+            model=MODEL, input=[{"role": "user", "content": "Weather?"}, *items],
+            tools=FLAT_TOOLS, max_output_tokens=1,
+        )  # fmt: skip
+    body = err.value.body
+    assert body["param"] == param and body["type"] == "invalid_request_error"
+    message = body["message"]
+    assert message.startswith(f"{param}: ") and all(w in message for w in words), message
+    assert "\n" not in message
+
+
+def test_function_calls_answered_between_them_are_taken(client):
+    """A function_call, its output, another call and its output: two answered turns."""
+    items = [function_call("call_1"), function_output("call_1"), function_call("call_2"),
+             function_output("call_2")]  # fmt: skip
+    response = client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": "Weather?"}, *items], tools=FLAT_TOOLS,
+        tool_choice="none", max_output_tokens=1,
+    )  # fmt: skip
+    assert response.status == "incomplete"
 
 
 def test_responses_stream_function_call_events(client):

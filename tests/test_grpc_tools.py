@@ -123,11 +123,24 @@ def test_a_tool_schema_with_defs_and_refs_is_usable(stub):
     assert json.loads(arguments)["place"] in ("Paris", "Rome")
 
 
-def forced_calls(stub) -> tuple[str, list[str]]:
-    """A new session whose turn made tool calls: its id and the calls' ids."""
-    *pieces, last = generate(stub, prompt="Weather in Paris?", tools=[TOOL], tool_choice="required")
+def forced_calls(stub, seed: int | None = None) -> tuple[str, list[str]]:
+    """A new session whose turn made tool calls: its id and the calls' ids. With a seed, drawn
+    at temperature 1.5, which lets the random model go on to a second call now and then."""
+    sampling = pb.Sampling(seed=seed, temperature=1.5) if seed is not None else None
+    *pieces, last = generate(
+        stub, prompt="Weather in Paris?", tools=[TOOL], tool_choice="required", sampling=sampling
+    )
     assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS
     return last.session_id, [p.tool_call.id for p in pieces if p.tool_call.id]
+
+
+def several_calls(stub) -> tuple[str, list[str]]:
+    """A new session whose turn made two or more tool calls (the first seed that does)."""
+    for seed in range(100):
+        session, ids = forced_calls(stub, seed)
+        if len(ids) > 1:
+            return session, ids
+    raise AssertionError("no seed in 100 made parallel calls")
 
 
 def test_tool_results_answer_the_calls_of_the_previous_turn(stub):
@@ -161,3 +174,44 @@ def test_tool_results_without_calls_before_them_are_invalid_argument(stub):
     )  # fmt: skip
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("tool_results[0]: ")
+
+
+def test_tool_results_must_answer_every_call_of_the_previous_turn(stub):
+    """Results sent for a turn answer all its calls (the model writes its next turn after them,
+    so a result sent later would answer none), each once."""
+    session, ids = several_calls(stub)
+    partial = [pb.ToolResult(tool_call_id=ids[0], content="sunny")]
+    for prompt in ("", "and?"):
+        error = rpc_error(
+            lambda p=prompt: generate(stub, session_id=session, tool_results=partial, prompt=p)
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = error.details()
+        assert details.startswith("tool_results: ") and "\n" not in details
+        assert details.endswith(": " + ", ".join(ids[1:])), details
+    twice = [pb.ToolResult(tool_call_id=i, content="sunny") for i in [ids[0], *ids]]
+    error = rpc_error(lambda: generate(stub, session_id=session, tool_results=twice))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.details()
+    assert details.startswith("tool_results[1].tool_call_id: ")
+    assert repr(ids[0]) in details and "tool_results[0]" in details
+    # an empty id answers the first call not answered yet; none is left for one more
+    extra = [pb.ToolResult(content="sunny") for _ in [*ids, "one more"]]
+    error = rpc_error(lambda: generate(stub, session_id=session, tool_results=extra))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(f"tool_results[{len(ids)}]: ")
+    # Refused, the session still waits for its results: all of them are taken.
+    results = [pb.ToolResult(tool_call_id=i, content="sunny") for i in reversed(ids)]
+    *_, last = generate(
+        stub, session_id=session, tool_results=results, max_new_tokens=2, ignore_eos=True
+    )
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_a_prompt_without_results_after_tool_calls_is_taken(stub):
+    """The session's history cannot be edited: a client that will not run the calls (or whose
+    turn was cut short) goes on with a prompt, and the calls stay unanswered in the history."""
+    session, _ = forced_calls(stub)
+    *_, last = generate(stub, session_id=session, prompt="Never mind.", max_new_tokens=2,
+                        ignore_eos=True)  # fmt: skip
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from fermi.openai_server.loadtest import serve
+from tests.test_openai_server import idle, metric, wait_for
 
 MODEL = "tiny-qwen3"
 USER = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -364,6 +366,53 @@ def test_a_batch_is_queued_whole_or_not_at_all(small_server):
     taken = [a.json() for a in answers if a.status_code == 200]
     assert len(taken) >= 2
     assert all(len(t["choices"]) == 3 for t in taken)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def generations(http: httpx.Client) -> dict[str, float]:
+    return {
+        outcome: metric(http, "fermi_generations_total", outcome=outcome)
+        for outcome in ("stop", "length", "tool_calls", "cancelled", "disconnected", "error")
+    }
+
+
+@pytest.mark.parametrize(
+    "route, fields, choices",
+    [
+        ("/v1/chat/completions", {"messages": USER, "n": 3}, 3),
+        ("/v1/completions", {"prompt": ["Once", "upon", "a time"]}, 3),
+        ("/v1/completions", {"prompt": ["Once", "upon"], "n": 3}, 6),
+        ("/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "n": 2, "stream": True}, 4),
+        ("/v1/responses", {"input": "Hello"}, 1),
+    ],
+)
+def test_each_choice_is_counted_as_a_generation(http, route, fields, choices):
+    """fermi_generations_total counts every generated choice once, with its own finish reason:
+    n choices of a request, each prompt's choices of a /v1/completions batch."""
+    wait_for(lambda: idle(http), "the engine to be idle")
+    before = generations(http)
+    limit = "max_output_tokens" if route == "/v1/responses" else "max_tokens"
+    body = {"model": MODEL, limit: 3, "ignore_eos": True, **fields}
+    response = http.post(route, json=body)
+    assert response.status_code == 200, response.text
+    expected = {**before, "length": before["length"] + choices}
+    wait_for(lambda: generations(http) == expected, f"{choices} generations to be counted", 10)
+
+
+def test_each_choice_of_a_batch_whose_client_left_is_counted(http):
+    wait_for(lambda: idle(http), "the engine to be idle")
+    before = generations(http)
+    body = {"prompt": ["Once", "upon"], "n": 2, "max_tokens": 3000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        data = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(data), next(data)
+    expected = {**before, "disconnected": before["disconnected"] + 4}
+    wait_for(lambda: generations(http) == expected, "4 disconnected generations")
+    time.sleep(0.5)  # and nothing more is counted later
+    assert generations(http) == expected
 
 
 def test_completions_refusals(client):

@@ -857,7 +857,7 @@ def test_health_503_while_loading_then_failure_inside_generation(tiny_artifact, 
 
     opener = threading.Thread(target=open_gate_once_loading_is_seen, daemon=True)
     opener.start()
-    env = {**BASE_ENV, "FERMI_TEST_LOAD_GATE": str(gate)}
+    env = {**BASE_ENV, "FERMI_TEST_LOAD_GATE": str(gate), "FERMI_ENGINE_POOL": "2"}  # n=2 fits
     with serve(str(tiny_artifact), env=env, program=(sys.executable, __file__), port=port) as s:
         opener.join()
         health, models = while_loading
@@ -874,6 +874,10 @@ def test_health_503_while_loading_then_failure_inside_generation(tiny_artifact, 
             assert [e["type"] for e in last] == ["error", "response.failed"]
             plain = http.post("/v1/chat/completions", json=chat_body(messages=boom["messages"]))
             assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
+            two = http.post("/v1/chat/completions", json=chat_body(messages=boom["messages"], n=2))
+            assert two.status_code == 500, two.text
+            # each failed choice is a generation that ended in error: 1 + 1 + 1 + 2
+            assert metric(http, "fermi_generations_total", outcome="error") == 5
             # and the server keeps serving
             assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
             wait_for(lambda: metric(http, "fermi_running") == 0, "the failed generations to end")

@@ -198,8 +198,9 @@ def _json_object(text: str, param: str) -> dict:
 def to_generation_request(request: pb.GenerateRequest, session_id: str | None) -> GenerationRequest:
     """The runtime request of a Generate call; with no session_id the runtime mints one and
     keeps the session (unclaimed until the client sends the id back). Raises InvalidRequest
-    naming the field; tool_results that answer no call of the session's last turn are refused
-    by the runtime, which holds the session (an empty tool_call_id answers in order)."""
+    naming the field; tool_results that answer no call of the session's last turn, answer one
+    twice or leave one unanswered are refused by the runtime, which holds the session (an empty
+    tool_call_id answers the first call not answered yet)."""
     results = [
         Message("tool", r.content, tool_call_id=r.tool_call_id or None)
         for r in request.tool_results

@@ -316,15 +316,17 @@ class CompletionStream:
 
 class PromptBatch:
     """The generations of a request's prompts as one (Generation's interface: `aiter`,
-    `close`, `prompt_tokens`): their events interleaved as they come, each TextDelta's choice
-    renumbered `prompt * n + index` and each PromptLogprobs marked with its prompt, then one
-    Finished with every choice's finish reason and the usage summed (OpenAI's and vLLM's
-    batch usage). A failure of one ends them all: the error is raised, the others closed."""
+    `close`, `prompt_tokens`, `choices`): their events interleaved as they come, each
+    TextDelta's choice renumbered `prompt * n + index` and each PromptLogprobs marked with its
+    prompt, then one Finished with every choice's finish reason and the usage summed (OpenAI's
+    and vLLM's batch usage). A failure of one ends them all: the error is raised, the others
+    closed."""
 
     def __init__(self, generations: list, n: int):
         self.generations = generations
         self.n = n
         self.prompt_tokens = sum(g.prompt_tokens for g in generations)
+        self.choices = n * len(generations)
         self.session_id = generations[0].session_id
 
     async def aiter(self) -> AsyncIterator[Event]:

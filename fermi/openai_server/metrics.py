@@ -33,8 +33,9 @@ class Metrics:
             "fermi_completion_tokens", "Generated tokens of finished generations", registry=registry
         )
         self.generations = Counter(
-            "fermi_generations", "Generations by outcome (stop, length, cancelled, disconnected: "
-            "cancelled because the client went away, error)", ["outcome"], registry=registry,
+            "fermi_generations", "Generations (each choice of a request, of each of its prompts)"
+            " by outcome (stop, length, tool_calls, cancelled, disconnected: cancelled because "
+            "the client went away, timeout, error)", ["outcome"], registry=registry,
         )  # fmt: skip
         self.ttft = Histogram(
             "fermi_time_to_first_token_seconds", "From submit to the first text",
@@ -69,11 +70,16 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def observe(
-        self, events: AsyncIterator[Event], client_left: Callable[[], bool] = lambda: False
+        self,
+        events: AsyncIterator[Event],
+        client_left: Callable[[], bool] = lambda: False,
+        choices: int = 1,
     ) -> AsyncIterator[Event]:
-        """Pass events through, timing first and later tokens and counting the outcome once:
-        the finish reason, or "disconnected" for a generation cancelled because its client
-        went away (`client_left()` true when it ends), or "error" when `events` raises."""
+        """Pass events through, timing first and later tokens and counting the outcome of each
+        of the request's `choices` once (n per prompt: every choice is a generation): its
+        finish reason, or "disconnected" for one cancelled because the client went away
+        (`client_left()` true when it ends), or, for all of them, "error" when `events`
+        raises."""
         last = start = time.perf_counter()
         first = True
         try:
@@ -88,16 +94,19 @@ class Metrics:
                             self.itl.observe((now - last) / len(event.token_ids))
                     last = now
                 elif isinstance(event, Finished):
-                    gone = event.finish_reason == "cancelled" and client_left()
-                    self.finished(event, "disconnected" if gone else event.finish_reason)
+                    self.finished(event, client_left())
                 yield event
         except Exception:
-            self.generations.labels("error").inc()
+            self.generations.labels("error").inc(choices)
             raise
 
-    def finished(self, finished: Finished, outcome: str) -> None:
+    def finished(self, finished: Finished, client_left: bool = False) -> None:
+        """Count a request's tokens, and each of its choices by its finish reason ("cancelled"
+        as "disconnected" when `client_left`)."""
         usage = finished.usage
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.cached_tokens.inc(usage.cached_tokens)
         self.completion_tokens.inc(usage.completion_tokens)
-        self.generations.labels(outcome).inc()
+        for reason in finished.finish_reasons or [finished.finish_reason]:
+            gone = reason == "cancelled" and client_left
+            self.generations.labels("disconnected" if gone else reason).inc()

@@ -17,7 +17,7 @@ from fermi.openai_server.hostile import MAX_DEPTH, check_body
 from fermi.requests import GenerationRequest, Message, SamplingParams, Thinking
 from fermi.sampling import MAX_LOGPROBS, validate_sampling
 from fermi.security import validate_session_id
-from fermi.tool_calls import check_tool_result
+from fermi.tool_calls import ToolFields, check_tool_results, id_list
 
 CHAT_ROLES = {
     "system": "system",
@@ -386,15 +386,26 @@ def _message(f: Fields, roles: dict[str, str], ignored: frozenset[str] = MESSAGE
 
 
 def _chat_messages(f: Fields) -> list[Message]:
-    """`messages`; a tool message must answer a call of the assistant message before it
-    (tool_calls.check_tool_result: InvalidRequest on messages[i].role or .tool_call_id)."""
+    """`messages`; tool messages answer the calls of the assistant message before them, each
+    call once and every call before the next message of another role (tool_calls.
+    check_tool_results: InvalidRequest on messages[i].role, messages[i].tool_call_id or, for
+    calls left unanswered, messages[i].tool_calls)."""
     items = f.array("messages", required=True)
     if not items:
         raise InvalidRequest("messages must not be empty", param="messages")
     messages = [_message(Fields(m, f"messages[{i}]"), CHAT_ROLES) for i, m in enumerate(items)]
-    for i, message in enumerate(messages):
-        if message.role == "tool":
-            check_tool_result(messages, i, f"messages[{i}].role", f"messages[{i}].tool_call_id")
+
+    def unanswered(i: int, ks: list[int]) -> InvalidRequest:
+        param = f"messages[{i}].tool_calls"
+        ids = id_list([messages[i].tool_calls[k]["id"] for k in ks])
+        return InvalidRequest(
+            f"{param}: an assistant message with tool_calls must be followed by tool messages "
+            "answering each tool_call_id (before any message of another role); these "
+            f"tool_call_ids have none: {ids}",
+            param=param,
+        )
+
+    check_tool_results(messages, ToolFields(lambda i: f"messages[{i}]", unanswered, ".role"))
     return messages
 
 
@@ -523,8 +534,10 @@ def _responses_include(f: Fields) -> bool:
 def _responses_input(f: Fields) -> list[Message]:
     """`input` is a string (one user turn) or an array of items: messages, reasoning (attached
     to the assistant message that follows it), function_call (a tool call of the assistant turn)
-    and function_call_output (a tool message, which must answer a function_call before it:
-    InvalidRequest on input[i] or input[i].call_id)."""
+    and function_call_output (a tool message, which must answer a function_call before it, each
+    call once and every call before the next message: tool_calls.check_tool_results,
+    InvalidRequest on input[i] or input[i].call_id, or on the input[i] of a function_call left
+    unanswered)."""
     value = f.raw("input")
     if isinstance(value, str):
         return [Message("user", value)]
@@ -532,6 +545,8 @@ def _responses_input(f: Fields) -> list[Message]:
     if not items:
         raise InvalidRequest("input must not be empty", param="input")
     messages: list[Message] = []
+    item_of: list[int] = []  # the input item of each message
+    call_items: dict[int, list[int]] = {}  # the function_call items of an assistant message
     reasoning: str | None = None
     for i, raw in enumerate(items):
         item = Fields(raw, f"input[{i}]")
@@ -541,7 +556,9 @@ def _responses_input(f: Fields) -> list[Message]:
             item.check_unread(REASONING_ITEM_ECHOES)
             continue
         if kind == "function_call":
-            _add_function_call(messages, item, reasoning)
+            if _add_function_call(messages, item, reasoning):
+                item_of.append(i)
+            call_items.setdefault(len(messages) - 1, []).append(i)
             item.check_unread(ITEM_ECHOES)
             reasoning = None
             continue
@@ -550,7 +567,7 @@ def _responses_input(f: Fields) -> list[Message]:
             output = _content(item, "output", required=True)
             item.check_unread(ITEM_ECHOES)
             messages.append(Message("tool", output, tool_call_id=call_id))
-            check_tool_result(messages, len(messages) - 1, item.where, item.param("call_id"))
+            item_of.append(i)
             continue
         if kind != "message":
             raise InvalidRequest(
@@ -563,13 +580,31 @@ def _responses_input(f: Fields) -> list[Message]:
             message.reasoning_content = reasoning
         reasoning = None
         messages.append(message)
+        item_of.append(i)
     if not messages:
         raise InvalidRequest("input holds no message", param="input")
+
+    def unanswered(m: int, ks: list[int]) -> InvalidRequest:
+        # the turn's last calls come from function_call items; any before them, from the
+        # message item's own tool_calls
+        items = call_items.get(m, [])
+        k = ks[0] - (len(messages[m].tool_calls) - len(items))
+        param = f"input[{items[k]}]" if k >= 0 else f"input[{item_of[m]}].tool_calls"
+        ids = id_list([messages[m].tool_calls[k]["id"] for k in ks])
+        return InvalidRequest(
+            f"{param}: no function_call_output found for function call{'s' * (len(ks) > 1)} "
+            f"{ids} (each function_call needs one with its call_id, before the next message)",
+            param=param,
+        )
+
+    check_tool_results(
+        messages, ToolFields(lambda m: f"input[{item_of[m]}]", unanswered, "", ".call_id")
+    )
     return messages
 
 
-def _add_function_call(messages: list[Message], item: Fields, reasoning: str | None) -> None:
-    """A function_call item joins the assistant turn just before it, or starts one."""
+def _add_function_call(messages: list[Message], item: Fields, reasoning: str | None) -> bool:
+    """A function_call item joins the assistant turn just before it, or starts one (True)."""
     call = {
         "id": item.string("call_id", required=True),
         "type": "function",
@@ -581,5 +616,6 @@ def _add_function_call(messages: list[Message], item: Fields, reasoning: str | N
     last = messages[-1] if messages else None
     if last is not None and last.role == "assistant" and not reasoning:
         last.tool_calls = (last.tool_calls or []) + [call]
-        return
+        return False
     messages.append(Message("assistant", "", reasoning_content=reasoning, tool_calls=[call]))
+    return True

@@ -304,7 +304,9 @@ async def _events(request: Request, generation) -> AsyncIterator[AsyncIterator[E
     within one decode step if running, its session and queue place freed if it never ran."""
     ctx = request.app.ctx
     queue: asyncio.Queue = asyncio.Queue()
-    observed = ctx.metrics.observe(generation.aiter(), lambda: request.ctx.disconnected)
+    observed = ctx.metrics.observe(
+        generation.aiter(), lambda: request.ctx.disconnected, generation.choices
+    )
     events = _record(request.ctx.access, observed)
     pump = asyncio.create_task(_pump(events, queue.put_nowait))
     request.ctx.pump = pump

@@ -635,6 +635,28 @@ def test_an_unanswered_or_twice_answered_function_call_is_a_400(client, items, p
     assert "\n" not in message
 
 
+def test_a_response_output_replayed_in_order_is_taken(client):
+    """Text the model wrote after its call, and a reasoning item before each call, replayed in
+    the order a response's output holds them, then the outputs: one assistant turn."""
+    reasoning = {
+        "type": "reasoning",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": "Check the weather."}],
+    }
+    text = {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "Checking."}],
+    }
+    items = [reasoning, function_call("call_1"), reasoning, function_call("call_2"), text,
+             function_output("call_1"), function_output("call_2")]  # fmt: skip
+    response = client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": "Weather?"}, *items], tools=FLAT_TOOLS,
+        tool_choice="none", max_output_tokens=1,
+    )  # fmt: skip
+    assert response.status == "incomplete"
+
+
 def test_function_calls_answered_between_them_are_taken(client):
     """A function_call, its output, another call and its output: two answered turns."""
     items = [function_call("call_1"), function_output("call_1"), function_call("call_2"),

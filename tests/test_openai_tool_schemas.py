@@ -122,6 +122,44 @@ def test_responses_function_items_become_chat_turns():
     )
 
 
+def test_responses_items_of_one_assistant_turn_stay_one_turn():
+    """A response's own output replayed in order: text after a call, or a reasoning item before
+    each call, belongs to the same assistant turn as the calls (a new turn would leave them
+    unanswered before it)."""
+    fc = {"type": "function_call", "name": "get_weather", "arguments": "{}"}
+    body = {
+        "input": [
+            {"role": "user", "content": "weather?"},
+            {
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "Paris first."}],
+            },
+            {**fc, "call_id": "c1"},
+            {
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "Then Rome."}],
+            },
+            {**fc, "call_id": "c2"},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Checking both."}],
+            },
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "c2", "output": "rain"},
+        ],
+        "tools": [FLAT_TOOL],
+    }
+    messages = parse_responses(body).generation.messages
+    assert [m.role for m in messages] == ["user", "assistant", "tool", "tool"]
+    turn = messages[1]
+    assert [c["id"] for c in turn.tool_calls] == ["c1", "c2"]
+    assert turn.content == "Checking both."
+    assert turn.reasoning_content == "Paris first.\n\nThen Rome."
+
+
 def test_a_responses_json_schema_format_needs_its_name():
     body = {"input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}}
     with pytest.raises(InvalidRequest) as err:

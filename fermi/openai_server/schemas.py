@@ -533,11 +533,12 @@ def _responses_include(f: Fields) -> bool:
 
 def _responses_input(f: Fields) -> list[Message]:
     """`input` is a string (one user turn) or an array of items: messages, reasoning (attached
-    to the assistant message that follows it), function_call (a tool call of the assistant turn)
-    and function_call_output (a tool message, which must answer a function_call before it, each
-    call once and every call before the next message: tool_calls.check_tool_results,
-    InvalidRequest on input[i] or input[i].call_id, or on the input[i] of a function_call left
-    unanswered)."""
+    to the assistant message that follows it), function_call (a tool call of the assistant turn;
+    an assistant message or reasoning item among a turn's calls, as a response's own output
+    holds them, stays in that turn) and function_call_output (a tool message, which must answer
+    a function_call before it, each call once and every call before the next message:
+    tool_calls.check_tool_results, InvalidRequest on input[i] or input[i].call_id, or on the
+    input[i] of a function_call left unanswered)."""
     value = f.raw("input")
     if isinstance(value, str):
         return [Message("user", value)]
@@ -579,6 +580,12 @@ def _responses_input(f: Fields) -> list[Message]:
         if message.role == "assistant" and reasoning and not message.reasoning_content:
             message.reasoning_content = reasoning
         reasoning = None
+        if _calling_turn(messages) and message.role == "assistant" and not message.tool_calls:
+            # text the model wrote after its calls, replayed in output order: the same turn
+            turn = messages[-1]
+            turn.content = _joined(turn.content, message.content)
+            turn.reasoning_content = _joined(turn.reasoning_content, message.reasoning_content)
+            continue
         messages.append(message)
         item_of.append(i)
     if not messages:
@@ -603,8 +610,20 @@ def _responses_input(f: Fields) -> list[Message]:
     return messages
 
 
+def _calling_turn(messages: list[Message]) -> bool:
+    """Whether the last message is an assistant turn with tool calls (none answered yet)."""
+    return bool(messages) and messages[-1].role == "assistant" and bool(messages[-1].tool_calls)
+
+
+def _joined(first: str | None, second: str | None) -> str | None:
+    return "\n\n".join(t for t in (first, second) if t) or first
+
+
 def _add_function_call(messages: list[Message], item: Fields, reasoning: str | None) -> bool:
-    """A function_call item joins the assistant turn just before it, or starts one (True)."""
+    """A function_call item joins the assistant turn just before it, or starts one (True). A
+    reasoning item before it starts a new turn, unless the turn before is already making calls
+    (a response's output holds a reasoning item before each of its calls): then the reasoning
+    joins that turn's."""
     call = {
         "id": item.string("call_id", required=True),
         "type": "function",
@@ -614,8 +633,9 @@ def _add_function_call(messages: list[Message], item: Fields, reasoning: str | N
         },
     }
     last = messages[-1] if messages else None
-    if last is not None and last.role == "assistant" and not reasoning:
+    if last is not None and last.role == "assistant" and (not reasoning or last.tool_calls):
         last.tool_calls = (last.tool_calls or []) + [call]
+        last.reasoning_content = _joined(last.reasoning_content, reasoning)
         return False
     messages.append(Message("assistant", "", reasoning_content=reasoning, tool_calls=[call]))
     return True

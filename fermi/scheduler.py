@@ -312,15 +312,17 @@ class Scheduler:
         self._prefilled(seq, every[-1].copy())
 
     def _prefilled(self, seq: Sequence, logits: np.ndarray) -> None:
-        """After a chunk: once the whole prompt is in, every choice samples its first token
-        (the others copy the prompt's KV first)."""
+        """After a chunk: once the whole prompt is in, every choice samples its first token.
+        The others copy the prompt's KV first, all of them before any samples: a choice that
+        ends on its first token (max_tokens 1, an end token) frees its row."""
         group = self._groups[seq]
         if len(seq.fed) < len(group.prompt_ids):
             return
         for sibling in group.sequences:
-            if sibling is not seq:
+            if sibling is not seq and sibling.row is not None:
                 self.runner.fork(seq.row, sibling.row)
                 sibling.fed = list(seq.fed)
+        for sibling in group.sequences:
             if sibling.state != "done":
                 self._sample(sibling, logits, group)
 

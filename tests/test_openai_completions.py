@@ -554,3 +554,37 @@ def test_line_separators_in_text_keep_each_sse_event_on_one_line(http):
     chunks = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
     echoed = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
     assert echoed.startswith(prompt)
+
+
+@pytest.mark.parametrize("graph", ["cpu", "portable"])
+def test_n_choices_that_end_on_their_first_token_answer(graph, tiny_cpu_artifact, tiny_artifact):
+    """n = 2 with max_tokens 1 (every choice ends on its first token), chat and completions,
+    and scoring with max_tokens 0: each choice answers, and a stream already running goes on
+    to its end."""
+    artifact = tiny_cpu_artifact if graph == "cpu" else tiny_artifact
+    with serve(str(artifact), env={**ENV, "FERMI_ENGINE_POOL": "4"}) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.create(
+            model="tiny-qwen3", messages=[{"role": "user", "content": "Go on"}],
+            max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = iter(stream)
+        next(chunks)
+        chat = client.chat.completions.create(
+            model="tiny-qwen3", messages=[{"role": "user", "content": "Hi"}], n=2,
+            max_tokens=1, temperature=0,
+        )  # fmt: skip
+        assert [c.finish_reason for c in chat.choices] == ["length", "length"]
+        assert chat.choices[0].message.content == chat.choices[1].message.content
+        plain = client.completions.create(
+            model="tiny-qwen3", prompt=["Hello", "World"], n=2, max_tokens=1, temperature=0
+        )
+        assert [c.index for c in plain.choices] == [0, 1, 2, 3]
+        scored = client.completions.create(
+            model="tiny-qwen3", prompt="Hello there", n=2, max_tokens=0, echo=True, logprobs=1
+        )
+        assert (
+            scored.choices[0].logprobs.token_logprobs == scored.choices[1].logprobs.token_logprobs
+        )
+        rest = [c for c in chunks if c.choices]
+        assert rest[-1].choices[0].finish_reason == "length"

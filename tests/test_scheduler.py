@@ -236,6 +236,32 @@ def test_n_choices_share_one_prefill(engine):
     assert reasons == {0: "length", 1: "length", 2: "length"}
 
 
+@pytest.mark.parametrize("ending", ["length", "stop"])
+def test_n_choices_whose_first_token_ends_the_first_one(engine, ending):
+    """n = 2 where choice 0 ends on its first token (max_tokens 1, or its first token is an
+    end token): its row is freed when it ends, after every choice has its copy of the prompt's
+    KV; each choice gets its token, and a generation already running goes on."""
+    prompt = list(range(10, 60))
+    first = alone(engine, prompt, 1)[0]
+    scheduler = Scheduler(PooledRunner(engine, 4), PrefixCache(0), 4, 4)
+    try:
+        running = group_for(list(range(5, 30)), 40, tenant="other")
+        scheduler.submit(running)
+        if ending == "length":
+            group = group_for(prompt, 1, n=2)
+        else:
+            sequences = [Sequence(i, greedy_sampler(), 8) for i in range(2)]
+            group = Group("t", list(prompt), sequences, {first}, Signal())
+        scheduler.submit(group)
+        tokens, reasons, _ = collect(group)
+        other, other_reasons, _ = collect(running)
+    finally:
+        scheduler.stop()
+    assert tokens[0][0] == tokens[1][0] == first
+    assert reasons == {0: ending, 1: ending}
+    assert other[0] == alone(engine, list(range(5, 30)), 40) and other_reasons[0] == "length"
+
+
 def test_queue_bound_and_oversized_groups(engine):
     scheduler = Scheduler(PooledRunner(engine, 1), PrefixCache(0), 1, 1)
     try:

@@ -62,7 +62,7 @@ def _madvise():
     return madvise
 
 
-def collapse(regions: set[tuple[int, int]] | list[tuple[int, int]]) -> int:
+def collapse(regions) -> int:
     """Advise and collapse the whole 2 MiB pages inside each (start, end) region, largest first;
     returns the bytes the kernel collapsed (0 where it refuses). The regions must be mapped
     memory of this process: anonymous_mappings() gives them."""
@@ -82,23 +82,68 @@ def collapse(regions: set[tuple[int, int]] | list[tuple[int, int]]) -> int:
     return done
 
 
+def refused_mappings() -> list[tuple[int, int]]:
+    """(start, end) of the mappings whose owner asked for no huge pages (MADV_NOHUGEPAGE: the
+    "nh" flag in /proc/self/smaps), such as the KV pool's buffers (fermi/kv_pool.py)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return []
+    refused, current = [], None
+    for line in lines:
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            current = tuple(int(x, 16) for x in head.split("-"))
+        elif head == "VmFlags:" and current is not None and " nh" in f" {line[8:]}":
+            refused.append(current)
+    return refused
+
+
+def overlaps(regions, mappings) -> list[tuple[int, int]]:
+    """The parts of `regions` that lie inside `mappings`, both (start, end) lists."""
+    parts = []
+    for start, end in regions:
+        for low, high in mappings:
+            if low < end and start < high:
+                parts.append((max(start, low), min(end, high)))
+    return parts
+
+
+def subtract(regions, holes) -> list[tuple[int, int]]:
+    """`regions` without the address ranges of `holes`, both (start, end) lists."""
+    for low, high in holes:
+        kept = []
+        for start, end in regions:
+            if end <= low or high <= start:
+                kept.append((start, end))
+                continue
+            if start < low:
+                kept.append((start, low))
+            if high < end:
+                kept.append((high, end))
+        regions = kept
+    return list(regions)
+
+
 class HugePages:
-    """Collapses, on a daemon thread, the anonymous mappings that appeared since `before` (a
-    snapshot from anonymous_mappings()). `wait()` blocks until it is done and returns the
-    bytes collapsed."""
+    """Collapses, on a daemon thread, the anonymous mappings that appeared or changed since
+    `before` (a snapshot from anonymous_mappings()). `wait()` blocks until it is done and
+    returns the bytes collapsed."""
 
     def __init__(self, before: set[tuple[int, int]]):
         self.collapsed = 0
-        regions = anonymous_mappings() - before
+        regions = sorted(anonymous_mappings() - before)
         self._thread = threading.Thread(
             target=self._run, args=(regions,), name="huge-pages", daemon=True
         )
         self._thread.start()
 
-    def _run(self, regions: set[tuple[int, int]]) -> None:
-        # Only the regions still mapped as they were: one freed since (a temporary of the load)
-        # may have left its addresses to other memory, such as the KV pool's.
-        self.collapsed = collapse(regions & anonymous_mappings())
+    def _run(self, regions: list[tuple[int, int]]) -> None:
+        # What is still anonymous memory of those address ranges (the heap may have moved its
+        # end, a mapping may have merged with a neighbour), less any mapping that refuses huge
+        # pages: a range freed since the snapshot may now hold the KV pool's buffers.
+        live = overlaps(regions, sorted(anonymous_mappings()))
+        self.collapsed = collapse(subtract(live, refused_mappings()))
 
     def wait(self, timeout: float | None = None) -> int:
         self._thread.join(timeout)

@@ -42,12 +42,16 @@ class HostMover:
 
     def empty(self, shape: tuple, dtype: np.dtype):
         """An uninitialised buffer whose pages take memory only once written: anonymous
-        mmap, in 4 KiB pages. (numpy's own allocator advises huge pages for large arrays, and
-        a 2 MiB page then backs a row's run of positions however few it holds.)"""
+        mmap, in 4 KiB pages, marked MADV_NOHUGEPAGE. (numpy's own allocator advises huge pages
+        for large arrays, and a 2 MiB page then backs a row's run of positions however few it
+        holds; fermi/huge_pages.py leaves marked mappings alone.)"""
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if nbytes == 0:
             return np.empty(shape, dtype)
-        return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+        memory = mmap.mmap(-1, nbytes)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+            memory.madvise(mmap.MADV_NOHUGEPAGE)
+        return np.frombuffer(memory, dtype).reshape(shape)
 
     def pointer(self, buffer) -> int:
         return buffer.ctypes.data

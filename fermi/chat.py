@@ -35,7 +35,7 @@ PROMPT, CONTINUATION = ">>> ", "... "
 
 @dataclass
 class ChatOptions:
-    max_new_tokens: int = 1024
+    max_new_tokens: int | None = None  # None: the runtime's default (the rest of the context)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     thinking: Thinking | None = None
     system: str | None = None

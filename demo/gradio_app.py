@@ -68,7 +68,7 @@ class Options:
 
     system_prompt: str = ""
     thinking: bool = True
-    max_tokens: int = 1024
+    max_tokens: int = 0  # 0: no limit, the server runs the answer to the end of the context
     temperature: float = 0.6
     top_p: float = 0.95
 
@@ -128,12 +128,11 @@ def chat_body(model: str, chat: Chat, user: str, options: Options) -> dict[str, 
     system = options.system_prompt.strip()
     messages = [{"role": "system", "content": system}] if system else []
     messages += chat.messages + [{"role": "user", "content": user}]
-    return {
+    body = {
         "model": model,
         "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "max_tokens": int(options.max_tokens),
         "temperature": float(options.temperature),
         "top_p": float(options.top_p),
         "extra_body": {
@@ -141,6 +140,9 @@ def chat_body(model: str, chat: Chat, user: str, options: Options) -> dict[str, 
             "session_id": chat.session_id,
         },
     }
+    if options.max_tokens:  # else the server's default: the rest of the context
+        body["max_tokens"] = int(options.max_tokens)
+    return body
 
 
 def describe_error(error: Exception, api_base: str) -> str:
@@ -252,7 +254,10 @@ def turn_view(turn: Turn) -> list[dict[str, Any]]:
     if turn.answer:
         view.append({"role": "assistant", "content": turn.answer})
     elif turn.done and not turn.error and turn.finish_reason == "length":
-        note = "_(Max tokens was reached before the answer began: raise it and ask again.)_"
+        note = (
+            "_(Max tokens or the end of the context was reached before the answer began: raise "
+            "max tokens, or start a new conversation.)_"
+        )
         view.append({"role": "assistant", "content": note})
     if turn.error:
         view.append({"role": "assistant", "content": f"⚠️ {turn.error}"})
@@ -335,7 +340,7 @@ def model_line(card: ModelCard | None, api_base: str) -> str:
 def controls_for(card: ModelCard | None, thinking: bool) -> tuple[dict, dict, dict, dict]:
     """Updates for (thinking, temperature, top p, max tokens) from the model's card: a model
     that cannot think gets the switch off and hidden (and the non-thinking sampling advice);
-    max tokens stops at the context length."""
+    max tokens stops at the context length (0, no limit, stays the default)."""
     if card is None:
         return gr.update(), gr.update(), gr.update(), gr.update()
     thinking = thinking and card.supports_thinking
@@ -384,7 +389,8 @@ def build_app(config: Config) -> gr.Blocks:
                     label="System prompt", lines=3, value=defaults.system_prompt, elem_id="system"
                 )
                 max_tokens = gr.Slider(
-                    1, 8192, value=defaults.max_tokens, step=1, label="Max tokens",
+                    0, 8192, value=defaults.max_tokens, step=1, label="Max tokens",
+                    info="0: no limit, the answer may run to the end of the context.",
                     elem_id="max-tokens",
                 )  # fmt: skip
                 temperature = gr.Slider(

@@ -35,7 +35,7 @@ PROMPT, CONTINUATION = ">>> ", "... "
 
 @dataclass
 class ChatOptions:
-    max_new_tokens: int = 1024
+    max_new_tokens: int | None = None  # None: the runtime's default (the rest of the context)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     thinking: Thinking | None = None
     system: str | None = None
@@ -176,7 +176,7 @@ def run_interactive(chat: ChatSession, console: Console) -> None:
             if not handle_command(line, chat, console):
                 return
             continue
-        show = Printer(console)
+        show = Printer(console, chat.runtime.context_length)
         try:
             finished = chat.ask(line, show)
         except FermiError as e:
@@ -191,8 +191,9 @@ def run_interactive(chat: ChatSession, console: Console) -> None:
 class Printer:
     """Writes deltas as they come: reasoning dimmed, answer plain."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, context_length: int | None = None):
         self.console = console
+        self.context_length = context_length
         self.kind: str | None = None
 
     def __call__(self, delta: TextDelta) -> None:
@@ -208,6 +209,8 @@ class Printer:
             self.console.print("[yellow](stopped)[/yellow]")
         elif finished.finish_reason == "timeout":
             self.console.print("[yellow](time limit reached)[/yellow]")
+        elif finished.finish_reason == "length" and self._context_full(finished):
+            self.console.print("[yellow](context full)[/yellow]")
         elif finished.finish_reason == "length":
             self.console.print("[yellow](max tokens reached)[/yellow]")
         if finished.dropped_turns:
@@ -215,6 +218,12 @@ class Printer:
                 f"[yellow](dropped {finished.dropped_turns} oldest messages to fit the "
                 "context)[/yellow]"
             )
+
+    def _context_full(self, finished: Finished) -> bool:
+        """The answer ran to the end of the context, not to a token limit."""
+        return self.context_length is not None and (
+            finished.usage.total_tokens >= self.context_length
+        )
 
 
 def handle_command(line: str, chat: ChatSession, console: Console) -> bool:

@@ -290,9 +290,9 @@ LogFormatOpt = Annotated[
 MaxNewTokensOpt = Annotated[
     int | None,
     typer.Option(
-        "--max-new-tokens", "-n", "--n-predict", envvar="FERMI_MAX_NEW_TOKENS", min=1,
-        metavar="N", show_default="1024", help="tokens a request generates when it sets no "
-        "limit; also --n-predict",
+        "--max-new-tokens", "-n", "--n-predict", envvar="FERMI_MAX_NEW_TOKENS", metavar="N",
+        show_default="0", help="most tokens a request that sets no limit generates; 0 or -1: "
+        "no cap, it runs to the end of the context",
     ),
 ]  # fmt: skip
 TimeoutOpt = Annotated[
@@ -464,7 +464,6 @@ def chat(
             )
         )
         options = chat_module.ChatOptions(
-            max_new_tokens=settings.max_new_tokens,
             sampling=SamplingParams(
                 temperature=temperature,
                 top_p=top_p,

@@ -61,7 +61,8 @@ class GenerationRequest:
     (the completions path: no template, no reasoning split). Exactly one of them is given."""
 
     messages: list[Message]
-    max_new_tokens: int | None = None  # None = the runtime default
+    # None: the rest of the context, or the server's cap (Runtime.default_max_new_tokens)
+    max_new_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     thinking: Thinking | None = None  # None = the configured default

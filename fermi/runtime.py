@@ -301,12 +301,9 @@ class Runtime:
             else:
                 conversation = list(request.messages)
             prompt, prompt_ids, conversation, dropped = self._fit(conversation, thinking, request)
-        room = self.context_length - len(prompt_ids)
-        max_new = (
-            request.max_new_tokens
-            if request.max_new_tokens is not None
-            else min(self.settings.max_new_tokens, room)
-        )
+        max_new = request.max_new_tokens
+        if max_new is None:
+            max_new = self.default_max_new_tokens(len(prompt_ids))
         # A raw prompt's output stays verbatim: never split into reasoning or tool calls.
         channel = self._first_channel(prompt, thinking) if request.prompt is None else "answer"
         parse_tool_calls = request.prompt is None and self._parses_tool_calls(request)
@@ -326,6 +323,17 @@ class Runtime:
             dropped_turns=dropped,
             signal=StopSignal(time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else None),
         )
+
+    def default_max_new_tokens(self, prompt_tokens: int) -> int:
+        """What a request that sets no limit may generate: the rest of the context, as vLLM,
+        llama-server (n_predict -1), Ollama (num_predict -1) and OpenAI allow, so that a long
+        reasoning or a long file is not cut off; at most `max_new_tokens`
+        (FERMI_MAX_NEW_TOKENS, --max-new-tokens) when the server sets a positive one. 0, the
+        default, and -1 (llama.cpp's spelling) mean no cap. Every front end leaves this to
+        the runtime: the request's `max_new_tokens` is None."""
+        room = self.context_length - prompt_tokens
+        cap = self.settings.max_new_tokens
+        return min(cap, room) if cap > 0 else room
 
     def _first_channel(self, prompt: str, thinking: bool) -> str:
         """Reasoning when the prompt opened the block; "start" (the output may open one) when

@@ -34,7 +34,9 @@ class Settings:
     session_max: int = 256
     kv_cache_mb: int = 4096  # KV memory of cached prefixes (idle sessions included)
     timeout_ms: int = 0  # per-generation wall clock limit; 0 = none
-    max_new_tokens: int = 1024  # default when a request sets none
+    # Cap on what a request without a limit generates: 0 or -1 = none, it runs to the end of
+    # the context (as vLLM, llama-server, Ollama and OpenAI run it); N > 0: at most N tokens.
+    max_new_tokens: int = 0
     session_unclaimed_ttl_s: float = 300.0  # server-minted ids never sent back expire sooner
     openai_addr: str = "127.0.0.1:8000"
     grpc_addr: str = "127.0.0.1:50051"
@@ -175,6 +177,12 @@ def check_settings(settings: Settings) -> Settings:
     for name in ("ctx_size", "threads", "max_queue", "drain_s"):
         if getattr(s, name) < 0:
             raise InvalidRequest(f"{name} must be 0 or more, got {getattr(s, name)}", param=name)
+    if s.max_new_tokens < -1:
+        raise InvalidRequest(
+            "--max-new-tokens/FERMI_MAX_NEW_TOKENS must be a number of tokens, or 0 or -1 for "
+            f"no cap (to the end of the context), got {s.max_new_tokens}",
+            param="max_new_tokens",
+        )
     if s.engine_pool < 1:
         raise InvalidRequest(f"engine_pool must be 1 or more, got {s.engine_pool}", param="pool")
     if s.chat_template and not Path(s.chat_template).is_file():

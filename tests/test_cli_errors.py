@@ -36,7 +36,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> N
         (["serve", "openai", "--port", "-1"], ["--port"]),
         (["chat", "--bogus"], ["--bogus", "--help"]),
         (["chat", "--temperature", "abc"], ["--temperature"]),
-        (["chat", "--max-new-tokens", "0"], ["--max-new-tokens"]),
+        (["chat", "--max-new-tokens", "-2"], ["--max-new-tokens", "-1"]),
         (["chat", "--threads", "-1"], ["--threads"]),
         (["chat", "--chat-template", "/nonexistent/t.jinja"], ["/nonexistent/t.jinja"]),
         (["chat", "--device", "tpu"], ["--device", "tpu"]),

@@ -65,7 +65,9 @@ def test_chat_body_carries_the_session_thinking_and_settings():
     assert body["extra_body"] == {"thinking": "off", "session_id": chat.session_id}
     assert (body["max_tokens"], body["temperature"], body["top_p"]) == (64, 0.2, 0.5)
     assert body["stream"] and body["stream_options"] == {"include_usage": True}
-    assert app.chat_body("m", chat, "x", app.Options())["messages"][0]["role"] == "user"
+    default = app.chat_body("m", chat, "x", app.Options())
+    assert default["messages"][0]["role"] == "user"
+    assert "max_tokens" not in default  # 0, the default: the server's, the rest of the context
 
 
 def test_each_chat_gets_its_own_session():
@@ -165,7 +167,7 @@ def test_the_model_card_drives_the_controls():
     thinking, temperature, top_p, max_tokens = app.controls_for(card, thinking=True)
     assert thinking["visible"] is False and thinking["value"] is False
     assert (temperature["value"], top_p["value"]) == app.advised_sampling(False)
-    assert max_tokens["maximum"] == 512 and max_tokens["value"] == 512
+    assert max_tokens["maximum"] == 512 and max_tokens["value"] == 0  # 0: no limit
     plain = app.read_card(type("Plain", (), {"id": "x", "model_extra": {}})())
     assert plain.supports_thinking is True  # a server without the field: keep the switch
     assert app.controls_for(plain, thinking=True)[0]["visible"] is True

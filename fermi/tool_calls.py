@@ -166,12 +166,18 @@ class ToolFields:
     `messages[i]` ("messages[3]", "input[4]", "tool_results[0]"); `role` and `call_id`: the
     suffixes of a tool result's fields blamed when it answers no call / names a wrong or
     answered id; `unanswered(i, ks)`: the error for calls `ks` (indices into
-    `messages[i].tool_calls`) that no tool result answers."""
+    `messages[i].tool_calls`) that no tool result answers. `result`, `results`, `turn` and `before`:
+    the transport's own words for a tool result, several, the turn of calls it answers, and
+    where those calls are."""
 
     where: Callable[[int], str]
     unanswered: Callable[[int, list[int]], InvalidRequest]
     role: str = ""
     call_id: str = ".tool_call_id"
+    result: str = "a tool result"
+    results: str = "tool results"
+    turn: str = "an assistant turn with tool_calls"
+    before: str = "of the assistant turn it follows"
 
 
 def check_tool_results(messages: list[Message], fields: ToolFields, first: int = 0) -> None:
@@ -219,8 +225,8 @@ def check_tool_results(messages: list[Message], fields: ToolFields, first: int =
         param, id_param = fields.where(i) + fields.role, fields.where(i) + fields.call_id
         if turn is None:
             raise InvalidRequest(
-                f"{param}: a tool result must follow an assistant turn with tool_calls (only "
-                "other tool results may come between them)",
+                f"{param}: {fields.result} must follow {fields.turn} (only other "
+                f"{fields.results} may come between them)",
                 param=param,
             )
         calls = messages[turn].tool_calls
@@ -230,7 +236,7 @@ def check_tool_results(messages: list[Message], fields: ToolFields, first: int =
                 next_free += 1
             if next_free == len(calls):
                 raise InvalidRequest(
-                    f"{param}: a tool result without an id answers the first call not answered "
+                    f"{param}: {fields.result} without an id answers the first call not answered "
                     f"yet, and every call of {fields.where(turn)} is answered already",
                     param=param,
                 )
@@ -239,8 +245,8 @@ def check_tool_results(messages: list[Message], fields: ToolFields, first: int =
         ks = slots.get(call_id)
         if call_id not in first_with:
             raise InvalidRequest(
-                f"{id_param}: {call_id!r} is not the id of a tool call of the assistant turn it "
-                f"follows ({id_list([call.get('id') for call in calls])})",
+                f"{id_param}: {call_id!r} is not the id of a call {fields.before} ("
+                f"{id_list([call.get('id') for call in calls])})",
                 param=id_param,
             )
         while ks and ks[-1] in answered:  # kept in reverse: the next call with this id last

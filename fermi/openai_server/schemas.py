@@ -605,7 +605,17 @@ def _responses_input(f: Fields) -> list[Message]:
         )
 
     check_tool_results(
-        messages, ToolFields(lambda m: f"input[{item_of[m]}]", unanswered, "", ".call_id")
+        messages,
+        ToolFields(
+            lambda m: f"input[{item_of[m]}]",
+            unanswered,
+            "",
+            ".call_id",
+            result="a function_call_output",
+            results="function_call_output items",
+            turn="the function_call items it answers",
+            before="among the function_call items before it",
+        ),
     )
     return messages
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ import pytest
 
 from fermi.grpc_server import fermi_pb2 as pb
 from fermi.grpc_server import fermi_pb2_grpc as pb_grpc
-from fermi.openai_server.loadtest import free_port, serve
+from fermi.openai_server.loadtest import free_port, serve, stop_process
 from tests.test_cli_errors import assert_one_line_error, fermi
 from tests.test_grpc import OPTIONS, wait_serving
 
@@ -170,12 +169,7 @@ def test_grpc_without_max_new_tokens_runs_to_the_end_with_n_predict_minus_one(
         assert last.finish_reason == pb.FINISH_REASON_LENGTH
         assert last.usage.completion_tokens == CTX - last.usage.prompt_tokens
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 30)
 
 
 # -- fermi chat ---------------------------------------------------------------------------------

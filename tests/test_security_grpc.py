@@ -322,10 +322,9 @@ def test_cli_tls_with_key_and_certificate_swapped(tiny_artifact, certificate, tm
 def test_cli_tls_ready_line_says_grpcs(tiny_artifact, certificate, tmp_path):
     """The ready line of a TLS server gives a grpcs:// address."""
     import json
-    import signal
     import time
 
-    from fermi.openai_server.loadtest import free_port
+    from fermi.openai_server.loadtest import free_port, stop_process
 
     cert, key = certificate
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERMI_")}
@@ -350,9 +349,4 @@ def test_cli_tls_ready_line_says_grpcs(tiny_artifact, certificate, tmp_path):
         assert ready, log.read_text()
         assert ready[0]["address"] == f"grpcs://127.0.0.1:{port}"
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 30)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from fermi.openai_server.loadtest import free_port, serve
+from fermi.openai_server.loadtest import free_port, serve, stop_process
 
 BASE_ENV = {
     "FERMI_API_KEY": "",
@@ -274,9 +274,4 @@ def test_grpc_server_flags_ready_line_access_log_and_list_models(tiny_artifact, 
         assert entry["completion_tokens"] == last.usage.completion_tokens
         assert entry["prompt_tokens"] == last.usage.prompt_tokens and "ttft_ms" in entry
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 30)
